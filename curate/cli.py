@@ -1,0 +1,112 @@
+"""The ``curate`` command: a thin wrapper over the library functions."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from curate.config import ConfigError
+
+
+def _run(args: argparse.Namespace) -> int:
+    from curate.recipe import load_recipe
+    from curate.report import funnel_table, write_report
+    from curate.runner import StageResult, run_recipe
+
+    recipe = load_recipe(args.recipe, args.set)
+    if not Path(args.input).exists():
+        raise ConfigError(f"--input {args.input}: no such file or folder")
+
+    def show(result: StageResult) -> None:
+        if args.quiet:
+            return
+        if result.skipped:
+            print(
+                f"  {result.name:<12} done earlier, skipped ({result.rows_out:,} rows)", flush=True
+            )
+        else:
+            rate = result.rows_in / result.seconds if result.seconds and result.rows_in else 0
+            print(
+                f"  {result.name:<12} {result.rows_out:>12,} rows  {result.seconds:7.2f} s"
+                + (f"  {rate:,.0f} rows/s" if rate else ""),
+                flush=True,
+            )
+
+    if not args.quiet:
+        print(f"curate run {recipe.name} → {args.output}", flush=True)
+    result = run_recipe(
+        recipe,
+        Path(args.input),
+        Path(args.output),
+        engine=args.engine,
+        address=args.address,
+        verbose=args.verbose,
+        on_stage=show,
+    )
+    report = write_report(recipe, result)
+    if not args.quiet:
+        print()
+        print(funnel_table(report))
+        print(f"\nledger: {result.run_dir / 'ledger'}   report: {result.run_dir / 'report.md'}")
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from curate.inspection import inspect_run
+
+    print(inspect_run(Path(args.run), args.examples))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="curate", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run a recipe on a pool of (url, caption) pairs")
+    run.add_argument("recipe", help="a recipe file, or a name in pipelines/ (e.g. datacomp_basic)")
+    run.add_argument(
+        "--input", required=True, help="Parquet/CSV/JSONL file or folder, or DataComp metadata"
+    )
+    run.add_argument("--output", required=True, help="the run folder (re-running resumes it)")
+    run.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="STAGE.KEY=VALUE",
+        help="override a recipe value (repeatable), e.g. filter.image_size.min_side=150",
+    )
+    run.add_argument(
+        "--address",
+        default=None,
+        help="Ray cluster to join (default: $RAY_ADDRESS, else start a local one)",
+    )
+    run.add_argument(
+        "--engine",
+        choices=["ray", "local"],
+        default="ray",
+        help="ray (default) or local: the same batch functions in this process",
+    )
+    noise = run.add_mutually_exclusive_group()
+    noise.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    noise.add_argument("--verbose", action="store_true", help="show Ray's logs and progress")
+    run.set_defaults(func=_run)
+
+    insp = sub.add_parser("inspect", help="print a run's funnel and examples per drop reason")
+    insp.add_argument("run", help="a run folder")
+    insp.add_argument("--examples", type=int, default=3, help="examples per reason (default 3)")
+    insp.set_defaults(func=_inspect)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, FileNotFoundError) as exc:
+        print(f"curate: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,319 @@
+"""Run a recipe: stages in order, each resumable, on Ray Data or in-process.
+
+This is the one module that imports ray. A stage's output goes to a temporary
+folder, is renamed into place, then gets a ``_SUCCESS`` manifest (rows, params
+hash, timings); a re-run skips every stage whose manifest hash matches. The
+hash chains each stage's resolved parameters with its upstream hash, so
+changing a parameter re-runs that stage and everything after it.
+
+Two engines run the same ``MapStage.__call__``:
+
+* ``ray`` (default): ``read_parquet → map_batches(batch_format="pyarrow") →
+  write_parquet`` on a local cluster started on demand, or the cluster named by
+  ``--address`` / ``RAY_ADDRESS``. CPU stages run as tasks, so read, map and
+  write fuse into one task per ledger file; GPU stages run on an actor pool.
+* ``local``: the same function over the same files in this process (unit
+  tests, debugging).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from curate.recipe import Recipe, stage_params
+from curate.stages import MapStage, Stage, StageContext
+
+Engine = Literal["ray", "local"]
+SUCCESS = "_SUCCESS"
+
+
+@dataclass
+class StageResult:
+    name: str
+    kind: str
+    seconds: float
+    rows_in: int
+    rows_out: int
+    skipped: bool
+    counters: dict = field(default_factory=dict)
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    stages: list[StageResult]
+    ledger_files: list[Path]
+
+
+def ledger_files(folder: Path) -> list[Path]:
+    """The Parquet files of a ledger folder, in their deterministic order."""
+    return sorted(folder.glob("*.parquet"))
+
+
+def count_rows(files: list[Path]) -> int:
+    return sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+
+
+def _hash(*parts: object) -> str:
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def input_fingerprint(path: Path) -> list:
+    """What identifies the user's input: names, sizes and modification times."""
+    path = Path(path).resolve()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    return [str(path)] + [
+        (str(f.relative_to(path.parent)), f.stat().st_size, f.stat().st_mtime_ns) for f in files
+    ]
+
+
+# --- engines -------------------------------------------------------------------------------
+
+
+def _apply(batch: pa.Table, stage: MapStage) -> pa.Table:
+    return stage(batch)
+
+
+class _StageActor:
+    """Actor-pool wrapper: one set-up stage (e.g. one model) per actor."""
+
+    def __init__(self, stage: MapStage):
+        stage.setup()
+        self.stage = stage
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return self.stage(batch)
+
+
+def run_local(stage: MapStage, files: list[Path], out_dir: Path) -> None:
+    """Map every ledger file in this process, one output file per input file."""
+    stage.setup()
+    for f in files:
+        pq.write_table(stage(pq.read_table(f)), out_dir / f.name)
+
+
+def init_ray(address: str | None = None, verbose: bool = False) -> None:
+    """Join ``address`` (or RAY_ADDRESS), or start a local cluster; quiet unless verbose."""
+    # Usage statistics would be sent to a remote server; never from this tool.
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    kwargs = {}
+    if address is None:
+        # The embedded cluster binds to loopback only (Ray reads this when imported).
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        kwargs = {"include_dashboard": False, "num_cpus": os.cpu_count()}
+    import ray
+
+    if ray.is_initialized():
+        return
+    ray.init(
+        address=address,
+        log_to_driver=verbose,
+        logging_level=logging.INFO if verbose else logging.WARNING,
+        configure_logging=True,
+        **kwargs,
+    )
+
+
+def run_ray(stage: MapStage, files: list[Path], out_dir: Path, verbose: bool = False) -> None:
+    import ray
+    from ray.data.datasource import FilenameProvider
+
+    class PartNames(FilenameProvider):
+        def get_filename_for_block(self, block, write_uuid, task_index, block_index):
+            return f"part-{task_index:05d}-{block_index:03d}.parquet"
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True
+    ctx.enable_progress_bars = verbose or sys.stderr.isatty()
+    ctx.print_on_execution_start = verbose
+    logging.getLogger("ray.data").setLevel(logging.INFO if verbose else logging.WARNING)
+
+    ds = ray.data.read_parquet([str(f) for f in files], shuffle=None)
+    if stage.num_gpus:
+        gpus = ray.cluster_resources().get("GPU", 0)
+        ds = ds.map_batches(
+            _StageActor,
+            fn_constructor_args=(stage,),
+            batch_format="pyarrow",
+            batch_size=getattr(stage, "batch_size", None),
+            num_cpus=stage.num_cpus,
+            num_gpus=stage.num_gpus,
+            concurrency=max(1, int(gpus // stage.num_gpus)),
+        )
+    else:
+        ds = ds.map_batches(
+            _apply,
+            fn_kwargs={"stage": stage},
+            batch_format="pyarrow",
+            batch_size=None,
+            num_cpus=stage.num_cpus,
+        )
+    ds.write_parquet(str(out_dir), filename_provider=PartNames())
+
+
+# --- the run -------------------------------------------------------------------------------
+
+
+def _stage_dir(run_dir: Path, index: int, stage: Stage) -> Path:
+    output = getattr(stage, "output_dir", None)
+    return run_dir / output if output else run_dir / "stages" / f"{index:02d}_{stage.name}"
+
+
+def _read_manifest(stage_dir: Path) -> dict | None:
+    try:
+        return json.loads((stage_dir / SUCCESS).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _link_ledger(src: Path, dst: Path) -> list[Path]:
+    """Expose the final ledger as ``run_dir/ledger`` (hard links: no copy of the data)."""
+    tmp = dst.with_name(dst.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for f in ledger_files(src):
+        try:
+            os.link(f, tmp / f.name)
+        except OSError:
+            shutil.copy2(f, tmp / f.name)
+    shutil.rmtree(dst, ignore_errors=True)
+    tmp.rename(dst)
+    return ledger_files(dst)
+
+
+def run_recipe(
+    recipe: Recipe,
+    input_path: Path,
+    run_dir: Path,
+    engine: Engine = "ray",
+    address: str | None = None,
+    verbose: bool = False,
+    on_stage: Callable[[StageResult], None] | None = None,
+) -> RunResult:
+    """Run every stage of ``recipe`` on ``input_path`` into ``run_dir``, resuming where possible."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    import yaml
+
+    (run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe.resolved(), sort_keys=False))
+    upstream = _hash("input", input_fingerprint(input_path))
+    files: list[Path] = []
+    schema: pa.Schema | None = None
+    ledger_dir: Path | None = None
+    results: list[StageResult] = []
+    for index, stage in enumerate(recipe.stages):
+        stage_dir = _stage_dir(run_dir, index, stage)
+        digest = _hash(upstream, stage_params(stage), recipe.seed)
+        manifest = _read_manifest(stage_dir)
+        if manifest is not None and manifest.get("hash") == digest:
+            result = StageResult(
+                stage.name,
+                stage.kind,
+                manifest["seconds"],
+                manifest["rows_in"],
+                manifest["rows_out"],
+                skipped=True,
+                counters=manifest.get("counters", {}),
+            )
+        else:
+            result = _run_stage(
+                stage,
+                index,
+                stage_dir,
+                files,
+                schema,
+                recipe,
+                input_path,
+                run_dir,
+                digest,
+                engine,
+                address,
+                verbose,
+            )
+        results.append(result)
+        if on_stage:
+            on_stage(result)
+        upstream = digest
+        if stage.produces_ledger:
+            ledger_dir = stage_dir
+            files = ledger_files(stage_dir)
+            schema = pq.read_schema(files[0]) if files else None
+    final = _link_ledger(ledger_dir, run_dir / "ledger") if ledger_dir else []
+    return RunResult(run_dir, results, final)
+
+
+def _run_stage(
+    stage,
+    index,
+    stage_dir,
+    files,
+    schema,
+    recipe,
+    input_path,
+    run_dir,
+    digest,
+    engine,
+    address,
+    verbose,
+) -> StageResult:
+    tmp = stage_dir.with_name(stage_dir.name + ".tmp")
+    shutil.rmtree(stage_dir, ignore_errors=True)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    ctx = StageContext(
+        run_dir=run_dir,
+        out_dir=tmp,
+        input_files=files,
+        input_schema=schema,
+        seed=recipe.seed,
+        input_path=Path(input_path),
+        verbose=verbose,
+    )
+    start = time.perf_counter()
+    rows_in = count_rows(files) if files else 0
+    stage.plan(ctx)
+    if isinstance(stage, MapStage):
+        if engine == "ray":
+            init_ray(address, verbose)
+            run_ray(stage, files, tmp, verbose)
+        else:
+            run_local(stage, files, tmp)
+        rows_out = count_rows(ledger_files(tmp))
+        if rows_out != rows_in:
+            raise RuntimeError(
+                f"stage {stage.name} turned {rows_in} rows into {rows_out}: stages must not "
+                "add or delete ledger rows"
+            )
+    else:
+        rows_out = stage.run(ctx)
+    seconds = time.perf_counter() - start
+    manifest = {
+        "stage": stage.name,
+        "kind": stage.kind,
+        "hash": digest,
+        "rows_in": rows_in,
+        "rows_out": rows_out,
+        "seconds": round(seconds, 3),
+        "engine": engine,
+        "params": stage_params(stage),
+        "counters": ctx.counters,
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    tmp.rename(stage_dir)
+    (stage_dir / SUCCESS).write_text(json.dumps(manifest, indent=2, default=str))
+    return StageResult(stage.name, stage.kind, seconds, rows_in, rows_out, False, ctx.counters)

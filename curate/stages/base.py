@@ -1,0 +1,76 @@
+"""The stage shape: small picklable dataclasses, heavy state only in ``setup``.
+
+A ``MapStage`` is a batch function over ``pa.Table`` ledger batches; the runner
+executes it in-process or with Ray Data ``map_batches(batch_format="pyarrow")``
+— the same function either way. A plain ``Stage`` (ingest, shard) runs on the
+driver because it reads or writes something other than the ledger.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar, TypeVar
+
+import pyarrow as pa
+
+
+@dataclass
+class StageContext:
+    """Where a stage reads and writes; filled by the runner."""
+
+    run_dir: Path
+    out_dir: Path  # this stage's output folder (a temporary name until it succeeds)
+    input_files: list[Path]  # the previous stage's ledger files ([] for ingest)
+    input_schema: pa.Schema | None
+    seed: int = 0
+    input_path: Path | None = None  # the user's --input (ingest only)
+    verbose: bool = False
+    counters: dict = field(default_factory=dict)  # stage-specific numbers for the manifest
+
+
+class Stage:
+    """A pipeline step. Subclasses are dataclasses; ``name`` is set from the recipe."""
+
+    kind: ClassVar[str]
+    #: False for stages whose output is not a ledger (shard).
+    produces_ledger: ClassVar[bool] = True
+
+    def plan(self, ctx: StageContext) -> None:
+        """Driver-side preparation: validate the input schema, fit global statistics."""
+
+    def run(self, ctx: StageContext) -> int:
+        """Do the whole stage on the driver; return the number of rows written."""
+        raise NotImplementedError
+
+
+class MapStage(Stage):
+    """A stage that maps ledger batches to ledger batches, row for row."""
+
+    #: Ray resources per worker; gpu stages set num_gpus.
+    num_cpus: ClassVar[float] = 1
+    num_gpus: ClassVar[float] = 0
+
+    def setup(self) -> None:
+        """Load heavy state once per worker (models, fitted statistics)."""
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        raise NotImplementedError
+
+
+STAGES: dict[str, type[Stage]] = {}
+
+S = TypeVar("S", bound=type[Stage])
+
+
+def register_stage(kind: str):
+    """Class decorator: make a stage available to recipes as ``stage: <kind>``."""
+
+    def wrap(cls: S) -> S:
+        if kind in STAGES:
+            raise ValueError(f"stage {kind!r} is registered twice")
+        cls.kind = kind
+        STAGES[kind] = cls
+        return cls
+
+    return wrap

@@ -1,0 +1,132 @@
+"""The filter stage: run a filter set over ledger batches, recording the first failing filter.
+
+Filters run in the order of the filter set, each on the rows still alive, so
+the cheap ones (sizes, word counts) go first and the expensive annotations
+(language ID) are computed only for rows that survived them. A row dropped by
+an earlier stage is never re-examined and keeps its ``dropped_by``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from curate.config import ConfigError
+from curate.operators import ANNOTATORS, Annotator, Filter, FitContext
+from curate.schema import alive_mask, set_column
+from curate.stages.base import MapStage, StageContext, register_stage
+
+
+def _scatter(values: pa.Array | pa.ChunkedArray, rows: np.ndarray, n: int) -> pa.Array:
+    """Spread ``values`` (one per index in ``rows``) over ``n`` rows, null elsewhere."""
+    positions = np.full(n, -1, dtype=np.int64)
+    positions[rows] = np.arange(len(rows))
+    return values.take(pa.array(positions, mask=positions < 0))
+
+
+def _mask_to_numpy(mask: pa.Array | pa.ChunkedArray | np.ndarray) -> np.ndarray:
+    if isinstance(mask, np.ndarray):
+        return mask.astype(bool)
+    return pc.fill_null(mask, False).to_numpy(zero_copy_only=False).astype(bool)
+
+
+def annotate_rows(annotator: Annotator, batch: pa.Table, rows: np.ndarray) -> pa.Table:
+    """Add the annotator's columns, computed on ``rows`` only (null elsewhere)."""
+    sub = batch.take(pa.array(rows, pa.int64())) if len(rows) < batch.num_rows else batch
+    columns = annotator.annotate(sub)
+    for name in annotator.provides:
+        values = columns[name]
+        if len(rows) < batch.num_rows:
+            values = _scatter(values, rows, batch.num_rows)
+        batch = set_column(batch, name, values)
+    return batch
+
+
+def apply_filters(
+    batch: pa.Table, filters: list[Filter], annotators: dict[str, Annotator]
+) -> pa.Table:
+    """Evaluate ``filters`` in order on alive rows; set ``keep`` and ``dropped_by``.
+
+    ``annotators`` maps a column to the (set-up) annotator that provides it;
+    a column missing from the batch is computed just before the first filter
+    that needs it.
+    """
+    n = batch.num_rows
+    alive = alive_mask(batch)
+    failed_at = np.full(n, -1, dtype=np.int32)
+    for i, flt in enumerate(filters):
+        rows = np.flatnonzero(alive)
+        if len(rows) == 0:
+            break
+        for column in flt.needs:
+            if column not in batch.column_names and column in annotators:
+                batch = annotate_rows(annotators[column], batch, rows)
+        sub = batch.take(pa.array(rows, pa.int64())) if len(rows) < n else batch
+        keep = _mask_to_numpy(flt.keep(sub))
+        if len(keep) != len(rows):
+            raise RuntimeError(
+                f"filter {flt.name} returned {len(keep)} decisions for {len(rows)} rows"
+            )
+        dropped = rows[~keep]
+        alive[dropped] = False
+        failed_at[dropped] = i
+    names = pa.array([f.name for f in filters], pa.string())
+    reasons = names.take(pa.array(failed_at, mask=failed_at < 0))
+    previous = batch["dropped_by"]
+    batch = set_column(batch, "dropped_by", pc.coalesce(previous, reasons))
+    return set_column(batch, "keep", pa.array(alive, pa.bool_()))
+
+
+@register_stage("filter")
+@dataclass
+class FilterStage(MapStage):
+    """Apply a filter set. ``filters`` is resolved by the recipe loader into Filter objects."""
+
+    filters: list[Filter] = field(default_factory=list)
+
+    def _annotators(self) -> dict[str, Annotator]:
+        needed = {}
+        for flt in self.filters:
+            for column in flt.needs:
+                cls = ANNOTATORS.get(column)
+                if cls is not None and cls.name not in needed:
+                    needed[cls.name] = cls()
+        return {c: a for a in needed.values() for c in a.provides}
+
+    def plan(self, ctx: StageContext) -> None:
+        have = set(ctx.input_schema.names) if ctx.input_schema is not None else set()
+        annotators = self._annotators()
+        for flt in self.filters:
+            missing = [c for c in flt.needs if c not in have and c not in annotators]
+            if missing:
+                raise ConfigError(
+                    f"filter {flt.name} needs column(s) {', '.join(missing)}, which the ledger "
+                    "does not have and no annotator provides "
+                    f"(ledger columns: {', '.join(sorted(have))})"
+                )
+        fitted = set()
+        for op in [*annotators.values(), *self.filters]:
+            if id(op) in fitted:
+                continue
+            fitted.add(id(op))
+            kind = "annotator" if isinstance(op, Annotator) else "filter"
+            stats_dir = ctx.out_dir / "_stats" / f"{kind}-{op.name}"
+            stats_dir.mkdir(parents=True, exist_ok=True)
+            op.fit(FitContext(ctx.input_files, stats_dir, ctx.seed))
+        self._fitted_annotators = annotators
+
+    def setup(self) -> None:
+        annotators = getattr(self, "_fitted_annotators", None) or self._annotators()
+        for op in {id(a): a for a in annotators.values()}.values():
+            op.setup()
+        for flt in self.filters:
+            flt.setup()
+        self._ready = annotators
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        if getattr(self, "_ready", None) is None:
+            self.setup()
+        return apply_filters(batch, self.filters, self._ready)
