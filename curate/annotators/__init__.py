@@ -1,0 +1,1 @@
+"""Annotators: one module per score family, each registered with ``@register_annotator``."""

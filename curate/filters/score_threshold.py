@@ -1,0 +1,49 @@
+"""Threshold any numeric score column (CLIP score, language score, …).
+
+Scores are never thresholds (DESIGN.md): an annotator or stage writes the
+score, this filter decides, so a run can be re-thresholded without rescoring.
+A null or NaN score drops, as in pandas, where ``NaN >= x`` is False.
+
+DataComp's early ``no_filter`` baseline (mlfoundations/datacomp, first
+``baselines/utils.py``) is ``df[df["clip_b32_similarity_score"] >= float("-inf")]``,
+which keeps every row that has a score: ``column: clip_b32_similarity_score,
+min: -.inf``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from curate.operators import Filter, register_filter
+
+
+@register_filter("score_threshold")
+@dataclass
+class ScoreThreshold(Filter):
+    """Keep ``min <= column <= max`` (a missing bound is open); null/NaN drops."""
+
+    column: str
+    min: float | None = None
+    max: float | None = None
+
+    def __post_init__(self) -> None:
+        if not self.column:
+            raise ValueError("column must name a numeric ledger column")
+        if self.min is not None and self.max is not None and self.max < self.min:
+            raise ValueError(f"max {self.max} < min {self.min}")
+
+    @property
+    def needs(self) -> tuple[str, ...]:
+        return (self.column,)
+
+    def keep(self, batch: pa.Table) -> np.ndarray:
+        values = batch[self.column].cast(pa.float64()).to_numpy(zero_copy_only=False)
+        mask = ~np.isnan(values)  # nulls became NaN above
+        if self.min is not None:
+            mask &= values >= self.min
+        if self.max is not None:
+            mask &= values <= self.max
+        return mask
