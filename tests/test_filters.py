@@ -719,7 +719,7 @@ SET_REASONS = {
                        "caption_valid", None, "caption_words"] + [None] * 11,
     "align": [None, "image_size", "caption_words", None, "caption_words", "caption_valid",
               None, "caption_words"] + ["alt_text_frequency"] * 11,
-    "no_filter": [None, "score_threshold"] + [None] * 17,
+    "no_filter": [None] * 19,  # DataComp's load_uids: every row
 }  # fmt: skip
 
 
