@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from curate.config import ConfigError
+from curate.readers import IngestError
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -103,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError) as exc:
+    except (ConfigError, IngestError, FileNotFoundError) as exc:
         print(f"curate: error: {exc}", file=sys.stderr)
         return 2
 

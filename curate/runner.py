@@ -8,7 +8,7 @@ changing a parameter re-runs that stage and everything after it.
 
 Two engines run the same ``MapStage.__call__``:
 
-* ``ray`` (default): ``read_parquet → map_batches(batch_format="pyarrow") →
+* ``ray`` (default): ledger files → ``map_batches(batch_format="pyarrow") →
   write_parquet`` on a local cluster started on demand, or the cluster named by
   ``--address`` / ``RAY_ADDRESS``. CPU stages run as tasks, so read, map and
   write fuse into one task per ledger file; GPU stages run on an actor pool.
@@ -32,6 +32,7 @@ from typing import Literal
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import yaml
 
 from curate.recipe import Recipe, stage_params
 from curate.stages import MapStage, Stage, StageContext
@@ -88,6 +89,12 @@ def _apply(batch: pa.Table, stage: MapStage) -> pa.Table:
     return stage(batch)
 
 
+def _read_ledger_file(batch: pa.Table) -> pa.Table:
+    """One ledger file per call (the batch holds its path)."""
+    (path,) = batch["path"].to_pylist()
+    return pq.read_table(path)
+
+
 class _StageActor:
     """Actor-pool wrapper: one set-up stage (e.g. one model) per actor."""
 
@@ -99,15 +106,43 @@ class _StageActor:
         return self.stage(batch)
 
 
-def run_local(stage: MapStage, files: list[Path], out_dir: Path) -> None:
-    """Map every ledger file in this process, one output file per input file."""
-    stage.setup()
-    for f in files:
-        pq.write_table(stage(pq.read_table(f)), out_dir / f.name)
+class LocalEngine:
+    """The batch functions in this process, one output file per ledger file."""
+
+    name = "local"
+
+    def map(self, stage: MapStage, files: list[Path], out_dir: Path) -> None:
+        stage.setup()
+        for f in files:
+            pq.write_table(stage(pq.read_table(f)), out_dir / f.name)
 
 
-def init_ray(address: str | None = None, verbose: bool = False) -> None:
-    """Join ``address`` (or RAY_ADDRESS), or start a local cluster; quiet unless verbose."""
+class RayEngine:
+    """Ray Data on a local or remote cluster, started before the first stage.
+
+    Workers are warmed (imports, operator registry) by tasks that run while the
+    driver ingests. Ray is started in the main thread on purpose: its child
+    processes die with the thread that spawned them (PR_SET_PDEATHSIG).
+    """
+
+    name = "ray"
+
+    def __init__(self, address: str | None = None, verbose: bool = False):
+        self.verbose = verbose
+        self._warming = init_ray(address, verbose)
+
+    def map(self, stage: MapStage, files: list[Path], out_dir: Path) -> None:
+        import ray
+
+        ray.get(self._warming)
+        run_ray(stage, files, out_dir, self.verbose)
+
+
+def init_ray(address: str | None = None, verbose: bool = False) -> list:
+    """Join ``address`` (or RAY_ADDRESS), or start a local cluster; quiet unless verbose.
+
+    Returns the references of warm-up tasks, one per CPU, that import what workers need.
+    """
     # Usage statistics would be sent to a remote server; never from this tool.
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     address = address or os.environ.get("RAY_ADDRESS") or None
@@ -115,18 +150,29 @@ def init_ray(address: str | None = None, verbose: bool = False) -> None:
     if address is None:
         # The embedded cluster binds to loopback only (Ray reads this when imported).
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        # "local" always starts a new cluster, even when another one runs on this machine.
         kwargs = {"include_dashboard": False, "num_cpus": os.cpu_count()}
+        address = "local"
     import ray
 
-    if ray.is_initialized():
-        return
-    ray.init(
-        address=address,
-        log_to_driver=verbose,
-        logging_level=logging.INFO if verbose else logging.WARNING,
-        configure_logging=True,
-        **kwargs,
-    )
+    if not ray.is_initialized():
+        ray.init(
+            address=address,
+            log_to_driver=verbose,
+            logging_level=logging.INFO if verbose else logging.WARNING,
+            configure_logging=True,
+            **kwargs,
+        )
+    warm = ray.remote(_warm_worker)
+    return [warm.remote() for _ in range(int(ray.cluster_resources().get("CPU", 1)))]
+
+
+def _warm_worker() -> None:
+    import ray.data  # noqa: F401
+
+    from curate.operators import load_registry
+
+    load_registry()
 
 
 def run_ray(stage: MapStage, files: list[Path], out_dir: Path, verbose: bool = False) -> None:
@@ -143,7 +189,11 @@ def run_ray(stage: MapStage, files: list[Path], out_dir: Path, verbose: bool = F
     ctx.print_on_execution_start = verbose
     logging.getLogger("ray.data").setLevel(logging.INFO if verbose else logging.WARNING)
 
-    ds = ray.data.read_parquet([str(f) for f in files], shuffle=None)
+    # Each task reads one ledger file itself: ray.data.read_parquet spends seconds per
+    # dataset listing and sampling files, which dominated small runs on 2 cores.
+    paths = [{"path": str(f)} for f in files]
+    ds = ray.data.from_items(paths, override_num_blocks=max(1, len(paths)))
+    ds = ds.map_batches(_read_ledger_file, batch_format="pyarrow", batch_size=1)
     if stage.num_gpus:
         gpus = ray.cluster_resources().get("GPU", 0)
         ds = ds.map_batches(
@@ -196,6 +246,15 @@ def _link_ledger(src: Path, dst: Path) -> list[Path]:
     return ledger_files(dst)
 
 
+def _plan_digests(recipe: Recipe, input_path: Path) -> list[str]:
+    """Each stage's hash: its resolved parameters chained to everything upstream of it."""
+    digests, upstream = [], _hash("input", input_fingerprint(input_path))
+    for stage in recipe.stages:
+        upstream = _hash(upstream, stage_params(stage), recipe.seed)
+        digests.append(upstream)
+    return digests
+
+
 def run_recipe(
     recipe: Recipe,
     input_path: Path,
@@ -208,47 +267,48 @@ def run_recipe(
     """Run every stage of ``recipe`` on ``input_path`` into ``run_dir``, resuming where possible."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    import yaml
-
     (run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe.resolved(), sort_keys=False))
-    upstream = _hash("input", input_fingerprint(input_path))
+    digests = _plan_digests(recipe, input_path)
+    stage_dirs = [_stage_dir(run_dir, i, s) for i, s in enumerate(recipe.stages)]
+    done = [(_read_manifest(d) or {}).get("hash") == h for d, h in zip(stage_dirs, digests)]
+    # A stage that re-runs invalidates everything after it, whatever is on disk.
+    for i in range(1, len(done)):
+        done[i] = done[i] and done[i - 1]
+    needs_ray = engine == "ray" and any(
+        isinstance(s, MapStage) and not d for s, d in zip(recipe.stages, done)
+    )
+    mapper = RayEngine(address, verbose) if needs_ray else LocalEngine()
+
     files: list[Path] = []
     schema: pa.Schema | None = None
     ledger_dir: Path | None = None
     results: list[StageResult] = []
-    for index, stage in enumerate(recipe.stages):
-        stage_dir = _stage_dir(run_dir, index, stage)
-        digest = _hash(upstream, stage_params(stage), recipe.seed)
-        manifest = _read_manifest(stage_dir)
-        if manifest is not None and manifest.get("hash") == digest:
+    for stage, stage_dir, digest, skip in zip(recipe.stages, stage_dirs, digests, done):
+        if skip:
+            m = _read_manifest(stage_dir)
             result = StageResult(
                 stage.name,
                 stage.kind,
-                manifest["seconds"],
-                manifest["rows_in"],
-                manifest["rows_out"],
+                m["seconds"],
+                m["rows_in"],
+                m["rows_out"],
                 skipped=True,
-                counters=manifest.get("counters", {}),
+                counters=m.get("counters", {}),
             )
         else:
-            result = _run_stage(
-                stage,
-                index,
-                stage_dir,
-                files,
-                schema,
-                recipe,
-                input_path,
-                run_dir,
-                digest,
-                engine,
-                address,
-                verbose,
+            ctx = StageContext(
+                run_dir=run_dir,
+                out_dir=stage_dir.with_name(stage_dir.name + ".tmp"),
+                input_files=files,
+                input_schema=schema,
+                seed=recipe.seed,
+                input_path=Path(input_path),
+                verbose=verbose,
             )
+            result = _run_stage(stage, ctx, stage_dir, digest, mapper)
         results.append(result)
         if on_stage:
             on_stage(result)
-        upstream = digest
         if stage.produces_ledger:
             ledger_dir = stage_dir
             files = ledger_files(stage_dir)
@@ -258,42 +318,18 @@ def run_recipe(
 
 
 def _run_stage(
-    stage,
-    index,
-    stage_dir,
-    files,
-    schema,
-    recipe,
-    input_path,
-    run_dir,
-    digest,
-    engine,
-    address,
-    verbose,
+    stage: Stage, ctx: StageContext, stage_dir: Path, digest: str, mapper: LocalEngine | RayEngine
 ) -> StageResult:
-    tmp = stage_dir.with_name(stage_dir.name + ".tmp")
+    """Run one stage into a temporary folder, then move it into place and mark it done."""
     shutil.rmtree(stage_dir, ignore_errors=True)
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    ctx = StageContext(
-        run_dir=run_dir,
-        out_dir=tmp,
-        input_files=files,
-        input_schema=schema,
-        seed=recipe.seed,
-        input_path=Path(input_path),
-        verbose=verbose,
-    )
+    shutil.rmtree(ctx.out_dir, ignore_errors=True)
+    ctx.out_dir.mkdir(parents=True)
     start = time.perf_counter()
-    rows_in = count_rows(files) if files else 0
+    rows_in = count_rows(ctx.input_files)
     stage.plan(ctx)
     if isinstance(stage, MapStage):
-        if engine == "ray":
-            init_ray(address, verbose)
-            run_ray(stage, files, tmp, verbose)
-        else:
-            run_local(stage, files, tmp)
-        rows_out = count_rows(ledger_files(tmp))
+        mapper.map(stage, ctx.input_files, ctx.out_dir)
+        rows_out = count_rows(ledger_files(ctx.out_dir))
         if rows_out != rows_in:
             raise RuntimeError(
                 f"stage {stage.name} turned {rows_in} rows into {rows_out}: stages must not "
@@ -309,11 +345,11 @@ def _run_stage(
         "rows_in": rows_in,
         "rows_out": rows_out,
         "seconds": round(seconds, 3),
-        "engine": engine,
+        "engine": mapper.name,
         "params": stage_params(stage),
         "counters": ctx.counters,
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    tmp.rename(stage_dir)
+    ctx.out_dir.rename(stage_dir)
     (stage_dir / SUCCESS).write_text(json.dumps(manifest, indent=2, default=str))
     return StageResult(stage.name, stage.kind, seconds, rows_in, rows_out, False, ctx.counters)
