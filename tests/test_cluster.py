@@ -24,7 +24,12 @@ from conftest import bad_pool_rows
 from curate.runner import ledger_files
 
 ROOT = Path(__file__).resolve().parent.parent
-LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+# Ray enables token authentication for a loopback cluster; every member must use it.
+LOOPBACK_ENV = {
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_AUTH_MODE": "token",
+}
 
 # `ray start` for a worker node, keeping --node-ip-address=127.0.0.1 as given.
 WORKER_NODE = (
@@ -106,7 +111,11 @@ def test_recipe_runs_on_a_two_node_cluster(bad_pool, tmp_path):
         time.sleep(6)
         worker = start(
             [sys.executable, "-c", WORKER_NODE, "start", f"--address={address}", *common],
-            {"RAY_USAGE_STATS_ENABLED": "0"},
+            {
+                "RAY_USAGE_STATS_ENABLED": "0",
+                "RAY_AUTH_MODE": "token",
+                "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1",
+            },
             tmp_path,
         )
         probe = (
@@ -165,7 +174,7 @@ def test_recipe_runs_on_a_two_node_cluster(bad_pool, tmp_path):
 @pytest.mark.slow
 def test_run_killed_mid_stage_resumes_to_the_same_ledger(tmp_path):
     # A pool large enough that the filter stage takes a few seconds.
-    rows = bad_pool_rows()[:-13] * 1500
+    rows = [dict(row) for _ in range(1500) for row in bad_pool_rows()[:-13]]
     for i, row in enumerate(rows):
         row["url"] = f"http://127.0.0.1:1/{i}.jpg"
     pool = tmp_path / "pool.parquet"
