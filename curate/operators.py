@@ -38,7 +38,7 @@ class Operator:
     """Base of annotators and filters. Subclasses are dataclasses of their parameters."""
 
     name: ClassVar[str]
-    #: Ledger columns read by the per-batch method.
+    #: Ledger columns read by the per-batch method: the only ones its batches carry.
     needs: ClassVar[tuple[str, ...]] = ()
 
     def fit(self, ctx: FitContext) -> None:

@@ -103,3 +103,31 @@ def test_bad_override_does_not_touch_the_run_folder(bad_pool, tmp_path, bad):
     with pytest.raises(ConfigError):
         load_recipe("datacomp_basic", [bad])
     assert not (tmp_path / "run").exists()
+
+
+def test_hostile_csv_rows_are_dropped_with_reasons_not_crashes(tmp_path):
+    good = "a brown dog running on a sandy beach"
+    rows = [
+        b"url,caption,original_width,original_height",
+        f"http://127.0.0.1:1/0.jpg,{good},640,480".encode(),
+        b"http://127.0.0.1:1/1.jpg,caf\xe9 au lait \xff\xfe on a table,640,480",  # not UTF-8
+        b'http://127.0.0.1:1/2.jpg,"a dog\r\non two lines, quoted",640,480',
+        b"http://127.0.0.1:1/3.jpg,,640,480",  # null caption
+        b"http://127.0.0.1:1/4.jpg,a dog with no size,,",
+        b",a caption without a url at all,640,480",
+    ]
+    pool = tmp_path / "pool.csv"
+    pool.write_bytes(b"\r\n".join(rows) + b"\r\n")
+    recipe = load_recipe("datacomp_basic")
+    result = run_recipe(recipe, pool, tmp_path / "run", engine="local")
+    report = write_report(recipe, result)
+    by_url = {r["url"]: r for r in read_ledger(tmp_path / "run").to_pylist()}
+    assert report["rows_in"] == len(rows) - 1 == len(by_url)
+    assert by_url["http://127.0.0.1:1/0.jpg"]["keep"] is True
+    invalid = by_url["http://127.0.0.1:1/1.jpg"]
+    assert invalid["caption_error"] == "invalid utf-8" and invalid["dropped_by"] == "caption_valid"
+    assert "\ufffd" in invalid["caption"]
+    assert by_url["http://127.0.0.1:1/2.jpg"]["caption"] == "a dog\r\non two lines, quoted"
+    assert by_url["http://127.0.0.1:1/3.jpg"]["dropped_by"] == "caption_valid"
+    assert by_url["http://127.0.0.1:1/4.jpg"]["dropped_by"] == "image_size"
+    assert report["rows_out"] + sum(report["dropped"].values()) == report["rows_in"]

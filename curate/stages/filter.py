@@ -33,10 +33,15 @@ def _mask_to_numpy(mask: pa.Array | pa.ChunkedArray | np.ndarray) -> np.ndarray:
     return pc.fill_null(mask, False).to_numpy(zero_copy_only=False).astype(bool)
 
 
+def _alive_columns(batch: pa.Table, columns: tuple[str, ...], rows: np.ndarray) -> pa.Table:
+    """The columns an operator reads, on the alive rows only (no copy of the rest)."""
+    sub = batch.select(list(columns))
+    return sub.take(pa.array(rows, pa.int64())) if len(rows) < batch.num_rows else sub
+
+
 def annotate_rows(annotator: Annotator, batch: pa.Table, rows: np.ndarray) -> pa.Table:
     """Add the annotator's columns, computed on ``rows`` only (null elsewhere)."""
-    sub = batch.take(pa.array(rows, pa.int64())) if len(rows) < batch.num_rows else batch
-    columns = annotator.annotate(sub)
+    columns = annotator.annotate(_alive_columns(batch, annotator.needs, rows))
     for name in annotator.provides:
         values = columns[name]
         if len(rows) < batch.num_rows:
@@ -64,8 +69,7 @@ def apply_filters(
         for column in flt.needs:
             if column not in batch.column_names and column in annotators:
                 batch = annotate_rows(annotators[column], batch, rows)
-        sub = batch.take(pa.array(rows, pa.int64())) if len(rows) < n else batch
-        keep = _mask_to_numpy(flt.keep(sub))
+        keep = _mask_to_numpy(flt.keep(_alive_columns(batch, flt.needs, rows)))
         if len(keep) != len(rows):
             raise RuntimeError(
                 f"filter {flt.name} returned {len(keep)} decisions for {len(rows)} rows"
