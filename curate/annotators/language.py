@@ -71,15 +71,14 @@ class LanguageAnnotator(Annotator):
         load_model()
 
     def annotate(self, batch: pa.Table) -> dict[str, pa.Array]:
+        # Web pools repeat captions ("image", product names): predict each distinct one once.
         captions = batch["caption"]
-        valid = pc.is_valid(captions).to_numpy(zero_copy_only=False)
-        texts = pc.replace_substring(captions.filter(valid), "\n", " ").to_pylist()
+        if isinstance(captions, pa.ChunkedArray):
+            captions = captions.combine_chunks()
+        encoded = pc.dictionary_encode(captions)  # a null caption gets a null index
+        texts = pc.replace_substring(encoded.dictionary, "\n", " ").to_pylist()
         labels, probs = _predict(load_model(), texts)
         top = pa.array([ls[0] if len(ls) else None for ls in labels], pa.string())
         score = pa.array([p[0] if len(p) else None for p in probs], pa.float32())
         lang = pc.replace_substring_regex(top, "^__label__", "")
-        rows = np.flatnonzero(valid)
-        positions = np.full(len(valid), -1, dtype=np.int64)
-        positions[rows] = np.arange(len(rows))
-        where = pa.array(positions, mask=positions < 0)
-        return {"lang": lang.take(where), "lang_score": score.take(where)}
+        return {"lang": lang.take(encoded.indices), "lang_score": score.take(encoded.indices)}
