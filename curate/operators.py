@@ -24,6 +24,8 @@ from typing import ClassVar, TypeVar
 import numpy as np
 import pyarrow as pa
 
+from curate.registry import registrar
+
 
 @dataclass(frozen=True)
 class FitContext:
@@ -68,18 +70,8 @@ ANNOTATORS: dict[str, type[Annotator]] = {}  # keyed by each column provided
 
 Op = TypeVar("Op", bound=type[Operator])
 
-
-def register_filter(name: str):
-    """Class decorator: make a filter available to filter sets under ``name``."""
-
-    def wrap(cls: Op) -> Op:
-        if name in FILTERS:
-            raise ValueError(f"filter {name!r} is registered twice")
-        cls.name = name
-        FILTERS[name] = cls
-        return cls
-
-    return wrap
+#: Class decorator: make a filter available to filter sets under a name.
+register_filter = registrar(FILTERS, "name", "filter")
 
 
 def register_annotator(name: str):

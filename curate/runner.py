@@ -24,6 +24,7 @@ import logging
 import os
 import shutil
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -120,29 +121,29 @@ class LocalEngine:
 class RayEngine:
     """Ray Data on a local or remote cluster, started before the first stage.
 
-    Workers are warmed (imports, operator registry) by tasks that run while the
-    driver ingests. Ray is started in the main thread on purpose: its child
-    processes die with the thread that spawned them (PR_SET_PDEATHSIG).
+    Workers are warmed (imports, operator registry, Ray Data's actors) by a tiny
+    dataset that runs in a thread while the driver ingests. Ray itself is started
+    in the main thread on purpose: its child processes die with the thread that
+    spawned them (PR_SET_PDEATHSIG).
     """
 
     name = "ray"
 
     def __init__(self, address: str | None = None, verbose: bool = False):
         self.verbose = verbose
-        self._warming = init_ray(address, verbose)
+        init_ray(address, verbose)
+        _configure_ray_data(verbose)
+        # A first, empty dataset creates Ray Data's helper actors and warms the workers.
+        self._warming = threading.Thread(target=_warm_up, daemon=True)
+        self._warming.start()
 
     def map(self, stage: MapStage, files: list[Path], out_dir: Path) -> None:
-        import ray
-
-        ray.get(self._warming)
-        run_ray(stage, files, out_dir, self.verbose)
+        self._warming.join()
+        run_ray(stage, files, out_dir)
 
 
-def init_ray(address: str | None = None, verbose: bool = False) -> list:
-    """Join ``address`` (or RAY_ADDRESS), or start a local cluster; quiet unless verbose.
-
-    Returns the references of warm-up tasks, one per CPU, that import what workers need.
-    """
+def init_ray(address: str | None = None, verbose: bool = False) -> None:
+    """Join ``address`` (or RAY_ADDRESS), or start a local cluster; quiet unless verbose."""
     # Usage statistics would be sent to a remote server; never from this tool.
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     address = address or os.environ.get("RAY_ADDRESS") or None
@@ -163,25 +164,10 @@ def init_ray(address: str | None = None, verbose: bool = False) -> list:
             configure_logging=True,
             **kwargs,
         )
-    warm = ray.remote(_warm_worker)
-    return [warm.remote() for _ in range(int(ray.cluster_resources().get("CPU", 1)))]
 
 
-def _warm_worker() -> None:
-    import ray.data  # noqa: F401
-
-    from curate.operators import load_registry
-
-    load_registry()
-
-
-def run_ray(stage: MapStage, files: list[Path], out_dir: Path, verbose: bool = False) -> None:
-    import ray
-    from ray.data.datasource import FilenameProvider
-
-    class PartNames(FilenameProvider):
-        def get_filename_for_block(self, block, write_uuid, task_index, block_index):
-            return f"part-{task_index:05d}-{block_index:03d}.parquet"
+def _configure_ray_data(verbose: bool) -> None:
+    import ray.data
 
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True
@@ -192,6 +178,30 @@ def run_ray(stage: MapStage, files: list[Path], out_dir: Path, verbose: bool = F
     ctx.enable_get_object_locations_for_metrics = False
     ctx.memory_usage_poll_interval_s = None
     logging.getLogger("ray.data").setLevel(logging.INFO if verbose else logging.WARNING)
+
+
+def _warm_up() -> None:
+    import ray.data
+
+    ray.data.from_items([{"n": i} for i in range(8)], override_num_blocks=8).map_batches(
+        _import_operators, batch_format="pyarrow"
+    ).materialize()
+
+
+def _import_operators(batch: pa.Table) -> pa.Table:
+    from curate.operators import load_registry
+
+    load_registry()
+    return batch
+
+
+def run_ray(stage: MapStage, files: list[Path], out_dir: Path) -> None:
+    import ray
+    from ray.data.datasource import FilenameProvider
+
+    class PartNames(FilenameProvider):
+        def get_filename_for_block(self, block, write_uuid, task_index, block_index):
+            return f"part-{task_index:05d}-{block_index:03d}.parquet"
 
     # Each task reads one ledger file itself: ray.data.read_parquet spends seconds per
     # dataset listing and sampling files, which dominated small runs on 2 cores.

@@ -76,6 +76,17 @@ def curate(args: list[str], env: dict | None = None, **kw) -> subprocess.Popen:
     )
 
 
+def run_args(pool: Path, out: Path, *extra: str) -> list[str]:
+    return ["run", "datacomp_basic", "--input", str(pool), "--output", str(out), *extra]
+
+
+def run_locally(pool: Path, out: Path) -> None:
+    """The reference: the same recipe in-process, to an uninterrupted end."""
+    proc = curate(run_args(pool, out, "--engine", "local", "--quiet"))
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+
+
 def decisions(run_dir: Path) -> list[tuple]:
     table = pq.ParquetDataset([str(f) for f in ledger_files(run_dir / "ledger")]).read()
     return sorted(zip(*(table[c].to_pylist() for c in ("uid", "keep", "dropped_by"))))
@@ -135,35 +146,10 @@ def test_recipe_runs_on_a_two_node_cluster(bad_pool, tmp_path):
         )
         assert seen.stdout.strip() == "['127.0.0.1', '127.0.0.1']", seen.stderr[-2000:]
 
-        run = curate(
-            [
-                "run",
-                "datacomp_basic",
-                "--input",
-                str(bad_pool),
-                "--output",
-                str(tmp_path / "cluster"),
-                "--address",
-                address,
-            ]
-        )
+        run = curate(run_args(bad_pool, tmp_path / "cluster", "--address", address))
         _, err = run.communicate(timeout=300)
         assert run.returncode == 0, err[-3000:]
-        local = curate(
-            [
-                "run",
-                "datacomp_basic",
-                "--input",
-                str(bad_pool),
-                "--output",
-                str(tmp_path / "local"),
-                "--engine",
-                "local",
-                "--quiet",
-            ]
-        )
-        _, err = local.communicate(timeout=300)
-        assert local.returncode == 0, err[-3000:]
+        run_locally(bad_pool, tmp_path / "local")
         assert decisions(tmp_path / "cluster") == decisions(tmp_path / "local")
     finally:
         if worker is not None:
@@ -181,20 +167,8 @@ def test_run_killed_mid_stage_resumes_to_the_same_ledger(tmp_path):
     pq.write_table(pa.Table.from_pylist(rows), pool)
 
     run_dir = tmp_path / "killed"
-    proc = curate(
-        [
-            "run",
-            "datacomp_basic",
-            "--input",
-            str(pool),
-            "--output",
-            str(run_dir),
-            "--engine",
-            "local",
-            "--quiet",
-        ],
-        start_new_session=True,
-    )
+    # Killed on the default engine (a local Ray cluster), resumed in-process.
+    proc = curate(run_args(pool, run_dir, "--quiet"), start_new_session=True)
     filter_tmp = run_dir / "stages" / "01_filter.tmp"
     deadline = time.time() + 120
     while not filter_tmp.exists() and time.time() < deadline and proc.poll() is None:
@@ -205,34 +179,9 @@ def test_run_killed_mid_stage_resumes_to_the_same_ledger(tmp_path):
     proc.wait(timeout=30)
     assert not (run_dir / "stages" / "01_filter" / "_SUCCESS").exists()
 
-    resumed = curate(
-        [
-            "run",
-            "datacomp_basic",
-            "--input",
-            str(pool),
-            "--output",
-            str(run_dir),
-            "--engine",
-            "local",
-        ]
-    )
+    resumed = curate(run_args(pool, run_dir, "--engine", "local"))
     out, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err[-3000:]
     assert "ingest" in out and "skipped" in out  # the finished ingest stage was not redone
-    clean = curate(
-        [
-            "run",
-            "datacomp_basic",
-            "--input",
-            str(pool),
-            "--output",
-            str(tmp_path / "clean"),
-            "--engine",
-            "local",
-            "--quiet",
-        ]
-    )
-    _, err = clean.communicate(timeout=300)
-    assert clean.returncode == 0, err[-3000:]
+    run_locally(pool, tmp_path / "clean")
     assert decisions(run_dir) == decisions(tmp_path / "clean")

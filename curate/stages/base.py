@@ -10,9 +10,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar, TypeVar
+from typing import ClassVar
 
 import pyarrow as pa
+
+from curate.registry import registrar
 
 
 @dataclass
@@ -60,17 +62,5 @@ class MapStage(Stage):
 
 STAGES: dict[str, type[Stage]] = {}
 
-S = TypeVar("S", bound=type[Stage])
-
-
-def register_stage(kind: str):
-    """Class decorator: make a stage available to recipes as ``stage: <kind>``."""
-
-    def wrap(cls: S) -> S:
-        if kind in STAGES:
-            raise ValueError(f"stage {kind!r} is registered twice")
-        cls.kind = kind
-        STAGES[kind] = cls
-        return cls
-
-    return wrap
+#: Class decorator: make a stage available to recipes as ``stage: <kind>``.
+register_stage = registrar(STAGES, "kind", "stage")
