@@ -23,6 +23,8 @@ CONTEXT_COLUMNS = (
 
 
 def _shorten(value: object, width: int = 70) -> str:
+    if isinstance(value, float):
+        value = f"{value:.3f}"
     text = repr(value) if not isinstance(value, str) else value
     text = text.replace("\n", "\\n")
     return text if len(text) <= width else text[: width - 1] + "…"
