@@ -602,3 +602,22 @@ def test_counters_are_json(tmp_path):
     src = parquet(tmp_path / "in.parquet", {"url": ["a"], "caption": ["b"]})
     _, _, ctx = run_ingest(src, tmp_path)
     assert json.loads(json.dumps(ctx.counters))["format"] == "parquet"
+
+
+def test_nan_sizes_from_pandas_are_unknown_not_errors(tmp_path):
+    # pandas stores an integer column with gaps as float64, the gaps as NaN.
+    src = parquet(
+        tmp_path / "in.parquet",
+        {
+            "url": ["a", "b", "c"],
+            "caption": ["x"] * 3,
+            "original_width": [640.0, float("nan"), None],
+        },
+    )
+    table, _, _ = run_ingest(src, tmp_path)
+    assert table["original_width"].type == pa.int32()
+    assert table["original_width"].to_pylist() == [640, None, None]
+    half = parquet(
+        tmp_path / "half.parquet", {"url": ["a"], "caption": ["x"], "original_width": [200.5]}
+    )
+    assert "200.5" in ingest_error(half, tmp_path / "h")

@@ -292,6 +292,9 @@ def _to_ledger(
 
 def _cast(values: pa.Array, f: pa.Field, path: Path, row0: int) -> pa.Array:
     """Cast to the ledger/unified type; on failure name the first row that does not convert."""
+    if pa.types.is_floating(values.type) and pa.types.is_integer(f.type):
+        # pandas writes an integer column with gaps as floats, the gaps as NaN: unknown.
+        values = pc.if_else(pc.is_nan(values), pa.scalar(None, values.type), values)
     try:
         return values.cast(f.type)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as exc:
