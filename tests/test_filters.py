@@ -566,11 +566,13 @@ def test_language_row_that_fasttext_rejects_becomes_null(monkeypatch, language):
 
     real = module.load_model()
 
-    class Choosy:
-        def predict(self, texts, k=1):
-            if any("poison" in t for t in texts):
-                raise ValueError("fastText cannot read this")
-            return real.predict(texts, k=k)
+    class Choosy:  # fastText's model, refusing one line
+        class f:  # the attribute name fastText's wrapper uses
+            @staticmethod
+            def predict(text, k, threshold, on_unicode_error):
+                if "poison" in text:
+                    raise ValueError("fastText cannot read this")
+                return real.f.predict(text, k, threshold, on_unicode_error)
 
     monkeypatch.setattr(module, "load_model", lambda: Choosy())
     batch = ledger(caption=pa.array(["a dog on a beach today", "poison pill", "le chien noir"]))

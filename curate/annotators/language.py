@@ -7,9 +7,9 @@ which can disagree on borderline captions.
 
 Text preparation mirrors DataComp exactly: ``text.replace("\\n", " ")`` and
 nothing else. fastText's Python ``predict`` on a single string is broken under
-numpy 2 (``np.array(..., copy=False)``), so the batch is predicted as a list,
-which goes through the same C++ line prediction; the parity tests check that
-the labels are identical to DataComp's per-string calls.
+numpy 2 (``np.array(..., copy=False)``), so each distinct caption goes
+straight to the C++ single-line prediction that wrapper calls; the parity
+tests check the labels against DataComp's per-string calls.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import functools
 import importlib.resources
 from dataclasses import dataclass
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -43,20 +42,23 @@ def load_model():
     return fasttext.load_model(model_path())
 
 
-def _predict(model, texts: list[str]) -> tuple[list, list]:
-    """Top-1 (labels, probs) per text; a text fastText cannot handle gets no prediction."""
-    try:
-        return model.predict(texts, k=1)
-    except (ValueError, RuntimeError, UnicodeError):
-        labels, probs = [], []
-        for text in texts:  # only after a failure: find the offending rows
-            try:
-                (label,), (prob,) = model.predict([text], k=1)
-            except (ValueError, RuntimeError, UnicodeError):
-                label, prob = [], np.empty(0, np.float32)
-            labels.append(label)
-            probs.append(prob)
-        return labels, probs
+def _predict(model, texts: list[str]) -> tuple[list[str | None], list[float | None]]:
+    """Top-1 label and probability per text; a text fastText cannot handle gets None.
+
+    This is the C++ call fastText's ``predict(str)`` makes for one line — the
+    call DataComp's baseline makes — without the wrapper's numpy-2-broken array
+    step; per string it is also ~15 % cheaper than ``predict(list)``.
+    """
+    predict = model.f.predict
+    labels, probs = [], []
+    for text in texts:
+        try:
+            ((prob, label),) = predict(text + "\n", 1, 0.0, "strict")
+        except (ValueError, RuntimeError, UnicodeError):  # includes "no prediction"
+            label, prob = None, None
+        labels.append(label)
+        probs.append(prob)
+    return labels, probs
 
 
 @register_annotator("language")
@@ -78,7 +80,6 @@ class LanguageAnnotator(Annotator):
         encoded = pc.dictionary_encode(captions)  # a null caption gets a null index
         texts = pc.replace_substring(encoded.dictionary, "\n", " ").to_pylist()
         labels, probs = _predict(load_model(), texts)
-        top = pa.array([ls[0] if len(ls) else None for ls in labels], pa.string())
-        score = pa.array([p[0] if len(p) else None for p in probs], pa.float32())
-        lang = pc.replace_substring_regex(top, "^__label__", "")
+        lang = pc.replace_substring_regex(pa.array(labels, pa.string()), "^__label__", "")
+        score = pa.array(probs, pa.float32())
         return {"lang": lang.take(encoded.indices), "lang_score": score.take(encoded.indices)}
