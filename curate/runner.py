@@ -117,6 +117,9 @@ class LocalEngine:
         for f in files:
             pq.write_table(stage(pq.read_table(f)), out_dir / f.name)
 
+    def close(self) -> None:
+        pass
+
 
 class RayEngine:
     """Ray Data on a local or remote cluster, started before the first stage.
@@ -130,7 +133,10 @@ class RayEngine:
     name = "ray"
 
     def __init__(self, address: str | None = None, verbose: bool = False):
+        import ray
+
         self.verbose = verbose
+        self._owns_ray = not ray.is_initialized()  # else a caller's session: leave it up
         init_ray(address, verbose)
         _configure_ray_data(verbose)
         # A first, empty dataset creates Ray Data's helper actors and warms the workers.
@@ -140,6 +146,14 @@ class RayEngine:
     def map(self, stage: MapStage, files: list[Path], out_dir: Path) -> None:
         self._warming.join()
         run_ray(stage, files, out_dir)
+
+    def close(self) -> None:
+        """Stop what this engine started, without waiting for the processes to exit."""
+        import ray
+
+        self._warming.join()
+        if self._owns_ray:
+            ray.shutdown()
 
 
 def init_ray(address: str | None = None, verbose: bool = False) -> None:
@@ -297,36 +311,39 @@ def run_recipe(
     schema: pa.Schema | None = None
     ledger_dir: Path | None = None
     results: list[StageResult] = []
-    for stage, stage_dir, digest, skip in zip(recipe.stages, stage_dirs, digests, done):
-        if skip:
-            m = _read_manifest(stage_dir)
-            result = StageResult(
-                stage.name,
-                stage.kind,
-                m["seconds"],
-                m["rows_in"],
-                m["rows_out"],
-                skipped=True,
-                counters=m.get("counters", {}),
-            )
-        else:
-            ctx = StageContext(
-                run_dir=run_dir,
-                out_dir=stage_dir.with_name(stage_dir.name + ".tmp"),
-                input_files=files,
-                input_schema=schema,
-                seed=recipe.seed,
-                input_path=Path(input_path),
-                verbose=verbose,
-            )
-            result = _run_stage(stage, ctx, stage_dir, digest, mapper)
-        results.append(result)
-        if on_stage:
-            on_stage(result)
-        if stage.produces_ledger:
-            ledger_dir = stage_dir
-            files = ledger_files(stage_dir)
-            schema = pq.read_schema(files[0]) if files else None
+    try:
+        for stage, stage_dir, digest, skip in zip(recipe.stages, stage_dirs, digests, done):
+            if skip:
+                m = _read_manifest(stage_dir)
+                result = StageResult(
+                    stage.name,
+                    stage.kind,
+                    m["seconds"],
+                    m["rows_in"],
+                    m["rows_out"],
+                    skipped=True,
+                    counters=m.get("counters", {}),
+                )
+            else:
+                ctx = StageContext(
+                    run_dir=run_dir,
+                    out_dir=stage_dir.with_name(stage_dir.name + ".tmp"),
+                    input_files=files,
+                    input_schema=schema,
+                    seed=recipe.seed,
+                    input_path=Path(input_path),
+                    verbose=verbose,
+                )
+                result = _run_stage(stage, ctx, stage_dir, digest, mapper)
+            results.append(result)
+            if on_stage:
+                on_stage(result)
+            if stage.produces_ledger:
+                ledger_dir = stage_dir
+                files = ledger_files(stage_dir)
+                schema = pq.read_schema(files[0]) if files else None
+    finally:
+        mapper.close()
     final = _link_ledger(ledger_dir, run_dir / "ledger") if ledger_dir else []
     return RunResult(run_dir, results, final)
 
