@@ -18,6 +18,8 @@ def _run(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.set)
     if not Path(args.input).exists():
         raise ConfigError(f"--input {args.input}: no such file or folder")
+    if Path(args.output).exists() and not Path(args.output).is_dir():
+        raise ConfigError(f"--output {args.output}: exists and is not a folder")
 
     def show(result: StageResult) -> None:
         if args.quiet:

@@ -60,3 +60,18 @@ def test_missing_input_is_a_clear_error(tmp_path):
         str(tmp_path / "o"),
     )
     assert done.returncode == 2 and "no such file" in done.stderr
+
+
+def test_output_that_is_a_file_is_a_clear_error(bad_pool, tmp_path):
+    (tmp_path / "taken").write_text("not a folder")
+    done = curate(
+        "run",
+        "datacomp_basic",
+        "--input",
+        str(bad_pool),
+        "--output",
+        str(tmp_path / "taken"),
+        "--engine",
+        "local",
+    )
+    assert done.returncode == 2 and "is not a folder" in done.stderr
