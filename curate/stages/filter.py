@@ -121,6 +121,7 @@ class FilterStage(MapStage):
             stats_dir.mkdir(parents=True, exist_ok=True)
             op.fit(FitContext(ctx.input_files, stats_dir, ctx.seed))
         self._fitted_annotators = annotators
+        self._ready = None  # set up again, per worker, with these fitted statistics
 
     def setup(self) -> None:
         annotators = getattr(self, "_fitted_annotators", None) or self._annotators()
