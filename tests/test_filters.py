@@ -777,3 +777,26 @@ def test_align_set_is_the_papers_rule():
     assert params["caption_words"] == {"min_words": 3, "max_words": 20}
     assert params["alt_text_frequency"] == {"max_count": 10}
     assert "rare_tokens" in params and "boilerplate" in params
+
+
+def test_batches_without_survivors_get_the_same_columns(tmp_path):
+    """A batch whose rows all die early still carries every annotator column (as nulls)."""
+    filters = load_set("datacomp_basic")
+    n = len(SET_CAPTIONS)
+    sizes = dict(
+        original_width=pa.array([640] * n, SIZE), original_height=pa.array([480] * n, SIZE)
+    )
+    alive = ledger(caption=pa.array(SET_CAPTIONS, pa.string()), **sizes)
+    dead = ledger(
+        caption=pa.array(SET_CAPTIONS, pa.string()),
+        original_width=pa.array([10] * n, SIZE),
+        original_height=pa.array([10] * n, SIZE),
+    )
+    pq.write_table(alive, tmp_path / "ledger.parquet")
+    annotators = prepared(filters, tmp_path / "ledger.parquet", tmp_path / "stats")
+    out_alive = apply_filters(alive, filters, annotators)
+    out_dead = apply_filters(dead, filters, annotators)
+    assert out_dead.schema == out_alive.schema
+    assert not any(out_dead["keep"].to_pylist())
+    assert set(out_dead["dropped_by"].to_pylist()) <= {"caption_valid", "image_size"}
+    assert out_dead["lang"].null_count == n

@@ -57,18 +57,19 @@ def apply_filters(
 
     ``annotators`` maps a column to the (set-up) annotator that provides it;
     a column missing from the batch is computed just before the first filter
-    that needs it.
+    that needs it — all null when no row is left, so every batch of a stage
+    comes out with the same columns.
     """
     n = batch.num_rows
     alive = alive_mask(batch)
     failed_at = np.full(n, -1, dtype=np.int32)
     for i, flt in enumerate(filters):
         rows = np.flatnonzero(alive)
-        if len(rows) == 0:
-            break
         for column in flt.needs:
             if column not in batch.column_names and column in annotators:
                 batch = annotate_rows(annotators[column], batch, rows)
+        if len(rows) == 0:
+            continue
         keep = _mask_to_numpy(flt.keep(_alive_columns(batch, flt.needs, rows)))
         if len(keep) != len(rows):
             raise RuntimeError(
