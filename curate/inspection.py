@@ -34,13 +34,13 @@ def examples(run_dir: Path, reason: str | None, limit: int) -> list[dict]:
     """Up to ``limit`` ledger rows dropped by ``reason`` (None: kept rows), in uid order."""
     con = duckdb.connect()
     glob = ledger_glob(run_dir)
-    names = {r[0] for r in con.execute("DESCRIBE SELECT * FROM read_parquet(?)", [glob]).fetchall()}
+    source = "read_parquet(?, union_by_name = true)"
+    names = {r[0] for r in con.execute(f"DESCRIBE SELECT * FROM {source}", [glob]).fetchall()}
     cols = ["uid", "caption"] + [c for c in CONTEXT_COLUMNS if c in names]
     where = "dropped_by IS NULL" if reason is None else "dropped_by = ?"
     params = [glob] if reason is None else [glob, reason]
     cur = con.execute(
-        f"SELECT {', '.join(cols)} FROM read_parquet(?) WHERE {where} "
-        f"ORDER BY uid LIMIT {int(limit)}",
+        f"SELECT {', '.join(cols)} FROM {source} WHERE {where} ORDER BY uid LIMIT {int(limit)}",
         params,
     )
     return [dict(zip(cols, row)) for row in cur.fetchall()]

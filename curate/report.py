@@ -38,7 +38,7 @@ def funnel(run_dir: Path, order: list[str]) -> dict:
     con = duckdb.connect()
     rows = con.execute(
         "SELECT dropped_by, count(*) FILTER (WHERE keep), count(*) "
-        "FROM read_parquet(?) GROUP BY dropped_by",
+        "FROM read_parquet(?, union_by_name = true) GROUP BY dropped_by",
         [ledger_glob(run_dir)],
     ).fetchall()
     kept = sum(k for reason, k, _ in rows if reason is None)
