@@ -160,7 +160,7 @@ def test_recipe_runs_on_a_two_node_cluster(bad_pool, tmp_path):
 @pytest.mark.slow
 def test_run_killed_mid_stage_resumes_to_the_same_ledger(tmp_path):
     # A pool large enough that the filter stage takes a few seconds.
-    rows = [dict(row) for _ in range(1500) for row in bad_pool_rows()[:-13]]
+    rows = [dict(row) for _ in range(3000) for row in bad_pool_rows()[:-13]]
     for i, row in enumerate(rows):
         row["url"] = f"http://127.0.0.1:1/{i}.jpg"
     pool = tmp_path / "pool.parquet"
@@ -174,7 +174,7 @@ def test_run_killed_mid_stage_resumes_to_the_same_ledger(tmp_path):
     while not filter_tmp.exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.02)
     assert proc.poll() is None, "the run ended before it could be killed"
-    time.sleep(0.5)
+    time.sleep(0.3)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
     assert not (run_dir / "stages" / "01_filter" / "_SUCCESS").exists()
