@@ -51,6 +51,13 @@ def start(cmd: list[str], env: dict, tmp: Path) -> subprocess.Popen:
     )
 
 
+def wait_for_log(log: Path, text: str, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while text not in log.read_text(errors="replace"):
+        assert time.time() < deadline, f"{log.name} never said {text!r}:\n{log.read_text()[-2000:]}"
+        time.sleep(0.2)
+
+
 def stop(proc: subprocess.Popen) -> None:
     for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
@@ -119,7 +126,7 @@ def test_recipe_runs_on_a_two_node_cluster(bad_pool, tmp_path):
     )
     worker = None
     try:
-        time.sleep(6)
+        wait_for_log(tmp_path / "node-0.log", "Ray runtime started")
         worker = start(
             [sys.executable, "-c", WORKER_NODE, "start", f"--address={address}", *common],
             {
