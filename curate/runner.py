@@ -222,16 +222,18 @@ def run_ray(stage: MapStage, files: list[Path], out_dir: Path) -> None:
     paths = [{"path": str(f)} for f in files]
     ds = ray.data.from_items(paths, override_num_blocks=max(1, len(paths)))
     ds = ds.map_batches(_read_ledger_file, batch_format="pyarrow", batch_size=1)
-    if stage.num_gpus:
-        gpus = ray.cluster_resources().get("GPU", 0)
+    if stage.actors or stage.num_gpus:
+        resources = ray.cluster_resources()
+        share = stage.num_gpus or stage.num_cpus
+        available = resources.get("GPU" if stage.num_gpus else "CPU", 0)
         ds = ds.map_batches(
             _StageActor,
             fn_constructor_args=(stage,),
             batch_format="pyarrow",
-            batch_size=getattr(stage, "batch_size", None),
+            batch_size=stage.batch_size,
             num_cpus=stage.num_cpus,
             num_gpus=stage.num_gpus,
-            concurrency=max(1, int(gpus // stage.num_gpus)),
+            concurrency=max(1, int(available // share)),
         )
     else:
         ds = ds.map_batches(

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import json
+import shutil
+from dataclasses import dataclass
+from typing import ClassVar
 
 import duckdb
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
 from curate.recipe import load_recipe
 from curate.report import write_report
-from curate.runner import ledger_files, run_recipe
+from curate.runner import LocalEngine, RayEngine, ledger_files, run_recipe
+from curate.stages import MapStage
 
 
 def read_ledger(run_dir):
@@ -131,3 +136,39 @@ def test_hostile_csv_rows_are_dropped_with_reasons_not_crashes(tmp_path):
     assert by_url["http://127.0.0.1:1/3.jpg"]["dropped_by"] == "caption_valid"
     assert by_url["http://127.0.0.1:1/4.jpg"]["dropped_by"] == "image_size"
     assert report["rows_out"] + sum(report["dropped"].values()) == report["rows_in"]
+
+
+def test_actor_stages_set_up_once_per_actor_and_match_in_process(bad_pool, tmp_path, ray_local):
+    # Defined here, not at module level, so Ray workers receive it by value.
+    @dataclass
+    class CaptionLength(MapStage):
+        """A stage that counts its set-ups: on actors, each worker sets up once."""
+
+        actors: ClassVar[bool] = True
+
+        def setup(self) -> None:
+            self.setups = getattr(self, "setups", 0) + 1
+
+        def __call__(self, batch: pa.Table) -> pa.Table:
+            lengths = pc.utf8_length(batch["caption"])
+            return batch.append_column(
+                "setups", pa.array([self.setups] * batch.num_rows)
+            ).append_column("chars", lengths)
+
+    result = run_recipe(load_recipe("no_filter"), bad_pool, tmp_path / "run", engine="local")
+    (tmp_path / "in").mkdir()
+    files = []  # several ledger files, so each actor is called more than once
+    for i in range(3):
+        files.append(tmp_path / "in" / f"part-{i}.parquet")
+        shutil.copy(result.ledger_files[0], files[-1])
+    for name, engine in (("local", LocalEngine()), ("ray", RayEngine())):
+        (tmp_path / name).mkdir()
+        engine.map(CaptionLength(), files, tmp_path / name)
+        engine.close()
+    local = pq.ParquetDataset(ledger_files(tmp_path / "local")).read()
+    on_ray = pq.ParquetDataset(ledger_files(tmp_path / "ray")).read()
+    assert on_ray.num_rows == local.num_rows == 3 * result.stages[0].rows_out
+    assert set(on_ray["setups"].to_pylist()) == {1}
+    assert sorted(on_ray["chars"].to_pylist(), key=str) == sorted(
+        local["chars"].to_pylist(), key=str
+    )
