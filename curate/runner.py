@@ -276,6 +276,12 @@ def _link_ledger(src: Path, dst: Path) -> list[Path]:
     return ledger_files(dst)
 
 
+def check_columns(stages: list[Stage], columns: set[str]) -> None:
+    """Fail now if a later stage needs a column no earlier stage provides."""
+    for stage in stages:
+        columns = stage.columns_after(columns)
+
+
 def _plan_digests(recipe: Recipe, input_path: Path) -> list[str]:
     """Each stage's hash: its resolved parameters chained to everything upstream of it."""
     digests, upstream = [], _hash("input", input_fingerprint(input_path))
@@ -344,6 +350,8 @@ def run_recipe(
                 ledger_dir = stage_dir
                 files = ledger_files(stage_dir)
                 schema = pq.read_schema(files[0]) if files else None
+            if stage is recipe.stages[0] and schema is not None:
+                check_columns(recipe.stages[1:], set(schema.names))
     finally:
         mapper.close()
     final = _link_ledger(ledger_dir, run_dir / "ledger") if ledger_dir else []

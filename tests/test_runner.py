@@ -172,3 +172,24 @@ def test_actor_stages_set_up_once_per_actor_and_match_in_process(bad_pool, tmp_p
     assert sorted(on_ray["chars"].to_pylist(), key=str) == sorted(
         local["chars"].to_pylist(), key=str
     )
+
+
+def test_a_missing_column_fails_right_after_ingest_before_later_stages(bad_pool, tmp_path):
+    from curate.config import ConfigError
+    from curate.recipe import recipe_from_data
+
+    recipe = recipe_from_data(
+        {"stages": [
+            {"stage": "ingest"},
+            {"stage": "filter", "name": "cheap", "filters": ["caption_valid"]},
+            {"stage": "filter", "name": "scored",
+             "filters": [{"score_threshold": {"column": "clip_score", "min": 0.28}}]},
+        ]},
+        {}, "inline",
+    )  # fmt: skip
+    with pytest.raises(
+        ConfigError, match=r"stage scored: filter score_threshold needs .*clip_score"
+    ):
+        run_recipe(recipe, bad_pool, tmp_path / "run", engine="local")
+    assert (tmp_path / "run" / "stages" / "00_ingest" / "_SUCCESS").exists()
+    assert not (tmp_path / "run" / "stages" / "01_cheap").exists()

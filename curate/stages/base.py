@@ -41,6 +41,14 @@ class Stage:
     def plan(self, ctx: StageContext) -> None:
         """Driver-side preparation: validate the input schema, fit global statistics."""
 
+    def columns_after(self, columns: set[str]) -> set[str]:
+        """The ledger columns this stage leaves, given those it gets.
+
+        Raise ConfigError when a column it needs is missing: the runner checks the
+        whole chain right after ingest, before any long stage starts.
+        """
+        return columns
+
     def run(self, ctx: StageContext) -> int:
         """Do the whole stage on the driver; return the number of rows written."""
         raise NotImplementedError

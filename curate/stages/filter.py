@@ -101,17 +101,22 @@ class FilterStage(MapStage):
                     needed[cls.name] = cls()
         return {c: a for a in needed.values() for c in a.provides}
 
-    def plan(self, ctx: StageContext) -> None:
-        have = set(ctx.input_schema.names) if ctx.input_schema is not None else set()
+    def columns_after(self, columns: set[str]) -> set[str]:
         annotators = self._annotators()
         for flt in self.filters:
-            missing = [c for c in flt.needs if c not in have and c not in annotators]
+            missing = [c for c in flt.needs if c not in columns and c not in annotators]
             if missing:
                 raise ConfigError(
-                    f"filter {flt.name} needs column(s) {', '.join(missing)}, which the ledger "
-                    "does not have and no annotator provides "
-                    f"(ledger columns: {', '.join(sorted(have))})"
+                    f"stage {self.name}: filter {flt.name} needs column(s) {', '.join(missing)}, "
+                    "which the ledger does not have and no annotator provides "
+                    f"(ledger columns: {', '.join(sorted(columns))})"
                 )
+        return columns | set(annotators)
+
+    def plan(self, ctx: StageContext) -> None:
+        have = set(ctx.input_schema.names) if ctx.input_schema is not None else set()
+        self.columns_after(have)
+        annotators = self._annotators()
         fitted = set()
         for op in [*annotators.values(), *self.filters]:
             if id(op) in fitted:
