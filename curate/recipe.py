@@ -166,6 +166,7 @@ def load_recipe(name_or_path: str, overrides: list[str] = ()) -> Recipe:
 
 
 def recipe_from_data(data: Any, lines: Where, source: str, overrides: list[str] = ()) -> Recipe:
+    """A recipe from already-parsed YAML; ``lines`` maps key paths to lines for errors."""
     load_registry()
 
     def at(*key) -> str:
@@ -213,7 +214,7 @@ def recipe_from_data(data: Any, lines: Where, source: str, overrides: list[str] 
             raise ConfigError(f"{where}: two stages are named {name!r}; give one a 'name'")
         names.add(name)
         what = f"{where}: stage {name}"
-        known = {f.name for f in dataclasses.fields(STAGES[kind])}
+        known = {f.name for f in dataclasses.fields(STAGES[kind]) if f.init}
         for key in params:
             if key not in known:
                 raise ConfigError(
