@@ -10,28 +10,17 @@ artifact once per worker; ``annotate`` is then a hash lookup per batch.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curate.operators import Annotator, FitContext, register_annotator
+from curate.stats import write_query
 
 ARTIFACT = "caption_counts.parquet"
-
-
-def sql_string(path: Path) -> str:
-    """A path as a DuckDB string literal."""
-    return "'" + str(path).replace("'", "''") + "'"
-
-
-def sql_paths(paths: list[Path]) -> str:
-    """Paths as a DuckDB list literal, for ``read_parquet``."""
-    return "[" + ", ".join(sql_string(p) for p in paths) + "]"
 
 
 @register_annotator("text_count")
@@ -48,21 +37,13 @@ class TextCountAnnotator(Annotator):
     _counts: pa.Array | None = field(default=None, init=False, repr=False, compare=False)
 
     def fit(self, ctx: FitContext) -> None:
-        out = Path(ctx.stats_dir) / ARTIFACT
-        tmp = out.with_suffix(".tmp")
-        if ctx.ledger_files:
-            query = (
-                "SELECT caption, count(*) AS n "
-                f"FROM read_parquet({sql_paths(ctx.ledger_files)}, union_by_name = true) "
-                "WHERE caption IS NOT NULL GROUP BY caption HAVING count(*) > 1 ORDER BY caption"
-            )
-            with duckdb.connect() as con:
-                con.execute(f"COPY ({query}) TO {sql_string(tmp)} (FORMAT parquet)")
-        else:
-            empty = pa.table({"caption": pa.array([], pa.string()), "n": pa.array([], pa.int64())})
-            pq.write_table(empty, tmp)
-        os.replace(tmp, out)
-        self.artifact = out
+        self.artifact = write_query(
+            "SELECT caption, count(*) AS n FROM read_parquet({files}, union_by_name = true) "
+            "WHERE caption IS NOT NULL GROUP BY caption HAVING count(*) > 1 ORDER BY caption",
+            ctx.ledger_files,
+            Path(ctx.stats_dir) / ARTIFACT,
+            empty=pa.table({"caption": pa.array([], pa.string()), "n": pa.array([], pa.int64())}),
+        )
 
     def setup(self) -> None:
         if self.artifact is None:

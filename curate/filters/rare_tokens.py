@@ -18,22 +18,21 @@ no rare token and passes; the word-count filter is what drops it.
 
 from __future__ import annotations
 
-import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from curate.annotators.text_count import sql_paths, sql_string
 from curate.operators import Filter, FitContext, register_filter
+from curate.stats import write_query
 from curate.text import bigrams, words
 
 ARTIFACT = "vocabulary.parquet"
+NO_COUNTS = pa.table({"gram": pa.array([], pa.string()), "n": pa.array([], pa.int64())})
 
 
 def ngrams(captions: pa.Array | pa.ChunkedArray, lower: bool) -> tuple[pa.Array, np.ndarray]:
@@ -58,7 +57,7 @@ def _count_file(path: Path, lower: bool, out: Path) -> None:
         merged = pa.concat_tables(parts).group_by("gram").aggregate([("n", "sum")])
         table = pa.table({"gram": merged["gram"], "n": merged["n_sum"]})
     else:
-        table = pa.table({"gram": pa.array([], pa.string()), "n": pa.array([], pa.int64())})
+        table = NO_COUNTS
     pq.write_table(table, out)
 
 
@@ -87,21 +86,14 @@ class RareTokens(Filter):
         for i, path in enumerate(ctx.ledger_files):
             files.append(partial / f"{i:06d}.parquet")
             _count_file(Path(path), self.lowercase, files[-1])
-        out, tmp = stats / ARTIFACT, stats / (ARTIFACT + ".tmp")
-        if files:
-            query = (
-                "SELECT gram, sum(n)::BIGINT AS n "
-                f"FROM read_parquet({sql_paths(files)}) GROUP BY gram "
-                f"ORDER BY n DESC, gram LIMIT {int(self.vocab_size)}"
-            )
-            with duckdb.connect() as con:
-                con.execute(f"COPY ({query}) TO {sql_string(tmp)} (FORMAT parquet)")
-        else:
-            empty = pa.table({"gram": pa.array([], pa.string()), "n": pa.array([], pa.int64())})
-            pq.write_table(empty, tmp)
-        os.replace(tmp, out)
+        self.artifact = write_query(
+            "SELECT gram, sum(n)::BIGINT AS n FROM read_parquet({files}) GROUP BY gram "
+            f"ORDER BY n DESC, gram LIMIT {int(self.vocab_size)}",
+            files,
+            stats / ARTIFACT,
+            empty=NO_COUNTS,
+        )
         shutil.rmtree(partial)
-        self.artifact = out
 
     def setup(self) -> None:
         if self.artifact is None:
