@@ -254,11 +254,12 @@ def _stage_dir(run_dir: Path, index: int, stage: Stage) -> Path:
     return run_dir / output if output else run_dir / "stages" / f"{index:02d}_{stage.name}"
 
 
-def _read_manifest(stage_dir: Path) -> dict | None:
+def _read_manifest(stage_dir: Path) -> dict:
+    """A finished stage's manifest; empty when the stage has not finished."""
     try:
         return json.loads((stage_dir / SUCCESS).read_text())
     except (OSError, ValueError):
-        return None
+        return {}
 
 
 def _link_ledger(src: Path, dst: Path) -> list[Path]:
@@ -306,7 +307,8 @@ def run_recipe(
     (run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe.resolved(), sort_keys=False))
     digests = _plan_digests(recipe, input_path)
     stage_dirs = [_stage_dir(run_dir, i, s) for i, s in enumerate(recipe.stages)]
-    done = [(_read_manifest(d) or {}).get("hash") == h for d, h in zip(stage_dirs, digests)]
+    manifests = [_read_manifest(d) for d in stage_dirs]
+    done = [m.get("hash") == h for m, h in zip(manifests, digests)]
     # A stage that re-runs invalidates everything after it, whatever is on disk.
     for i in range(1, len(done)):
         done[i] = done[i] and done[i - 1]
@@ -320,9 +322,10 @@ def run_recipe(
     ledger_dir: Path | None = None
     results: list[StageResult] = []
     try:
-        for stage, stage_dir, digest, skip in zip(recipe.stages, stage_dirs, digests, done):
+        for stage, stage_dir, digest, skip, m in zip(
+            recipe.stages, stage_dirs, digests, done, manifests
+        ):
             if skip:
-                m = _read_manifest(stage_dir)
                 result = StageResult(
                     stage.name,
                     stage.kind,
