@@ -92,36 +92,32 @@ class FilterStage(MapStage):
 
     filters: list[Filter] = field(default_factory=list)
 
-    def _annotators(self) -> dict[str, Annotator]:
-        needed = {}
+    def _annotators(self) -> list[Annotator]:
+        """One instance of every annotator whose columns the filters read."""
+        needed: dict[str, Annotator] = {}
         for flt in self.filters:
             for column in flt.needs:
                 cls = ANNOTATORS.get(column)
                 if cls is not None and cls.name not in needed:
                     needed[cls.name] = cls()
-        return {c: a for a in needed.values() for c in a.provides}
+        return list(needed.values())
 
     def columns_after(self, columns: set[str]) -> set[str]:
-        annotators = self._annotators()
+        provided = {c for a in self._annotators() for c in a.provides}
         for flt in self.filters:
-            missing = [c for c in flt.needs if c not in columns and c not in annotators]
+            missing = [c for c in flt.needs if c not in columns and c not in provided]
             if missing:
                 raise ConfigError(
                     f"stage {self.name}: filter {flt.name} needs column(s) {', '.join(missing)}, "
                     "which the ledger does not have and no annotator provides "
                     f"(ledger columns: {', '.join(sorted(columns))})"
                 )
-        return columns | set(annotators)
+        return columns | provided
 
     def plan(self, ctx: StageContext) -> None:
-        have = set(ctx.input_schema.names) if ctx.input_schema is not None else set()
-        self.columns_after(have)
+        self.columns_after(set(ctx.input_schema.names) if ctx.input_schema else set())
         annotators = self._annotators()
-        fitted = set()
-        for op in [*annotators.values(), *self.filters]:
-            if id(op) in fitted:
-                continue
-            fitted.add(id(op))
+        for op in [*annotators, *self.filters]:
             kind = "annotator" if isinstance(op, Annotator) else "filter"
             stats_dir = ctx.out_dir / "_stats" / f"{kind}-{op.name}"
             stats_dir.mkdir(parents=True, exist_ok=True)
@@ -131,11 +127,9 @@ class FilterStage(MapStage):
 
     def setup(self) -> None:
         annotators = getattr(self, "_fitted_annotators", None) or self._annotators()
-        for op in {id(a): a for a in annotators.values()}.values():
+        for op in [*annotators, *self.filters]:
             op.setup()
-        for flt in self.filters:
-            flt.setup()
-        self._ready = annotators
+        self._ready = {c: a for a in annotators for c in a.provides}
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         if getattr(self, "_ready", None) is None:
