@@ -117,6 +117,9 @@ class LocalEngine:
         for f in files:
             pq.write_table(stage(pq.read_table(f)), out_dir / f.name)
 
+    def wait_ready(self) -> None:
+        pass
+
     def close(self) -> None:
         pass
 
@@ -143,6 +146,10 @@ class RayEngine:
         self._warming = threading.Thread(target=_warm_up, daemon=True)
         self._warming.start()
 
+    def wait_ready(self) -> None:
+        """Block until the warm-up dataset is done, so a stage has the cluster to itself."""
+        self._warming.join()
+
     def map(self, stage: MapStage, files: list[Path], out_dir: Path) -> None:
         self._warming.join()
         run_ray(stage, files, out_dir)
@@ -161,12 +168,14 @@ def init_ray(address: str | None = None, verbose: bool = False) -> None:
     # Usage statistics would be sent to a remote server; never from this tool.
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     address = address or os.environ.get("RAY_ADDRESS") or None
-    kwargs = {}
+    # albumentations (imported by img2dataset in the workers) phones home on import.
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    kwargs = {"runtime_env": {"env_vars": {"NO_ALBUMENTATIONS_UPDATE": "1"}}}
     if address is None:
         # The embedded cluster binds to loopback only (Ray reads this when imported).
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         # "local" always starts a new cluster, even when another one runs on this machine.
-        kwargs = {"include_dashboard": False, "num_cpus": os.cpu_count()}
+        kwargs = {"include_dashboard": False, "num_cpus": os.cpu_count()}  # env: inherited
         address = "local"
     import ray
 
@@ -313,7 +322,7 @@ def run_recipe(
     for i in range(1, len(done)):
         done[i] = done[i] and done[i - 1]
     needs_ray = engine == "ray" and any(
-        isinstance(s, MapStage) and not d for s, d in zip(recipe.stages, done)
+        s.runs_on_cluster and not d for s, d in zip(recipe.stages, done)
     )
     mapper = RayEngine(address, verbose) if needs_ray else LocalEngine()
 
@@ -344,6 +353,7 @@ def run_recipe(
                     seed=recipe.seed,
                     input_path=Path(input_path),
                     verbose=verbose,
+                    engine=mapper.name,
                 )
                 result = _run_stage(stage, ctx, stage_dir, digest, mapper)
             results.append(result)
@@ -380,6 +390,8 @@ def _run_stage(
                 "add or delete ledger rows"
             )
     else:
+        if stage.runs_on_cluster:
+            mapper.wait_ready()
         rows_out = stage.run(ctx)
     seconds = time.perf_counter() - start
     manifest = {

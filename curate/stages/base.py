@@ -28,6 +28,7 @@ class StageContext:
     seed: int = 0
     input_path: Path | None = None  # the user's --input (ingest only)
     verbose: bool = False
+    engine: str = "local"  # "ray" when the stage may use the Ray cluster
     counters: dict = field(default_factory=dict)  # stage-specific numbers for the manifest
 
 
@@ -37,6 +38,8 @@ class Stage:
     kind: ClassVar[str]
     #: False for stages whose output is not a ledger (shard).
     produces_ledger: ClassVar[bool] = True
+    #: True for stages that use the Ray cluster on the ray engine (map stages, download).
+    runs_on_cluster: ClassVar[bool] = False
 
     def plan(self, ctx: StageContext) -> None:
         """Driver-side preparation: validate the input schema, fit global statistics."""
@@ -56,6 +59,8 @@ class Stage:
 
 class MapStage(Stage):
     """A stage that maps ledger batches to ledger batches, row for row."""
+
+    runs_on_cluster: ClassVar[bool] = True
 
     #: Ray resources per worker; gpu stages set num_gpus.
     num_cpus: ClassVar[float] = 1

@@ -1,0 +1,320 @@
+"""The download stage: the ledger's urls through img2dataset, results joined back by uid.
+
+img2dataset does the downloading, resizing, face blurring and writing (its Ray
+distributor on the Ray engine, its multiprocessing distributor otherwise), with
+the crawl policy of ``curate.crawler`` built in: public addresses only unless
+allowed, http(s) only, bounded size and time, robots.txt (fetched once per host
+here, on the driver), decompression bombs refused before decoding. img2dataset
+itself sends the user-agent token and honours X-Robots-Tag opt-outs.
+
+Images stay beside the ledger, in img2dataset's Parquet shards under
+``RUN/images/`` (uid, image bytes, sizes, sha256), never in ledger files. That
+folder outlives a killed run: img2dataset skips shards whose stats file exists,
+so a re-run fetches only what did not finish. It is wiped when the url list or a
+download parameter changes.
+
+In the ledger, ``status`` is ``success`` or the failure's kind
+(``curate.download_errors``), ``error_message`` the text; a failed row is
+dropped by this stage. Rows dropped earlier are not downloaded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import shutil
+import sys
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar, Literal
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from curate import robots
+from curate.config import ConfigError
+from curate.download_errors import SUCCESS, failure_kind
+from curate.image_guard import DEFAULT_MAX_PIXELS
+from curate.netguard import guarded_opener
+from curate.schema import alive_mask, set_column
+from curate.stages.base import Stage, StageContext, register_stage
+
+IMAGES_DIR = "images"
+RESULT_COLUMNS = (
+    "uid",
+    "status",
+    "error_message",
+    "width",
+    "height",
+    "original_width",
+    "original_height",
+    "sha256",
+)
+SIZE_COLUMNS = ("width", "height", "original_width", "original_height")
+OPT_OUT_DIRECTIVES = ["noai", "noimageai", "noindex", "noimageindex"]
+
+
+@register_stage("download")
+@dataclass
+class DownloadStage(Stage):
+    image_size: int = 512
+    resize_mode: Literal["no", "keep_ratio", "keep_ratio_largest", "center_crop", "border"] = (
+        "keep_ratio_largest"
+    )
+    resize_only_if_bigger: bool = True
+    encode_format: Literal["jpg", "png", "webp"] = "jpg"
+    encode_quality: int = 95
+    processes_count: int | None = None  # multiprocessing distributor; None: one per CPU
+    thread_count: int = 32
+    timeout: float = 10.0
+    retries: int = 0
+    number_sample_per_shard: int = 10_000
+    user_agent_token: str = "curate"
+    disallowed_header_directives: list[str] = field(
+        default_factory=lambda: list(OPT_OUT_DIRECTIVES)
+    )
+    respect_robots_txt: bool = True
+    allow_private_networks: bool = False
+    blur_faces: bool = True  # when the ledger has face_bboxes (DataComp metadata)
+    max_bytes: int = 32 * 1024 * 1024
+    max_image_pixels: int = DEFAULT_MAX_PIXELS
+
+    runs_on_cluster: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        for name in ("image_size", "thread_count", "number_sample_per_shard", "max_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+        if self.timeout <= 0:
+            raise ValueError("timeout must be positive")
+        if self.retries < 0:
+            raise ValueError("retries must be 0 or more")
+        if self.processes_count is not None and self.processes_count < 1:
+            raise ValueError("processes_count must be at least 1")
+        if self.encode_format == "png" and not 0 <= self.encode_quality <= 9:
+            raise ValueError("for png, encode_quality is the compression level, 0 to 9")
+        if self.encode_format != "png" and not 0 <= self.encode_quality <= 100:
+            raise ValueError("encode_quality must be 0 to 100")
+
+    def columns_after(self, columns: set[str]) -> set[str]:
+        if "url" not in columns:
+            raise ConfigError(f"stage {self.name}: needs a url column")
+        return columns | set(RESULT_COLUMNS)
+
+    def run(self, ctx: StageContext) -> int:
+        images = ctx.run_dir / IMAGES_DIR
+        todo, bbox = self._url_list(ctx.input_files)
+        self._prepare(images, todo)
+        if todo.num_rows:
+            with _quiet(not ctx.verbose):
+                self._download(todo, bbox, images, ctx)
+        results = read_results(images) if todo.num_rows else None
+        counts: dict[str, int] = {}
+        for path in ctx.input_files:
+            ledger = _join(pq.read_table(path), results, self.name, counts)
+            pq.write_table(ledger, ctx.out_dir / path.name)
+        attempted = sum(counts.values())
+        ctx.counters.update(
+            attempted=attempted,
+            success=counts.get(SUCCESS, 0),
+            success_rate=round(counts.get(SUCCESS, 0) / attempted, 4) if attempted else None,
+            failures={k: v for k, v in sorted(counts.items()) if k != SUCCESS},
+        )
+        return sum(pq.ParquetFile(ctx.out_dir / p.name).metadata.num_rows for p in ctx.input_files)
+
+    def _url_list(self, files: list) -> tuple[pa.Table, str | None]:
+        """uid, url (and face boxes) of the rows still alive, in ledger order."""
+        schema = pq.read_schema(files[0]) if files else pa.schema([])
+        bbox = "face_bboxes" if self.blur_faces and "face_bboxes" in schema.names else None
+        columns = ["uid", "url", "keep"] + ([bbox] if bbox else [])
+        parts = [pq.read_table(f, columns=columns) for f in files]
+        table = pa.concat_tables(parts) if parts else pa.table({c: [] for c in columns})
+        alive = pc.and_(pc.fill_null(table["keep"], False), pc.is_valid(table["url"]))
+        return table.filter(alive).drop_columns(["keep"]), bbox
+
+    def _prepare(self, images: Path, todo: pa.Table) -> None:
+        """Keep finished shards only if they were made from this url list with these settings."""
+        digest = hashlib.sha256(json.dumps(self._download_params(), sort_keys=True).encode())
+        for column in ("uid", "url"):
+            for chunk in todo[column].chunks:
+                for buf in chunk.buffers():
+                    if buf is not None:
+                        digest.update(buf)
+        stamp = images / "_params.json"
+        expected = json.dumps({"digest": digest.hexdigest(), **self._download_params()})
+        if not (stamp.exists() and stamp.read_text() == expected):
+            shutil.rmtree(images, ignore_errors=True)
+            images.mkdir(parents=True)
+            stamp.write_text(expected)
+
+    def _download_params(self) -> dict:
+        skip = ("processes_count", "thread_count")  # how fast, not what: resume across them
+        return {k: v for k, v in self.__dict__.items() if k not in skip and k != "name"}
+
+    def _download(self, todo: pa.Table, bbox: str | None, images: Path, ctx: StageContext) -> None:
+        from img2dataset.reader import Reader
+        from img2dataset.writer import ParquetSampleWriter
+
+        from curate.crawler import CheckedResizer, CrawlPolicy, PoliteDownloader
+
+        urls_file = images / "_urls.parquet"
+        pq.write_table(todo, urls_file)
+        robots_file = None
+        if self.respect_robots_txt:
+            robots_file = images / "_robots.json"
+            opener = guarded_opener(self.allow_private_networks, self.max_bytes, self.timeout)
+            texts = robots.prefetch(
+                todo["url"].to_pylist(), opener, self.timeout, self.user_agent_token
+            )
+            robots_file.write_text(json.dumps(texts))
+        policy = CrawlPolicy(
+            allow_private_networks=self.allow_private_networks,
+            max_bytes=self.max_bytes,
+            timeout=self.timeout,
+            agent=self.user_agent_token,
+            robots_file=str(robots_file) if robots_file else None,
+        )
+        done = {int(p.name.split("_")[0]) for p in images.glob("*_stats.json")}
+        tmp = images / "_tmp"
+        tmp.mkdir(exist_ok=True)
+        extra = ["uid"] + ([bbox] if bbox else [])
+        reader = Reader(
+            str(urls_file), "parquet", "url", None, None, None, extra,
+            self.number_sample_per_shard, done, str(tmp),
+        )  # fmt: skip
+        resizer = CheckedResizer(
+            image_size=self.image_size,
+            resize_mode=self.resize_mode,
+            resize_only_if_bigger=self.resize_only_if_bigger,
+            encode_format=self.encode_format,
+            encode_quality=self.encode_quality,
+            blurrer=_blurrer() if bbox else None,
+            max_pixels=self.max_image_pixels,
+        )
+        downloader = PoliteDownloader(
+            policy,
+            sample_writer_class=ParquetSampleWriter,
+            resizer=resizer,
+            thread_count=self.thread_count,
+            save_caption=False,
+            extract_exif=False,
+            output_folder=str(images),
+            column_list=reader.column_list,
+            timeout=self.timeout,
+            number_sample_per_shard=self.number_sample_per_shard,
+            oom_shard_count=5,
+            compute_hash="sha256",
+            verify_hash_type=None,
+            encode_format=self.encode_format,
+            retries=self.retries,
+            user_agent_token=self.user_agent_token,
+            disallowed_header_directives=self.disallowed_header_directives or None,
+            blurring_bbox_col=bbox,
+        )
+        total = -(-todo.num_rows // self.number_sample_per_shard)
+        with _progress(images, total, len(done), enabled=ctx.verbose or sys.stderr.isatty()):
+            if ctx.engine == "ray":
+                from img2dataset.distributor import ray_distributor
+
+                ray_distributor(None, downloader, reader, None, 1)
+            else:
+                from img2dataset.distributor import multiprocessing_distributor
+
+                processes = self.processes_count or os.cpu_count() or 1
+                multiprocessing_distributor(processes, downloader, reader, None, 1)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _blurrer():
+    from img2dataset.blurrer import BoundingBoxBlurrer
+
+    return BoundingBoxBlurrer()
+
+
+def read_results(images: Path) -> pa.Table:
+    """img2dataset's per-row results (no image bytes) from every finished shard."""
+    files = sorted(p for p in images.glob("*.parquet") if not p.name.startswith("_"))
+    parts = [pq.read_table(f, columns=list(RESULT_COLUMNS)) for f in files]
+    if not parts:
+        return pa.table({c: pa.array([], pa.string()) for c in RESULT_COLUMNS})
+    return pa.concat_tables(parts, promote_options="permissive")
+
+
+def _join(ledger: pa.Table, results: pa.Table | None, stage: str, counts: dict) -> pa.Table:
+    """Write download results onto a ledger file's alive rows; failures become drops."""
+    alive = pa.array(alive_mask(ledger))
+    n = ledger.num_rows
+    if results is not None and results.num_rows:
+        index = pc.index_in(ledger["uid"], value_set=results["uid"])
+        found = results.take(index)
+    else:
+        found = pa.table({c: pa.nulls(n, pa.string()) for c in RESULT_COLUMNS})
+    raw_status = found["status"].to_pylist()
+    messages = found["error_message"].to_pylist()
+    urls = ledger["url"].to_pylist()
+    status, errors = [], []
+    for is_alive, url, st, msg in zip(alive.to_pylist(), urls, raw_status, messages):
+        if not is_alive:
+            status.append(None)
+            errors.append(None)
+            continue
+        if url is None:
+            kind, msg = "invalid_url", "url is null"
+        elif st is None:
+            kind, msg = "failed", "no result from img2dataset (its shard failed)"
+        else:
+            kind = failure_kind(st, msg)
+        counts[kind] = counts.get(kind, 0) + 1
+        status.append(kind)
+        errors.append(None if kind == SUCCESS else msg)
+    status_arr = pa.array(status, pa.string())
+    ledger = set_column(ledger, "status", status_arr)
+    ledger = set_column(ledger, "error_message", pa.array(errors, pa.string()))
+    for column in (*SIZE_COLUMNS, "sha256"):
+        new = found[column]
+        if column in ledger.column_names:  # DataComp metadata has sizes: keep them for dead rows
+            new = pc.if_else(alive, new.cast(ledger[column].type), ledger[column])
+        ledger = set_column(ledger, column, new)
+    failed = pc.and_(alive, pc.not_equal(status_arr, SUCCESS))
+    ledger = set_column(ledger, "keep", pc.and_(alive, pc.invert(failed)))
+    dropped = pc.if_else(failed, pa.scalar(stage), ledger["dropped_by"])
+    return set_column(ledger, "dropped_by", dropped)
+
+
+@contextlib.contextmanager
+def _quiet(enabled: bool):
+    """img2dataset prints per-shard chatter; keep it out of the user's terminal."""
+    if not enabled:
+        yield
+        return
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        yield
+
+
+@contextlib.contextmanager
+def _progress(images: Path, total: int, already: int, enabled: bool):
+    """Shards done / total on stderr every few seconds, from img2dataset's stats files."""
+    if not enabled:
+        yield
+        return
+    stop = threading.Event()
+    out = sys.__stderr__
+
+    def report() -> None:
+        while not stop.wait(2.0):
+            done = len(list(images.glob("*_stats.json")))
+            print(f"\r  download: {done}/{total} shards ({already} done earlier)", end="", file=out)
+
+    thread = threading.Thread(target=report, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        print(file=out)
