@@ -162,11 +162,13 @@ class DownloadStage(Stage):
 
         from curate.crawler import CheckedResizer, CrawlPolicy, PoliteDownloader
 
-        urls_file = images / "_urls.parquet"
+        work = images / "_work"  # outside the *.parquet glob of the image shards
+        work.mkdir(exist_ok=True)
+        urls_file = work / "urls.parquet"
         pq.write_table(todo, urls_file)
         robots_file = None
         if self.respect_robots_txt:
-            robots_file = images / "_robots.json"
+            robots_file = work / "robots.json"
             opener = guarded_opener(self.allow_private_networks, self.max_bytes, self.timeout)
             texts = robots.prefetch(
                 todo["url"].to_pylist(), opener, self.timeout, self.user_agent_token
@@ -180,7 +182,7 @@ class DownloadStage(Stage):
             robots_file=str(robots_file) if robots_file else None,
         )
         done = {int(p.name.split("_")[0]) for p in images.glob("*_stats.json")}
-        tmp = images / "_tmp"
+        tmp = work / "tmp"
         tmp.mkdir(exist_ok=True)
         extra = ["uid"] + ([bbox] if bbox else [])
         reader = Reader(
@@ -236,10 +238,14 @@ def _blurrer():
     return BoundingBoxBlurrer()
 
 
+def image_shards(images: Path) -> list[Path]:
+    """The Parquet files of a download's images folder (uid, image bytes, sizes, sha256)."""
+    return sorted(images.glob("*.parquet"))
+
+
 def read_results(images: Path) -> pa.Table:
     """img2dataset's per-row results (no image bytes) from every finished shard."""
-    files = sorted(p for p in images.glob("*.parquet") if not p.name.startswith("_"))
-    parts = [pq.read_table(f, columns=list(RESULT_COLUMNS)) for f in files]
+    parts = [pq.read_table(f, columns=list(RESULT_COLUMNS)) for f in image_shards(images)]
     if not parts:
         return pa.table({c: pa.array([], pa.string()) for c in RESULT_COLUMNS})
     return pa.concat_tables(parts, promote_options="permissive")

@@ -1,0 +1,408 @@
+"""The download stage: real img2dataset, a real HTTP server on 127.0.0.1, every bad case a row.
+
+Traffic goes to 127.0.0.1 only. Other address ranges are tested through the
+pure decision function, without a request.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from curate import netguard
+from curate.download_errors import failure_kind
+from curate.image_guard import image_problem
+from curate.recipe import recipe_from_data
+from curate.robots import RobotsRules
+from curate.runner import run_recipe
+from curate.serve import LoopbackServer, Rule
+from curate.stages.download import image_shards
+
+CAPTION = "a photo of a red square on a white background"
+
+
+def encode(im: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def png_declaring(width: int, height: int) -> bytes:
+    """A small PNG whose header declares ``width`` × ``height`` (a decompression bomb)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    rows = zlib.compress(b"\x00" * (width + 1) * 4)
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", rows) + chunk(b"IEND", b"")
+    )
+
+
+def noise(height: int, width: int, seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray((rng.random((height, width, 3)) * 255).astype("uint8"))
+
+
+def hostile_site(root: Path) -> dict[str, bytes]:
+    """Bodies by url path: good images in every odd encoding, and every kind of broken one."""
+    y, x = np.mgrid[0:300, 0:400]
+    rgb = Image.fromarray(
+        np.stack([x * 255 // 400, y * 255 // 300, (x + y) % 256], -1).astype("uint8")
+    )
+    jpeg = encode(rgb, "JPEG")
+    png = encode(rgb, "PNG")
+    bodies = {
+        "/ok.jpg": jpeg,
+        "/cmyk.jpg": encode(rgb.convert("CMYK"), "JPEG"),
+        "/gray.jpg": encode(rgb.convert("L"), "JPEG"),
+        "/png16.png": encode(
+            Image.fromarray((np.random.default_rng(1).random((300, 400)) * 65535).astype("uint16")),
+            "PNG",
+        ),
+        "/rgba.png": encode(rgb.convert("RGBA"), "PNG"),
+        "/la.png": encode(rgb.convert("LA"), "PNG"),
+        "/palette.png": encode(rgb.convert("P"), "PNG"),
+        "/anim.gif": encode(
+            rgb.convert("P"), "GIF", save_all=True, append_images=[rgb.rotate(90).convert("P")]
+        ),
+        "/anim.webp": encode(rgb, "WEBP", save_all=True, append_images=[rgb.rotate(90)]),
+        "/truncated.jpg": jpeg[: len(jpeg) * 9 // 10],
+        "/truncated.png": png[: len(png) // 2],
+        "/empty.jpg": b"",
+        "/page.jpg": b"<!DOCTYPE html><html><body>Not found</body></html>",
+        "/garbage.jpg": np.random.default_rng(2).bytes(5000),
+        "/bomb.png": png_declaring(30_000, 30_000),
+        "/big.jpg": encode(noise(900, 900, seed=3), "JPEG", quality=100),  # > max_bytes below
+        "/optout.jpg": jpeg,
+        "/optout_token.jpg": jpeg,
+        "/optout_other_bot.jpg": jpeg,
+        "/e500.jpg": jpeg,
+        "/stall.jpg": jpeg,
+        "/redirected.jpg": jpeg,
+        "/private/secret.jpg": jpeg,
+        "/face.jpg": encode(noise(300, 400, seed=4), "JPEG", quality=95),
+    }
+    for path, body in bodies.items():
+        (root / path.lstrip("/")).parent.mkdir(parents=True, exist_ok=True)
+        (root / path.lstrip("/")).write_bytes(body)
+    (root / "robots.txt").write_text("User-agent: curate\nDisallow: /private/\n")
+    return bodies
+
+
+SITE_RULES = {
+    "/optout.jpg": Rule(headers={"X-Robots-Tag": "noai"}),
+    "/optout_token.jpg": Rule(headers={"X-Robots-Tag": "curate: noimageai, nofollow"}),
+    "/optout_other_bot.jpg": Rule(headers={"X-Robots-Tag": "otherbot: noai"}),
+    "/e500.jpg": Rule(status=500),
+    "/stall.jpg": Rule(delay=4.0),
+    "/redirect.jpg": Rule(redirect="/redirected.jpg"),
+}
+
+EXPECTED = {
+    "/ok.jpg": "success",
+    "/cmyk.jpg": "success",
+    "/gray.jpg": "success",
+    "/png16.png": "success",
+    "/rgba.png": "success",
+    "/la.png": "success",
+    "/palette.png": "success",
+    "/anim.gif": "success",
+    "/anim.webp": "success",
+    "/optout_other_bot.jpg": "success",
+    "/redirect.jpg": "success",
+    "/face.jpg": "success",
+    "/truncated.jpg": "decode",
+    "/truncated.png": "decode",
+    "/empty.jpg": "decode",
+    "/page.jpg": "decode",
+    "/garbage.jpg": "decode",
+    "/bomb.png": "too_large",
+    "/big.jpg": "too_large",
+    "/optout.jpg": "opt_out",
+    "/optout_token.jpg": "opt_out",
+    "/e500.jpg": "http_500",
+    "/missing.jpg": "http_404",
+    "/stall.jpg": "timeout",
+    "/private/secret.jpg": "robots",
+}
+FACE_BOX = [0.25, 0.25, 0.75, 0.75]
+
+
+def download_recipe(**download):
+    return recipe_from_data(
+        {
+            "name": "download_test",
+            "stages": [
+                {"stage": "ingest"},
+                {"stage": "download", "allow_private_networks": True, **download},
+            ],
+        },
+        {},
+        "test",
+    )
+
+
+@pytest.fixture(scope="module")
+def hostile_run(tmp_path_factory):
+    """One download of the hostile site (local engine, two processes); the server's log."""
+    root = tmp_path_factory.mktemp("site")
+    hostile_site(root)
+    work = tmp_path_factory.mktemp("hostile_run")
+    with LoopbackServer(root, SITE_RULES) as server:
+        urls = [server.base_url + path for path in EXPECTED]
+        urls += ["file:///etc/passwd", "ftp://127.0.0.1/x.jpg", "not a url", None]
+        boxes = [[FACE_BOX] if url and url.endswith("/face.jpg") else None for url in urls]
+        pq.write_table(
+            pa.table(
+                {
+                    "url": urls,
+                    "caption": [f"{CAPTION} {i}" for i in range(len(urls))],
+                    "face_bboxes": pa.array(boxes, pa.list_(pa.list_(pa.float64()))),
+                }
+            ),
+            work / "urls.parquet",
+        )
+        recipe = download_recipe(timeout=1.0, max_bytes=400_000, processes_count=2)
+        started = time.perf_counter()
+        run_recipe(recipe, work / "urls.parquet", work / "run", engine="local")
+        seconds = time.perf_counter() - started
+        requests = list(server.requests)
+    ledger = pq.read_table(work / "run" / "ledger").to_pylist()
+    return {
+        "ledger": ledger,
+        "by_url": {r["url"]: r for r in ledger},
+        "base": server.base_url,
+        "requests": requests,
+        "run": work / "run",
+        "seconds": seconds,
+    }
+
+
+def test_every_bad_case_is_a_row_with_its_reason(hostile_run):
+    by_url, base = hostile_run["by_url"], hostile_run["base"]
+    got = {path: by_url[base + path]["status"] for path in EXPECTED}
+    assert got == EXPECTED
+    for row in hostile_run["ledger"]:
+        assert row["keep"] == (row["status"] == "success")
+        assert row["dropped_by"] == (None if row["keep"] else "download")
+        assert (row["error_message"] is None) == row["keep"]
+
+
+def test_urls_that_are_not_http_are_refused_without_a_request(hostile_run):
+    by_url = hostile_run["by_url"]
+    assert by_url["file:///etc/passwd"]["status"] == "blocked"
+    assert by_url["ftp://127.0.0.1/x.jpg"]["status"] == "blocked"
+    assert by_url["not a url"]["status"] == "invalid_url"
+    (null_row,) = [r for r in hostile_run["ledger"] if r["url"] is None]
+    assert null_row["status"] == "invalid_url" and not null_row["keep"]
+
+
+def test_decoded_images_have_sizes_hashes_and_bytes_beside_the_ledger(hostile_run):
+    base, run = hostile_run["base"], hostile_run["run"]
+    ok = hostile_run["by_url"][base + "/ok.jpg"]
+    assert (ok["original_width"], ok["original_height"]) == (400, 300)
+    assert (ok["width"], ok["height"]) == (400, 300)  # resize_only_if_bigger, 512 default
+    assert len(ok["sha256"]) == 64
+    images = pq.read_table(image_shards(run / "images"), columns=["uid", "jpg"]).to_pylist()
+    stored = {r["uid"]: r["jpg"] for r in images if r["jpg"] is not None}
+    successes = [r for r in hostile_run["ledger"] if r["status"] == "success"]
+    assert {r["uid"] for r in successes} == set(stored)
+    for row in successes:
+        decoded = Image.open(io.BytesIO(stored[row["uid"]]))
+        assert decoded.size == (row["width"], row["height"])
+        # 8-bit JPEG: CMYK, alpha, palette and animations become RGB, greyscale stays L.
+        assert decoded.format == "JPEG" and decoded.mode in ("RGB", "L")
+    ledger_columns = pq.read_schema(next((run / "ledger").glob("*.parquet"))).names
+    assert "jpg" not in ledger_columns
+
+
+def test_robots_txt_is_fetched_once_and_disallowed_paths_never_requested(hostile_run):
+    paths = [path for _, path, _ in hostile_run["requests"]]
+    assert paths.count("/robots.txt") == 1  # two download processes, one fetch
+    assert "/private/secret.jpg" not in paths
+    agents = {agent for _, _, agent in hostile_run["requests"]}
+    assert all("curate" in agent for agent in agents)  # identifiable, robots.txt included
+
+
+def test_a_stalled_server_costs_its_timeout_not_the_run(hostile_run):
+    row = hostile_run["by_url"][hostile_run["base"] + "/stall.jpg"]
+    assert row["status"] == "timeout"
+    assert "timed out" in row["error_message"]
+
+
+def test_faces_are_blurred_when_the_input_has_face_boxes(hostile_run, tmp_path):
+    run = hostile_run["run"]
+    face = hostile_run["by_url"][hostile_run["base"] + "/face.jpg"]
+    images = pq.read_table(image_shards(run / "images"), columns=["uid", "jpg"]).to_pylist()
+    stored = next(r["jpg"] for r in images if r["uid"] == face["uid"])
+    pixels = np.asarray(Image.open(io.BytesIO(stored)).convert("L"), dtype=float)
+    h, w = pixels.shape
+    inside = pixels[int(h * 0.35) : int(h * 0.65), int(w * 0.35) : int(w * 0.65)]
+    outside = pixels[: int(h * 0.15), : int(w * 0.15)]
+    # Noise keeps its variance outside the box; the blur flattens it inside.
+    assert inside.std() < outside.std() / 3
+
+
+def test_the_manifest_counts_failures_by_kind(hostile_run):
+    import json
+
+    manifest = json.loads(
+        next((hostile_run["run"] / "stages").glob("*_download/_SUCCESS")).read_text()
+    )
+    counters = manifest["counters"]
+    assert counters["attempted"] == len(hostile_run["ledger"])
+    assert counters["success"] == sum(1 for v in EXPECTED.values() if v == "success")
+    assert counters["failures"]["decode"] == 5
+    assert counters["failures"]["blocked"] == 2
+    assert counters["success"] + sum(counters["failures"].values()) == counters["attempted"]
+
+
+def test_loopback_urls_are_never_requested_while_private_networks_are_blocked(tmp_path):
+    root = tmp_path / "site"
+    root.mkdir()
+    (root / "a.jpg").write_bytes(encode(noise(300, 300), "JPEG"))
+    with LoopbackServer(root) as server:
+        urls = [f"{server.base_url}/a.jpg", f"http://localhost:{server.port}/a.jpg"]
+        pq.write_table(
+            pa.table({"url": urls, "caption": [CAPTION, CAPTION]}), tmp_path / "u.parquet"
+        )
+        recipe = download_recipe(allow_private_networks=False, processes_count=1)
+        run_recipe(recipe, tmp_path / "u.parquet", tmp_path / "run", engine="local")
+        assert server.requests == []  # not the image, not even robots.txt
+    ledger = pq.read_table(tmp_path / "run" / "ledger").to_pylist()
+    assert [r["status"] for r in ledger] == ["blocked", "blocked"]
+    assert "loopback" in ledger[0]["error_message"]
+
+
+@pytest.mark.parametrize(
+    ("ip", "reason"),
+    [
+        ("10.1.2.3", "private"),
+        ("172.16.0.1", "private"),
+        ("192.168.1.1", "private"),
+        ("127.0.0.1", "loopback"),
+        ("127.255.0.9", "loopback"),
+        ("169.254.169.254", "link-local"),  # the cloud metadata endpoint
+        ("0.0.0.0", "unspecified"),
+        ("224.0.0.1", "multicast"),
+        ("239.255.255.250", "multicast"),
+        ("100.64.0.1", "non-public"),  # carrier-grade NAT
+        ("192.0.2.1", "private"),  # documentation range
+        ("::1", "loopback"),
+        ("fe80::1%eth0", "link-local"),
+        ("fc00::1", "private"),
+        ("ff02::1", "multicast"),
+        ("::ffff:10.0.0.1", "private"),  # IPv4-mapped
+        ("::ffff:169.254.169.254", "link-local"),
+        ("8.8.8.8", None),
+        ("1.1.1.1", None),
+        ("2606:4700:4700::1111", None),
+    ],
+)
+def test_address_decision_for_every_range(ip, reason):
+    assert netguard.address_block_reason(ip) == reason
+
+
+def test_a_redirect_to_a_blocked_address_is_refused_before_connecting(tmp_path, monkeypatch):
+    (tmp_path / "secret.jpg").write_bytes(b"secret")
+    decisions = iter([None])  # the first connection is "public", every later one private
+
+    def decide(ip: str) -> str | None:
+        return next(decisions, "private")
+
+    monkeypatch.setattr(netguard, "address_block_reason", decide)
+    rules = {"/start.jpg": Rule(redirect="/secret.jpg")}
+    with LoopbackServer(tmp_path, rules) as server:
+        opener = netguard.guarded_opener(allow_private=False, max_bytes=10_000, timeout=2)
+        with pytest.raises(OSError, match="blocked:"):
+            opener.open(server.base_url + "/start.jpg", timeout=2)
+        assert server.paths_requested() == ["/start.jpg"]
+
+
+def test_a_body_that_trickles_past_the_timeout_is_cut(tmp_path):
+    class Trickle:
+        def __init__(self):
+            self.headers = {}
+
+        def read(self, amt):
+            time.sleep(0.3)
+            return b"x" * 10
+
+        def close(self):
+            pass
+
+    body = netguard._BoundedBody(Trickle(), max_bytes=10_000, timeout=1.0)
+    started = time.perf_counter()
+    with pytest.raises(OSError, match="timed out"):
+        body.read()
+    assert time.perf_counter() - started < 2.0
+
+
+def test_robots_rules_follow_rfc_9309_answers():
+    rules = RobotsRules(
+        "curate",
+        {
+            "http://a.test": "User-agent: curate\nDisallow: /no/\n\nUser-agent: *\nDisallow: /",
+            "http://b.test": "allow-all",
+            "http://c.test": "disallow-all",
+        },
+        fetch_opener=None,
+        timeout=1,
+    )
+    assert rules.allowed("http://a.test/yes.jpg")
+    assert not rules.allowed("http://a.test/no/x.jpg")
+    assert rules.allowed("http://b.test/anything.jpg")
+    assert not rules.allowed("http://c.test/x.jpg")
+
+
+@pytest.mark.parametrize(
+    ("status", "message", "kind"),
+    [
+        ("success", None, "success"),
+        ("failed_to_download", "HTTP Error 404: Not Found", "http_404"),
+        ("failed_to_download", "<urlopen error [Errno -2] Name or service not known>", "dns"),
+        ("failed_to_download", "<urlopen error timed out>", "timeout"),
+        ("failed_to_download", "The read operation timed out", "timeout"),
+        ("failed_to_download", "<urlopen error [Errno 111] Connection refused>", "connection"),
+        ("failed_to_download", "Remote end closed connection without response", "connection"),
+        ("failed_to_download", "Use of image disallowed by X-Robots-Tag directive", "opt_out"),
+        (
+            "failed_to_download",
+            "<urlopen error blocked: x resolves to a private address>",
+            "blocked",
+        ),
+        (
+            "failed_to_download",
+            "<urlopen error robots.txt disallows http://x/ for curate>",
+            "robots",
+        ),
+        ("failed_to_download", "unknown url type: 'not a url'", "invalid_url"),
+        ("failed_to_resize", "Image decoding error", "decode"),
+        ("failed_to_resize", "too large: declared size 30000x30000", "too_large"),
+        ("failed_to_resize", "some new OpenCV complaint", "decode"),
+        ("failed_to_download", "something nobody has seen", "failed"),
+    ],
+)
+def test_failure_kinds(status, message, kind):
+    assert failure_kind(status, message) == kind
+
+
+def test_image_problem_reads_headers_only():
+    assert image_problem(b"", 10**8).startswith("decode: empty")
+    assert "HTML" in image_problem(b"  <html><body></body></html>", 10**8)
+    assert image_problem(png_declaring(20_000, 20_000), 10**8).startswith("too large")
+    assert image_problem(png_declaring(200, 200), 10**8) is None
+    assert image_problem(png_declaring(200, 200), 100).startswith("too large")
