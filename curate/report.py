@@ -56,6 +56,48 @@ def funnel(run_dir: Path, order: list[str]) -> dict:
     return {"rows_in": rows_in, "rows_out": kept, "dropped": ordered, "funnel": steps}
 
 
+def download_summary(run_dir: Path) -> dict | None:
+    """Success rate and failures by kind, with one example message each (None: no download)."""
+    con = duckdb.connect()
+    source = "read_parquet(?, union_by_name = true)"
+    names = {
+        r[0]
+        for r in con.execute(f"DESCRIBE SELECT * FROM {source}", [ledger_glob(run_dir)]).fetchall()
+    }
+    if "status" not in names:
+        return None
+    rows = con.execute(
+        f"SELECT status, count(*), min(error_message) FROM {source} "
+        "WHERE status IS NOT NULL GROUP BY status ORDER BY count(*) DESC, status",
+        [ledger_glob(run_dir)],
+    ).fetchall()
+    attempted = sum(n for _, n, _ in rows)
+    success = sum(n for kind, n, _ in rows if kind == "success")
+    return {
+        "attempted": attempted,
+        "success": success,
+        "success_rate": round(success / attempted, 4) if attempted else None,
+        "failures": {kind: n for kind, n, _ in rows if kind != "success"},
+        "examples": {kind: message for kind, _, message in rows if kind != "success"},
+    }
+
+
+def download_table(summary: dict) -> str:
+    """The download's failures by kind as Markdown, most frequent first."""
+    n = max(summary["attempted"], 1)
+    lines = [
+        f"{summary['success']:,} of {summary['attempted']:,} images downloaded "
+        f"({100 * summary['success'] / n:.1f} %).",
+        "",
+        "| failure | rows | % of attempted | example |",
+        "| --- | ---: | ---: | --- |",
+    ]
+    for kind, count in summary["failures"].items():
+        example = (summary["examples"].get(kind) or "").replace("|", "\\|")[:120]
+        lines.append(f"| {kind} | {count:,} | {100 * count / n:.1f} | {example} |")
+    return "\n".join(lines)
+
+
 def funnel_table(summary: dict) -> str:
     """The funnel as a Markdown table (also what the CLI prints)."""
     n = max(summary["rows_in"], 1)
@@ -75,10 +117,12 @@ def funnel_table(summary: dict) -> str:
 def write_report(recipe: Recipe, result: RunResult) -> dict:
     """Write report.json and report.md into the run folder; return the report."""
     summary = funnel(result.run_dir, drop_order(recipe))
+    download = download_summary(result.run_dir)
     report = {
         "recipe": recipe.name,
         "source": recipe.source,
         **summary,
+        "download": download,
         "stages": [asdict(s) for s in result.stages],
         "total_seconds": round(sum(s.seconds for s in result.stages if not s.skipped), 3),
     }
@@ -101,6 +145,7 @@ def write_report(recipe: Recipe, result: RunResult) -> dict:
         "",
         funnel_table(summary),
         "",
+        *(["## Download", "", download_table(download), ""] if download else []),
         "## Stages",
         "",
         *stage_lines,

@@ -7,7 +7,11 @@ pure decision function, without a request.
 from __future__ import annotations
 
 import io
+import os
+import signal
 import struct
+import subprocess
+import sys
 import time
 import zlib
 from pathlib import Path
@@ -21,7 +25,8 @@ from PIL import Image
 from curate import netguard
 from curate.download_errors import failure_kind
 from curate.image_guard import image_problem
-from curate.recipe import recipe_from_data
+from curate.recipe import load_recipe, recipe_from_data
+from curate.report import write_report
 from curate.robots import RobotsRules
 from curate.runner import run_recipe
 from curate.serve import LoopbackServer, Rule
@@ -177,7 +182,7 @@ def hostile_run(tmp_path_factory):
         )
         recipe = download_recipe(timeout=1.0, max_bytes=400_000, processes_count=2)
         started = time.perf_counter()
-        run_recipe(recipe, work / "urls.parquet", work / "run", engine="local")
+        result = run_recipe(recipe, work / "urls.parquet", work / "run", engine="local")
         seconds = time.perf_counter() - started
         requests = list(server.requests)
     ledger = pq.read_table(work / "run" / "ledger").to_pylist()
@@ -188,6 +193,7 @@ def hostile_run(tmp_path_factory):
         "requests": requests,
         "run": work / "run",
         "seconds": seconds,
+        "report": write_report(recipe, result),
     }
 
 
@@ -268,6 +274,17 @@ def test_the_manifest_counts_failures_by_kind(hostile_run):
     assert counters["failures"]["decode"] == 5
     assert counters["failures"]["blocked"] == 2
     assert counters["success"] + sum(counters["failures"].values()) == counters["attempted"]
+
+
+def test_the_report_gives_the_success_rate_and_failures_by_kind(hostile_run):
+    download = hostile_run["report"]["download"]
+    statuses = [r["status"] for r in hostile_run["ledger"]]
+    assert download["attempted"] == len(statuses)
+    assert download["success"] == statuses.count("success")
+    assert download["success_rate"] == round(statuses.count("success") / len(statuses), 4)
+    assert download["failures"] == {k: statuses.count(k) for k in set(statuses) - {"success"}}
+    md = (hostile_run["run"] / "report.md").read_text()
+    assert "## Download" in md and "| timeout | 1 |" in md and "| robots | 1 |" in md
 
 
 def test_loopback_urls_are_never_requested_while_private_networks_are_blocked(tmp_path):
@@ -406,3 +423,38 @@ def test_image_problem_reads_headers_only():
     assert image_problem(png_declaring(20_000, 20_000), 10**8).startswith("too large")
     assert image_problem(png_declaring(200, 200), 10**8) is None
     assert image_problem(png_declaring(200, 200), 100).startswith("too large")
+
+
+def test_a_killed_download_resumes_without_refetching_finished_shards(tmp_path):
+    root = tmp_path / "site"
+    root.mkdir()
+    for i in range(30):
+        (root / f"{i}.jpg").write_bytes(encode(noise(240, 240, seed=i), "JPEG"))
+    slow = {f"/{i}.jpg": Rule(delay=3.0) for i in range(20, 30)}  # the last shard is slow
+    (tmp_path / "recipe.yaml").write_text(
+        "name: resume\nstages:\n  - stage: ingest\n  - stage: download\n"
+        "    allow_private_networks: true\n    number_sample_per_shard: 10\n"
+        "    processes_count: 1\n"
+    )
+    with LoopbackServer(root, slow) as server:
+        urls = [f"{server.base_url}/{i}.jpg" for i in range(30)]
+        pq.write_table(pa.table({"url": urls, "caption": [CAPTION] * 30}), tmp_path / "u.parquet")
+        command = [sys.executable, "-m", "curate.cli", "run", str(tmp_path / "recipe.yaml")]
+        command += ["--input", str(tmp_path / "u.parquet"), "--output", str(tmp_path / "run")]
+        proc = subprocess.Popen([*command, "--engine", "local", "--quiet"], start_new_session=True)
+        second_shard = tmp_path / "run" / "images" / "00001_stats.json"
+        deadline = time.monotonic() + 120
+        while not second_shard.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and img2dataset's processes
+        proc.wait()
+        assert second_shard.exists()
+        assert not (tmp_path / "run" / "images" / "00002_stats.json").exists()
+
+        server.requests.clear()
+        recipe = load_recipe(str(tmp_path / "recipe.yaml"))
+        run_recipe(recipe, tmp_path / "u.parquet", tmp_path / "run", engine="local")
+        fetched = sorted(p for p in server.paths_requested() if p.endswith(".jpg"))
+    assert fetched == sorted(f"/{i}.jpg" for i in range(20, 30))
+    ledger = pq.read_table(tmp_path / "run" / "ledger").to_pylist()
+    assert [r["status"] for r in ledger] == ["success"] * 30
