@@ -12,7 +12,7 @@ from curate.readers import IngestError
 
 def _run(args: argparse.Namespace) -> int:
     from curate.recipe import load_recipe
-    from curate.report import funnel_table, write_report
+    from curate.report import download_table, funnel_table, write_report
     from curate.runner import StageResult, run_recipe
 
     recipe = load_recipe(args.recipe, args.set)
@@ -51,6 +51,9 @@ def _run(args: argparse.Namespace) -> int:
     if not args.quiet:
         print()
         print(funnel_table(report))
+        if report["download"]:
+            print()
+            print(download_table(report["download"]))
         print(f"\nledger: {result.run_dir / 'ledger'}   report: {result.run_dir / 'report.md'}")
     return 0
 
@@ -59,6 +62,50 @@ def _inspect(args: argparse.Namespace) -> int:
     from curate.inspection import inspect_run
 
     print(inspect_run(Path(args.run), args.examples))
+    return 0
+
+
+def _demo_generate(args: argparse.Namespace) -> int:
+    from curate.demo import defect_counts, generate_pool, load_manifest
+
+    def show(done: int, total: int) -> None:
+        print(f"\r  images {done:,}/{total:,}", end="\n" if done == total else "", flush=True)
+
+    print(f"curate demo-pool: {args.size:,} pairs, seed {args.seed} → {args.output}", flush=True)
+    pool = generate_pool(
+        Path(args.output),
+        size=args.size,
+        seed=args.seed,
+        eval_size=args.eval_size,
+        progress=show,
+    )
+    print(f"\n{'defect':<16} {'rows':>8}")
+    for name, count in defect_counts(load_manifest(pool)).items():
+        print(f"{name:<16} {count:>8,}")
+    print(f"\nground truth: {pool / 'manifest.json'}   eval set: {pool / 'eval'}")
+    return 0
+
+
+def _demo_serve(args: argparse.Namespace) -> int:
+    import time
+
+    from curate.demo import serve_pool
+
+    server, urls = serve_pool(Path(args.pool), port=args.port)
+    print(f"serving {args.pool} at {server.base_url}  (Ctrl-C stops)")
+    print(f"url list: {urls}")
+    print(
+        f"try:     curate run pipelines/download_basic.yaml --input {urls} --output runs/demo"
+        " --set download.allow_private_networks=true",
+        flush=True,
+    )
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
     return 0
 
 
@@ -99,6 +146,19 @@ def build_parser() -> argparse.ArgumentParser:
     insp.add_argument("run", help="a run folder")
     insp.add_argument("--examples", type=int, default=3, help="examples per reason (default 3)")
     insp.set_defaults(func=_inspect)
+
+    demo = sub.add_parser("demo-pool", help="the bundled synthetic web pool: generate, serve")
+    demo_sub = demo.add_subparsers(dest="demo_command", required=True)
+    gen = demo_sub.add_parser("generate", help="write a pool with known defects and an eval set")
+    gen.add_argument("--output", required=True, help="a new folder for the pool")
+    gen.add_argument("--size", type=int, default=20_000, help="pairs (default 20000)")
+    gen.add_argument("--seed", type=int, default=0, help="same seed, same bytes (default 0)")
+    gen.add_argument("--eval-size", type=int, default=480, help="eval images (default 480)")
+    gen.set_defaults(func=_demo_generate)
+    serve = demo_sub.add_parser("serve", help="serve a pool on 127.0.0.1 and write its url list")
+    serve.add_argument("pool", help="a folder written by `curate demo-pool generate`")
+    serve.add_argument("--port", type=int, default=0, help="default: a free port")
+    serve.set_defaults(func=_demo_serve)
     return parser
 
 
@@ -106,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, IngestError, FileNotFoundError) as exc:
+    except (ConfigError, IngestError, FileNotFoundError, FileExistsError) as exc:
         print(f"curate: error: {exc}", file=sys.stderr)
         return 2
 

@@ -104,7 +104,8 @@ class LoopbackServer:
         return self
 
     def stop(self) -> None:
-        self._httpd.shutdown()
+        if self._thread is not None:  # shutdown() waits for serve_forever: forever if never started
+            self._httpd.shutdown()
         self._httpd.server_close()
 
     def __enter__(self) -> LoopbackServer:
@@ -133,6 +134,8 @@ class LoopbackServer:
                     self._answer(302, b"", {"Location": rule.redirect, **rule.headers})
                     return
                 body = rule.body if rule.body is not None else server._read(path)
+                if body is None and rule.status != 200:  # a rule's status stands without a file
+                    body = b""
                 if body is None:
                     self._answer(404, b"not found", {"Content-Type": "text/plain"})
                     return

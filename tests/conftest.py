@@ -1,13 +1,16 @@
-"""Shared fixtures: a real local Ray cluster and a pool full of bad rows."""
+"""Shared fixtures: a real local Ray cluster, a pool full of bad rows, the served demo pool."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+
+from curate.serve import LoopbackServer
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # Ray on 127.0.0.1 only
@@ -91,3 +94,29 @@ def bad_pool(tmp_path: Path) -> Path:
     path = tmp_path / "pool.parquet"
     pq.write_table(table, path)
     return path
+
+
+class ServedPool(NamedTuple):
+    """The demo pool behind a running loopback server, and its url list for that server."""
+
+    pool_dir: Path
+    server: LoopbackServer
+    urls_path: Path
+
+
+@pytest.fixture(scope="session")
+def demo_pool(tmp_path_factory) -> Path:
+    """A 500-row synthetic web pool (seed 0, 120 eval images), generated once per session."""
+    from curate.demo import generate_pool
+
+    return generate_pool(tmp_path_factory.mktemp("demo") / "pool", size=500, seed=0, eval_size=120)
+
+
+@pytest.fixture(scope="session")
+def served_pool(demo_pool: Path):
+    """``demo_pool`` served on 127.0.0.1 (``urls.parquet`` written), stopped at session end."""
+    from curate.demo import serve_pool
+
+    server, urls_path = serve_pool(demo_pool)
+    yield ServedPool(demo_pool, server, urls_path)
+    server.stop()
