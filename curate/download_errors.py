@@ -42,6 +42,8 @@ _PATTERNS = (
             "URL can't contain control",
             "Invalid URL",
             "nonnumeric port",
+            "Invalid IPv6 URL",
+            "codec can't encode",  # a non-ASCII url, which urllib cannot send
             "url is null",
         ),
     ),

@@ -407,6 +407,8 @@ def test_robots_rules_follow_rfc_9309_answers():
             "robots",
         ),
         ("failed_to_download", "unknown url type: 'not a url'", "invalid_url"),
+        ("failed_to_download", "Invalid IPv6 URL", "invalid_url"),
+        ("failed_to_download", "'ascii' codec can't encode character '\\xe4'", "invalid_url"),
         ("failed_to_resize", "Image decoding error", "decode"),
         ("failed_to_resize", "too large: declared size 30000x30000", "too_large"),
         ("failed_to_resize", "some new OpenCV complaint", "decode"),
