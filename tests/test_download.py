@@ -460,3 +460,22 @@ def test_a_killed_download_resumes_without_refetching_finished_shards(tmp_path):
     assert fetched == sorted(f"/{i}.jpg" for i in range(20, 30))
     ledger = pq.read_table(tmp_path / "run" / "ledger").to_pylist()
     assert [r["status"] for r in ledger] == ["success"] * 30
+
+
+def test_finished_image_shards_are_kept_only_for_the_same_urls_and_settings(tmp_path):
+    from curate.stages.download import DownloadStage
+
+    images = tmp_path / "images"
+    todo = pa.table({"uid": ["a" * 32, "b" * 32], "url": ["http://x.test/1", "http://x.test/2"]})
+    stage = DownloadStage(image_size=256)
+    stage._prepare(images, todo)
+    (images / "00000_stats.json").write_text("{}")  # a finished shard
+    stage._prepare(images, todo)
+    assert (images / "00000_stats.json").exists()
+    DownloadStage(image_size=256, thread_count=4)._prepare(images, todo)  # speed only: kept
+    assert (images / "00000_stats.json").exists()
+    DownloadStage(image_size=384)._prepare(images, todo)
+    assert not (images / "00000_stats.json").exists()
+    (images / "00000_stats.json").write_text("{}")
+    DownloadStage(image_size=384)._prepare(images, todo.slice(0, 1))  # another url list
+    assert not (images / "00000_stats.json").exists()

@@ -139,12 +139,9 @@ class DownloadStage(Stage):
 
     def _prepare(self, images: Path, todo: pa.Table) -> None:
         """Keep finished shards only if they were made from this url list with these settings."""
-        digest = hashlib.sha256(json.dumps(self._download_params(), sort_keys=True).encode())
-        for column in ("uid", "url"):
-            for chunk in todo[column].chunks:
-                for buf in chunk.buffers():
-                    if buf is not None:
-                        digest.update(buf)
+        digest = hashlib.sha256()
+        for uid, url in zip(todo["uid"].to_pylist(), todo["url"].to_pylist()):
+            digest.update(f"{uid}\t{url}\n".encode("utf-8", "surrogatepass"))
         stamp = images / "_params.json"
         expected = json.dumps({"digest": digest.hexdigest(), **self._download_params()})
         if not (stamp.exists() and stamp.read_text() == expected):
