@@ -30,8 +30,6 @@ import time
 import urllib.request
 from urllib.error import URLError
 
-ALLOWED_SCHEMES = ("http", "https")
-
 
 class Refused(OSError):
     """A request the policy refused before connecting."""
