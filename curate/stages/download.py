@@ -216,7 +216,7 @@ class DownloadStage(Stage):
             blurring_bbox_col=bbox,
         )
         total = -(-todo.num_rows // self.number_sample_per_shard)
-        with _progress(images, total, len(done), enabled=ctx.verbose or sys.stderr.isatty()):
+        with _progress(images, total, len(done), enabled=ctx.verbose or sys.__stderr__.isatty()):
             if ctx.engine == "ray":
                 from img2dataset.distributor import ray_distributor
 
@@ -301,7 +301,10 @@ def _quiet(enabled: bool):
 
 @contextlib.contextmanager
 def _progress(images: Path, total: int, already: int, enabled: bool):
-    """Shards done / total on stderr every few seconds, from img2dataset's stats files."""
+    """Shards done / total on stderr every few seconds, from img2dataset's stats files.
+
+    It writes to the real stderr: ``_quiet`` has swapped ``sys.stderr`` for a buffer.
+    """
     if not enabled:
         yield
         return
