@@ -34,6 +34,7 @@ class FitContext:
     ledger_files: list[Path]  # the stage's input ledger (Parquet)
     stats_dir: Path  # an empty folder owned by this operator
     seed: int = 0
+    run_dir: Path | None = None  # the run folder (embeddings/ and images/ sit there)
 
 
 class Operator:

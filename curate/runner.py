@@ -321,6 +321,9 @@ def run_recipe(
     # A stage that re-runs invalidates everything after it, whatever is on disk.
     for i in range(1, len(done)):
         done[i] = done[i] and done[i - 1]
+    for stage, skip in zip(recipe.stages, done):
+        if not skip:
+            stage.preflight()
     needs_ray = engine == "ray" and any(
         s.runs_on_cluster and not d for s, d in zip(recipe.stages, done)
     )
@@ -354,6 +357,7 @@ def run_recipe(
                     input_path=Path(input_path),
                     verbose=verbose,
                     engine=mapper.name,
+                    ingest_dir=stage_dirs[0],
                 )
                 result = _run_stage(stage, ctx, stage_dir, digest, mapper)
             results.append(result)

@@ -32,6 +32,8 @@ LEDGER_SCHEMA = pa.schema(
         pa.field("n_words", pa.int32()),
         pa.field("text_count", pa.int32()),
         pa.field("clip_score", pa.float32()),
+        # Why the clip stage could not embed the downloaded image; null when it could.
+        pa.field("clip_error", pa.string()),
         pa.field("dup_group", pa.int64()),
         pa.field("concepts", pa.list_(pa.string())),
         pa.field("keep", pa.bool_(), nullable=False),

@@ -27,6 +27,7 @@ class StageContext:
     input_schema: pa.Schema | None
     seed: int = 0
     input_path: Path | None = None  # the user's --input (ingest only)
+    ingest_dir: Path | None = None  # the ingest stage's output (DataComp .npz manifest)
     verbose: bool = False
     engine: str = "local"  # "ray" when the stage may use the Ray cluster
     counters: dict = field(default_factory=dict)  # stage-specific numbers for the manifest
@@ -40,6 +41,13 @@ class Stage:
     produces_ledger: ClassVar[bool] = True
     #: True for stages that use the Ray cluster on the ray engine (map stages, download).
     runs_on_cluster: ClassVar[bool] = False
+
+    def preflight(self) -> None:
+        """Checks that must pass before the first stage of the run starts (weights present …).
+
+        Anything that can fail for a reason known at start-up fails here, not an
+        hour later when the stage's turn comes.
+        """
 
     def plan(self, ctx: StageContext) -> None:
         """Driver-side preparation: validate the input schema, fit global statistics."""
