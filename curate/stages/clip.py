@@ -1,0 +1,346 @@
+"""The clip stage: image and text embeddings and the CLIP score of every downloaded row.
+
+With a model (``model`` + ``pretrained``, see ``curate.clip_model``) the
+stage reads the download stage's images, decodes them on CPU workers and embeds
+them on a pool of model workers — Ray Data tasks feeding an actor pool, one
+model per actor, ``num_gpus=1`` each when the cluster has GPUs — or in this
+process with ``--engine local``. With ``precomputed: b32`` (or ``l14``) it
+reads the vectors DataComp ships beside its metadata (``b32_img`` /
+``b32_txt`` in each ``.npz``) and runs no model at all.
+
+Outputs:
+
+* ``RUN/embeddings/*.parquet``: uid, ``image_embedding`` and
+  ``text_embedding`` (L2-normalised, fp16 ``fixed_size_list``), ``clip_score``,
+  ``clip_error``; ``_model.json`` says which model made them.
+* the ledger: ``clip_score`` (cosine of the float32 embeddings, before they
+  are stored as fp16) on every row still alive. A row whose image cannot be
+  decoded is dropped by this stage with the reason in ``clip_error``; a row
+  without a caption keeps a null score (a score filter then drops it).
+
+Only rows still alive are embedded: a cheap filter before this stage saves
+model time.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar, Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from curate.clip_model import Preprocess, ResolvedModel, load_model, normalize_rows, resolve_model
+from curate.config import ConfigError
+from curate.schema import alive_mask, set_column
+from curate.stages.base import Stage, StageContext, register_stage
+from curate.stages.download import IMAGES_DIR, image_shards
+
+EMBEDDINGS_DIR = "embeddings"
+MODEL_FILE = "_model.json"
+#: Embeddings files hold about this many rows.
+ROWS_PER_FILE = 50_000
+IMAGE_COLUMNS = ("jpg", "png", "webp")
+
+
+@register_stage("clip")
+@dataclass
+class ClipStage(Stage):
+    model: str = "ViT-B-32"
+    pretrained: str | None = None  # open_clip tag, weights file, or "random"
+    precomputed: str | None = None  # DataComp .npz key prefix (b32, l14): no model is run
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["bf16", "fp16", "fp32"] = "bf16"  # autocast on CUDA; CPU is fp32
+    batch_size: int = 256
+    concurrency: int | None = None  # model workers; default one per GPU, else one per CPU
+
+    runs_on_cluster: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
+        if self.concurrency is not None and self.concurrency < 1:
+            raise ValueError("concurrency must be at least 1")
+
+    def columns_after(self, columns: set[str]) -> set[str]:
+        if self.precomputed is None and "sha256" not in columns:
+            raise ConfigError(
+                f"stage {self.name}: embedding images needs a download stage before it "
+                "(or `precomputed: b32` / `l14` to use DataComp's .npz embeddings)"
+            )
+        return columns | {"clip_score", "clip_error"}
+
+    def preflight(self) -> None:
+        """Find the weights and build the model once here, before any stage runs."""
+        if self.precomputed is not None:
+            return
+        self._resolved = resolve_model(self.model, self.pretrained)
+        model = load_model(self._resolved)
+        self._preprocess = Preprocess.of(model)
+        self._dim = int(model.encode_text(_blank_tokens(self._resolved)).shape[-1])
+
+    def run(self, ctx: StageContext) -> int:
+        out = ctx.run_dir / EMBEDDINGS_DIR
+        tmp = out.with_name(out.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        start = time.perf_counter()
+        if self.precomputed is not None:
+            described = self._embed_precomputed(ctx, tmp)
+        else:
+            described = self._embed_images(ctx, tmp)
+        seconds = time.perf_counter() - start
+        (tmp / MODEL_FILE).write_text(json.dumps(described, indent=1) + "\n")
+        shutil.rmtree(tmp / "_work", ignore_errors=True)
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.rename(out)
+        results = read_scores(out)
+        counts = {"embedded": 0, "no_caption": 0, "failed": 0}
+        for path in ctx.input_files:
+            ledger = _join(pq.read_table(path), results, self.name, counts)
+            pq.write_table(ledger, ctx.out_dir / path.name)
+        embedded = counts["embedded"] + counts["no_caption"]
+        ctx.counters.update(
+            counts,
+            model=described,
+            embed_seconds=round(seconds, 3),
+            images_per_second=round(embedded / seconds, 1) if seconds and embedded else None,
+        )
+        return sum(pq.ParquetFile(ctx.out_dir / p.name).metadata.num_rows for p in ctx.input_files)
+
+    # --- with a model --------------------------------------------------------------------
+
+    def _embed_images(self, ctx: StageContext, out: Path) -> dict:
+        from curate.clip_embed import DecodeSpec
+
+        if not hasattr(self, "_resolved"):
+            self.preflight()
+        work = _chunks(ctx, out / "_work", self.batch_size)
+        spec = DecodeSpec(self._resolved, self._preprocess)
+        device = self._device(ctx.engine)
+        args = (self._resolved, self._preprocess, self._dim, device, self.precision)
+        if work and ctx.engine == "ray":
+            _embed_on_ray(work, spec, args, self._ray_workers(device), out)
+        elif work:
+            _embed_here(work, spec, args, out, progress=ctx.verbose or sys.__stderr__.isatty())
+        return {
+            **self._resolved.description,
+            "embed_dim": self._dim,
+            "image_size": self._preprocess.size,
+            "device": device,
+            "precision": self.precision if device == "cuda" else "fp32",
+        }
+
+    def _device(self, engine: str) -> str:
+        if self.device != "auto":
+            return self.device
+        if engine == "ray":
+            import ray
+
+            return "cuda" if ray.cluster_resources().get("GPU", 0) >= 1 else "cpu"
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def _ray_workers(self, device: str) -> dict:
+        """Actor-pool resources. On GPUs, decode tasks run apart on the other CPUs; on CPUs,
+        Ray Data fuses decode into the actors (same resources), one actor per CPU."""
+        import ray
+
+        resources = ray.cluster_resources()
+        key = "GPU" if device == "cuda" else "CPU"
+        count = self.concurrency or max(1, int(resources.get(key, 1)))
+        return {"num_gpus": 1 if device == "cuda" else 0, "num_cpus": 1, "size": count}
+
+    # --- DataComp's vectors ---------------------------------------------------------------
+
+    def _embed_precomputed(self, ctx: StageContext, out: Path) -> dict:
+        from curate.datacomp import read_npz_embeddings
+
+        key = self.precomputed
+        alive = _alive_uids(ctx.input_files)
+        images = read_npz_embeddings(ctx.ingest_dir, f"{key}_img")
+        texts = read_npz_embeddings(ctx.ingest_dir, f"{key}_txt")
+        dim = None
+        for i, (image, text) in enumerate(zip(images, texts)):
+            keep = pc.is_in(image["uid"], value_set=alive)
+            image, text = image.filter(keep), text.filter(keep)
+            img = normalize_rows(_vectors(image["embedding"]))
+            txt = normalize_rows(_vectors(text["embedding"]))
+            dim = int(img.shape[1])
+            table = pa.table(
+                {
+                    "uid": image["uid"],
+                    "image_embedding": image["embedding"],
+                    "text_embedding": text["embedding"],
+                    "clip_score": pa.array(np.einsum("ij,ij->i", img, txt), pa.float32()),
+                    "clip_error": pa.nulls(len(img), pa.string()),
+                }
+            )
+            pq.write_table(table, out / f"part-{i:05d}.parquet")
+        # model / pretrained name the text tower for prompts (clip_concepts), if set.
+        return {
+            "precomputed": key,
+            "embed_dim": dim,
+            "model": self.model,
+            "pretrained": self.pretrained,
+        }
+
+
+def _alive_uids(files: list[Path]) -> pa.Array:
+    parts = [pq.read_table(f, columns=["uid", "keep"]) for f in files]
+    table = pa.concat_tables(parts) if parts else pa.table({"uid": [], "keep": []})
+    return table.filter(pc.fill_null(table["keep"], False))["uid"].combine_chunks()
+
+
+def _blank_tokens(resolved: ResolvedModel):
+    from curate.clip_model import tokenizer_for
+
+    return tokenizer_for(resolved)([""])
+
+
+def _vectors(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """A fixed_size_list column as a (rows, D) numpy array."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    return column.flatten().to_numpy(zero_copy_only=False).reshape(len(column), -1)
+
+
+def _chunks(ctx: StageContext, work: Path, batch_size: int) -> list[dict]:
+    """Cut the rows to embed into chunks of ``batch_size`` rows of one image shard each.
+
+    Writes, per image shard, the uid, caption and shard row of every alive row
+    whose image was downloaded; a chunk names a slice of that list.
+    """
+    work.mkdir(parents=True)
+    wanted = []
+    for path in ctx.input_files:
+        table = pq.read_table(path, columns=["uid", "caption", "keep", "status"])
+        ok = pc.and_(pc.fill_null(table["keep"], False), pc.equal(table["status"], "success"))
+        wanted.append(table.filter(pc.fill_null(ok, False)).select(["uid", "caption"]))
+    wanted = pa.concat_tables(wanted) if wanted else pa.table({"uid": [], "caption": []})
+    items: list[dict] = []
+    for s, shard in enumerate(image_shards(ctx.run_dir / IMAGES_DIR)):
+        schema = pq.read_schema(shard)
+        column = next((c for c in IMAGE_COLUMNS if c in schema.names), None)
+        if column is None:
+            continue
+        uids = pq.read_table(shard, columns=["uid"])["uid"]
+        index = pc.index_in(uids, value_set=wanted["uid"])
+        rows = np.flatnonzero(index.is_valid().to_numpy(zero_copy_only=False))
+        if not len(rows):
+            continue
+        picked = wanted.take(index.filter(index.is_valid()))
+        todo = picked.append_column("row", pa.array(rows, pa.int64()))
+        todo_path = work / f"todo-{s:05d}.parquet"
+        pq.write_table(todo, todo_path)
+        for start in range(0, len(rows), batch_size):
+            items.append(
+                {
+                    "chunk": len(items),
+                    "shard": str(shard),
+                    "column": column,
+                    "todo": str(todo_path),
+                    "start": start,
+                    "stop": min(start + batch_size, len(rows)),
+                }
+            )
+    return items
+
+
+def _embed_here(work: list[dict], spec, args: tuple, out: Path, progress: bool) -> None:
+    """The same decode and embed functions, in this process, chunk after chunk."""
+    from curate.clip_embed import Embedder, decode_chunk
+
+    embedder = Embedder(*args)
+    pending, rows, part = [], 0, 0
+    shown = time.monotonic()
+    for i, item in enumerate(work):
+        pending.append(embedder(decode_chunk(pa.Table.from_pylist([item]), spec)))
+        rows += pending[-1].num_rows
+        if rows >= ROWS_PER_FILE or i == len(work) - 1:
+            pq.write_table(pa.concat_tables(pending), out / f"part-{part:05d}.parquet")
+            pending, rows, part = [], 0, part + 1
+        if progress and (time.monotonic() - shown > 2 or i == len(work) - 1):
+            print(f"\r  clip: {i + 1}/{len(work)} chunks", end="", file=sys.__stderr__)
+            shown = time.monotonic()
+    if progress:
+        print(file=sys.__stderr__)
+
+
+def _embed_on_ray(work: list[dict], spec, args: tuple, workers: dict, out: Path) -> None:
+    """Decode tasks feeding an actor pool of models; Ray Data streams between them."""
+    import ray.data
+    from ray.data.datasource import FilenameProvider
+
+    from curate.clip_embed import Embedder, decode_chunk
+
+    class PartNames(FilenameProvider):
+        def get_filename_for_block(self, block, write_uuid, task_index, block_index):
+            return f"part-{task_index:05d}-{block_index:03d}.parquet"
+
+    # A chunk must reach its model worker whole: Ray Data only slices blocks larger
+    # than 1.5 × the target size, so keep every chunk under half of it.
+    ctx = ray.data.DataContext.get_current()
+    preprocess = spec.preprocess
+    chunk_bytes = max(w["stop"] - w["start"] for w in work) * (3 * preprocess.size**2 + 1024)
+    ctx.target_max_block_size = max(ctx.target_max_block_size or 0, 2 * chunk_bytes)
+    ds = ray.data.from_items(work, override_num_blocks=len(work))
+    ds = ds.map_batches(
+        decode_chunk, fn_kwargs={"spec": spec}, batch_size=1, batch_format="pyarrow", num_cpus=1
+    )
+    ds = ds.map_batches(
+        Embedder,
+        fn_constructor_args=args,
+        batch_size=None,
+        batch_format="pyarrow",
+        num_cpus=workers["num_cpus"],
+        num_gpus=workers["num_gpus"],
+        compute=ray.data.ActorPoolStrategy(size=workers["size"]),
+    )
+    ds.write_parquet(str(out), filename_provider=PartNames(), min_rows_per_file=ROWS_PER_FILE)
+
+
+def read_scores(embeddings: Path) -> pa.Table:
+    """uid, clip_score and clip_error of every embedded row (no vectors)."""
+    files = sorted(Path(embeddings).glob("*.parquet"))
+    columns = ["uid", "clip_score", "clip_error"]
+    if not files:
+        return pa.table({"uid": [], "clip_score": [], "clip_error": []}).cast(
+            pa.schema(
+                [("uid", pa.string()), ("clip_score", pa.float32()), ("clip_error", pa.string())]
+            )
+        )
+    return pa.concat_tables([pq.read_table(f, columns=columns) for f in files])
+
+
+def _join(ledger: pa.Table, results: pa.Table, stage: str, counts: dict) -> pa.Table:
+    """Scores onto a ledger file's alive rows; rows that could not be embedded are dropped."""
+    alive = alive_mask(ledger)
+    index = pc.index_in(ledger["uid"], value_set=results["uid"])
+    found = results.take(index)
+    missing = alive & ~index.is_valid().to_numpy(zero_copy_only=False)
+    error = pc.if_else(
+        pa.array(missing),
+        pa.scalar("no downloaded image for this row in images/"),
+        found["clip_error"],
+    )
+    error = pc.if_else(pa.array(alive), error, pa.scalar(None, pa.string()))
+    failed = pc.is_valid(error).to_numpy(zero_copy_only=False)
+    score = pc.if_else(pa.array(alive), found["clip_score"], pa.scalar(None, pa.float32()))
+    counts["failed"] += int(failed.sum())
+    has_score = pc.is_valid(score).to_numpy(zero_copy_only=False)
+    counts["embedded"] += int(has_score.sum())
+    counts["no_caption"] += int((alive & ~failed & ~has_score).sum())
+    ledger = set_column(ledger, "clip_score", score)
+    ledger = set_column(ledger, "clip_error", error)
+    ledger = set_column(ledger, "keep", pa.array(alive & ~failed))
+    dropped = pc.if_else(pa.array(failed), pa.scalar(stage), ledger["dropped_by"])
+    return set_column(ledger, "dropped_by", dropped)
