@@ -65,6 +65,21 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export_embeddings(args: argparse.Namespace) -> int:
+    from curate.export_embeddings import export_embeddings
+
+    written = export_embeddings(Path(args.run), Path(args.output), args.prefix)
+    rows = sum(_rows(p) for p in written)
+    print(f"{len(written)} parquet + npz pairs, {rows:,} rows → {args.output}")
+    return 0
+
+
+def _rows(path: Path) -> int:
+    import pyarrow.parquet as pq
+
+    return pq.ParquetFile(path).metadata.num_rows
+
+
 def _demo_generate(args: argparse.Namespace) -> int:
     from curate.demo import defect_counts, generate_pool, load_manifest
 
@@ -146,6 +161,18 @@ def build_parser() -> argparse.ArgumentParser:
     insp.add_argument("run", help="a run folder")
     insp.add_argument("--examples", type=int, default=3, help="examples per reason (default 3)")
     insp.set_defaults(func=_inspect)
+
+    export = sub.add_parser(
+        "export-embeddings", help="write a run's embeddings as DataComp parquet + .npz pairs"
+    )
+    export.add_argument("run", help="a run folder with embeddings/ (a recipe with a clip stage)")
+    export.add_argument("--output", required=True, help="folder for the parquet + npz files")
+    export.add_argument(
+        "--prefix",
+        default=None,
+        help="array names PREFIX_img / PREFIX_txt (default: b32 / l14 for DataComp's models)",
+    )
+    export.set_defaults(func=_export_embeddings)
 
     demo = sub.add_parser("demo-pool", help="the bundled synthetic web pool: generate, serve")
     demo_sub = demo.add_subparsers(dest="demo_command", required=True)
