@@ -30,8 +30,6 @@ from curate.image_guard import DEFAULT_MAX_PIXELS, image_problem
 #: and no caption short enough to matter changes.
 CHARS_PER_TOKEN = 64
 
-DECODED_SCHEMA_FIELDS = ("uid", "chunk", "chunk_rows", "pixels", "error", "tokens", "has_text")
-
 
 @dataclass(frozen=True)
 class DecodeSpec:
@@ -85,37 +83,56 @@ def _clean_caption(text: str, context_length: int) -> str:
     return " ".join(text.split())[: CHARS_PER_TOKEN * context_length]
 
 
+def _image_bytes(todo: pa.Table) -> list[bytes | None]:
+    """The downloaded bytes of each todo row, reading only the row groups that hold them."""
+    out: list[bytes | None] = [None] * todo.num_rows
+    shards = todo["shard"].to_pylist()
+    rows = todo["row"].to_numpy()
+    uids = todo["uid"].to_pylist()
+    for shard in dict.fromkeys(shards):
+        mine = np.array([i for i, s in enumerate(shards) if s == shard])
+        pf = pq.ParquetFile(shard)
+        column = todo["column"][int(mine[0])].as_py()
+        groups, positions = _row_positions(pf, rows[mine])
+        images = pf.read_row_groups(groups, columns=["uid", column]).take(positions)
+        for i, found, data in zip(mine, images["uid"].to_pylist(), images[column].to_pylist()):
+            # A row that moved under us would embed the wrong image: refuse it.
+            out[i] = data if found == uids[i] else ValueError(f"images/ row holds uid {found}")
+    return out
+
+
 def decode_chunk(item: pa.Table, spec: DecodeSpec) -> pa.Table:
-    """One chunk (a one-row table naming it) → one row per image: uint8 crop, tokens, error."""
+    """One chunk (a one-row table naming it) → one row holding the whole decoded chunk.
+
+    One row, not one per image: Ray Data may slice blocks between rows, never
+    inside one, so the chunk reaches its model worker whole. ``pixels`` is the
+    valid crops back to back (uint8, S × S × 3 each), ``tokens`` the int32 token
+    ids of every caption, ``errors`` null for rows whose image decoded.
+    """
     (work,) = item.to_pylist()
     steps, tokenizer = _tools(spec)
     todo = pq.read_table(work["todo"]).slice(work["start"], work["stop"] - work["start"])
-    pf = pq.ParquetFile(work["shard"])
-    groups, positions = _row_positions(pf, todo["row"].to_numpy())
-    images = pf.read_row_groups(groups, columns=["uid", work["column"]]).take(positions)
-    uids = todo["uid"].to_pylist()
-    pixels, errors = [], []
-    for uid, found, data in zip(uids, images["uid"].to_pylist(), images[work["column"]]):
-        if found != uid:  # the images folder changed under us: never embed the wrong image
-            crop, error = b"", f"decode: images/ row holds uid {found}, expected {uid}"
+    crops, errors = [], []
+    for data in _image_bytes(todo):
+        if isinstance(data, Exception):
+            crop, error = b"", f"decode: {data}"
         else:
-            crop, error = _decode_image(data.as_py(), steps, spec.max_pixels)
-        pixels.append(crop)
+            crop, error = _decode_image(data, steps, spec.max_pixels)
+        crops.append(crop)
         errors.append(error)
     captions = todo["caption"].to_pylist()
     context = tokenizer.context_length
     texts = ["" if c is None else _clean_caption(c, context) for c in captions]
     tokens = np.asarray(tokenizer(texts), dtype=np.int32)
-    n = len(uids)
     return pa.table(
         {
-            "uid": pa.array(uids, pa.string()),
-            "chunk": pa.array(np.full(n, work["chunk"], np.int64)),
-            "chunk_rows": pa.array(np.full(n, n, np.int32)),
-            "pixels": pa.array(pixels, pa.binary()),
-            "error": pa.array(errors, pa.string()),
-            "tokens": pa.FixedSizeListArray.from_arrays(pa.array(tokens.reshape(-1)), context),
-            "has_text": pa.array([c is not None for c in captions], pa.bool_()),
+            "chunk": [work["chunk"]],
+            "uids": [todo["uid"].to_pylist()],
+            "errors": pa.array([errors], pa.list_(pa.string())),
+            "has_text": [[c is not None for c in captions]],
+            "pixels": pa.array([b"".join(crops)], pa.large_binary()),
+            "tokens": pa.array([tokens.tobytes()], pa.large_binary()),
+            "context": [context],
         }
     )
 
@@ -147,26 +164,24 @@ class Embedder:
         self.mean = torch.tensor(preprocess.mean, device=self.device).view(shape)
         self.std = torch.tensor(preprocess.std, device=self.device).view(shape)
         self.autocast = dtype if self.device.type == "cuda" and dtype != "fp32" else None
+        self._pinned = None
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        chunks = batch["chunk"].to_numpy()
-        starts = np.flatnonzero(np.r_[True, chunks[1:] != chunks[:-1]])
-        parts = []
-        for start, stop in zip(starts, np.r_[starts[1:], len(chunks)]):
-            part = batch.slice(start, stop - start)
-            if part.num_rows != part["chunk_rows"][0].as_py():
-                raise RuntimeError(
-                    f"chunk {chunks[start]} arrived split ({part.num_rows} of "
-                    f"{part['chunk_rows'][0].as_py()} rows): results would depend on batching"
-                )
-            parts.append(self.embed_chunk(part))
-        return pa.concat_tables(parts)
+        """Decoded chunks (one per row) → one output row per image."""
+        return pa.concat_tables([self.embed_chunk(chunk) for chunk in batch.to_pylist()])
 
     def _to_device(self, array: np.ndarray):
-        tensor = self.torch.from_numpy(array)
-        if self.device.type == "cuda":
-            return tensor.pin_memory().to(self.device, non_blocking=True)
-        return tensor
+        """A numpy array on the model's device; on CUDA through one reused pinned buffer."""
+        torch = self.torch
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # read-only arrays: only ever read
+            tensor = torch.from_numpy(array)
+        if self.device.type != "cuda":
+            return tensor
+        if self._pinned is None or self._pinned.numel() < tensor.numel():
+            self._pinned = torch.empty(tensor.numel(), dtype=torch.uint8).pin_memory()
+        staged = self._pinned[: tensor.numel()].view(tensor.shape).copy_(tensor)
+        return staged.to(self.device, non_blocking=True)
 
     def _encode(self, fn, inputs):
         torch = self.torch
@@ -180,34 +195,32 @@ class Embedder:
             out = torch.nn.functional.normalize(out.float(), dim=-1)
         return out.cpu().numpy()
 
-    def embed_chunk(self, part: pa.Table) -> pa.Table:
-        n = part.num_rows
-        errors = part["error"]
-        has_image = errors.is_null().to_numpy(zero_copy_only=False)
-        has_text = part["has_text"].to_numpy(zero_copy_only=False)
+    def embed_chunk(self, chunk: dict) -> pa.Table:
+        errors = chunk["errors"]
+        n = len(errors)
+        has_image = np.array([e is None for e in errors], bool)
+        has_text = np.array(chunk["has_text"], bool)
         image = np.zeros((n, self.dim), np.float32)
         if has_image.any():
-            pixels = [p for p, ok in zip(part["pixels"].to_pylist(), has_image) if ok]
-            crops = np.frombuffer(bytearray(b"".join(pixels)), np.uint8).reshape(
-                -1, self.size, self.size, 3
-            )
+            crops = np.frombuffer(chunk["pixels"], np.uint8)
+            crops = crops.reshape(-1, self.size, self.size, 3)
             x = self._to_device(crops).permute(0, 3, 1, 2).float().div(255)
             image[has_image] = self._encode(
                 self.model.encode_image, x.sub_(self.mean).div_(self.std)
             )
         text = np.zeros((n, self.dim), np.float32)
         if has_text.any():
-            tokens = part["tokens"].combine_chunks().filter(pa.array(has_text)).flatten().to_numpy()
-            tokens = tokens.reshape(int(has_text.sum()), -1).astype(np.int64)
-            text[has_text] = self._encode(self.model.encode_text, self._to_device(tokens))
+            tokens = np.frombuffer(chunk["tokens"], np.int32).reshape(n, chunk["context"])
+            ids = self.torch.from_numpy(tokens[has_text].astype(np.int64)).to(self.device)
+            text[has_text] = self._encode(self.model.encode_text, ids)
         both = has_image & has_text
         score = np.einsum("ij,ij->i", image, text).astype(np.float32)
         return pa.table(
             {
-                "uid": part["uid"],
+                "uid": pa.array(chunk["uids"], pa.string()),
                 "image_embedding": _fixed_list(image, has_image),
                 "text_embedding": _fixed_list(text, has_text),
                 "clip_score": pa.array(score, pa.float32(), mask=~both),
-                "clip_error": errors,
+                "clip_error": pa.array(errors, pa.string()),
             }
         )

@@ -214,10 +214,11 @@ def _vectors(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
 
 
 def _chunks(ctx: StageContext, work: Path, batch_size: int) -> list[dict]:
-    """Cut the rows to embed into chunks of ``batch_size`` rows of one image shard each.
+    """Cut the rows to embed into chunks of exactly ``batch_size`` rows (the last: fewer).
 
-    Writes, per image shard, the uid, caption and shard row of every alive row
-    whose image was downloaded; a chunk names a slice of that list.
+    Writes ``todo.parquet``: the uid, caption, image shard and shard row of every
+    alive row whose image was downloaded, in shard order; a chunk names a slice of
+    it. Equal chunks let Ray Data hand each model worker one whole chunk per batch.
     """
     work.mkdir(parents=True)
     wanted = []
@@ -226,8 +227,8 @@ def _chunks(ctx: StageContext, work: Path, batch_size: int) -> list[dict]:
         ok = pc.and_(pc.fill_null(table["keep"], False), pc.equal(table["status"], "success"))
         wanted.append(table.filter(pc.fill_null(ok, False)).select(["uid", "caption"]))
     wanted = pa.concat_tables(wanted) if wanted else pa.table({"uid": [], "caption": []})
-    items: list[dict] = []
-    for s, shard in enumerate(image_shards(ctx.run_dir / IMAGES_DIR)):
+    parts = []
+    for shard in image_shards(ctx.run_dir / IMAGES_DIR):
         schema = pq.read_schema(shard)
         column = next((c for c in IMAGE_COLUMNS if c in schema.names), None)
         if column is None:
@@ -235,24 +236,23 @@ def _chunks(ctx: StageContext, work: Path, batch_size: int) -> list[dict]:
         uids = pq.read_table(shard, columns=["uid"])["uid"]
         index = pc.index_in(uids, value_set=wanted["uid"])
         rows = np.flatnonzero(index.is_valid().to_numpy(zero_copy_only=False))
-        if not len(rows):
-            continue
         picked = wanted.take(index.filter(index.is_valid()))
-        todo = picked.append_column("row", pa.array(rows, pa.int64()))
-        todo_path = work / f"todo-{s:05d}.parquet"
-        pq.write_table(todo, todo_path)
-        for start in range(0, len(rows), batch_size):
-            items.append(
-                {
-                    "chunk": len(items),
-                    "shard": str(shard),
-                    "column": column,
-                    "todo": str(todo_path),
-                    "start": start,
-                    "stop": min(start + batch_size, len(rows)),
-                }
-            )
-    return items
+        n = len(rows)
+        parts.append(
+            picked.append_column("shard", pa.array([str(shard)] * n, pa.string()))
+            .append_column("column", pa.array([column] * n, pa.string()))
+            .append_column("row", pa.array(rows, pa.int64()))
+        )
+    todo = pa.concat_tables(parts) if parts else None
+    if todo is None or not todo.num_rows:
+        return []
+    todo_path = work / "todo.parquet"
+    pq.write_table(todo, todo_path)
+    return [
+        {"chunk": k, "todo": str(todo_path), "start": start,
+         "stop": min(start + batch_size, todo.num_rows)}
+        for k, start in enumerate(range(0, todo.num_rows, batch_size))
+    ]  # fmt: skip
 
 
 def _embed_here(work: list[dict], spec, args: tuple, out: Path, progress: bool) -> None:
@@ -286,12 +286,6 @@ def _embed_on_ray(work: list[dict], spec, args: tuple, workers: dict, out: Path)
         def get_filename_for_block(self, block, write_uuid, task_index, block_index):
             return f"part-{task_index:05d}-{block_index:03d}.parquet"
 
-    # A chunk must reach its model worker whole: Ray Data only slices blocks larger
-    # than 1.5 × the target size, so keep every chunk under half of it.
-    ctx = ray.data.DataContext.get_current()
-    preprocess = spec.preprocess
-    chunk_bytes = max(w["stop"] - w["start"] for w in work) * (3 * preprocess.size**2 + 1024)
-    ctx.target_max_block_size = max(ctx.target_max_block_size or 0, 2 * chunk_bytes)
     ds = ray.data.from_items(work, override_num_blocks=len(work))
     ds = ds.map_batches(
         decode_chunk, fn_kwargs={"spec": spec}, batch_size=1, batch_format="pyarrow", num_cpus=1
@@ -299,7 +293,7 @@ def _embed_on_ray(work: list[dict], spec, args: tuple, workers: dict, out: Path)
     ds = ds.map_batches(
         Embedder,
         fn_constructor_args=args,
-        batch_size=None,
+        batch_size=1,  # one decoded chunk
         batch_format="pyarrow",
         num_cpus=workers["num_cpus"],
         num_gpus=workers["num_gpus"],
