@@ -322,11 +322,17 @@ def test_null_and_huge_captions_and_bad_images(tmp_path, tiny_weights):
     pq.write_table(pa.table({"uid": uids, "jpg": pa.array(jpg, pa.binary())}), shard)
     todo = tmp_path / "todo.parquet"
     captions = ["a red square", None, "a red square", "x", "word " * 200_000]
-    pq.write_table(pa.table({"uid": uids, "caption": captions, "row": list(range(5))}), todo)
+    pq.write_table(
+        pa.table(
+            {"uid": uids, "caption": captions, "shard": [str(shard)] * 5, "column": ["jpg"] * 5,
+             "row": list(range(5))}
+        ),
+        todo,
+    )  # fmt: skip
     resolved = resolve_model("curate-tiny", str(tiny_weights))
     model = load_model(resolved)
     preprocess = Preprocess.of(model)
-    item = {"chunk": 0, "shard": str(shard), "column": "jpg", "todo": str(todo), "start": 0}
+    item = {"chunk": 0, "todo": str(todo), "start": 0}
     decoded = decode_chunk(
         pa.Table.from_pylist([{**item, "stop": 5}]), DecodeSpec(resolved, preprocess)
     )
@@ -338,3 +344,23 @@ def test_null_and_huge_captions_and_bad_images(tmp_path, tiny_weights):
     assert out[2]["clip_error"].startswith("decode") and out[2]["image_embedding"] is None
     assert out[3]["clip_error"] == "decode: no image bytes"
     assert out[4]["clip_score"] is not None  # a 1 MB caption is cut, not choked on
+
+
+def test_a_model_that_knows_the_pool_drops_mismatched_captions(
+    downloaded, tmp_path, served_pool, fixture_model
+):
+    """The demo manifest's ground truth: mismatched pairs fall to the top-fraction filter."""
+    from curate.demo import load_manifest
+
+    then = [{"stage": "filter", "filters": [{"clip_score_top_fraction": {"fraction": 0.5}}]}]
+    run, _ = run_clip(downloaded, tmp_path, served_pool, model=str(fixture_model), then=then)
+    ledger = pq.read_table(run / "ledger", columns=["uid", "dropped_by"]).to_pylist()
+    defect = {r["uid"]: r["defect"] for r in load_manifest(served_pool.pool_dir)["rows"]}
+    rates = {}
+    for kind in ("mismatched", None):
+        rows = [r for r in ledger if defect[r["uid"]] == kind
+                and r["dropped_by"] in (None, "clip_score_top_fraction")]  # fmt: skip
+        dropped = sum(r["dropped_by"] == "clip_score_top_fraction" for r in rows)
+        rates[kind] = dropped / len(rows)
+        assert len(rows) >= 20
+    assert rates["mismatched"] >= 0.9 and rates[None] <= 0.4, rates
