@@ -1,0 +1,55 @@
+"""The clip stage on CUDA: GPU actors on Ray, bf16 autocast, against the CPU's float32.
+
+Skipped without a CUDA device (CI has none); run on a GPU machine with
+``pytest tests/test_clip_gpu.py``.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+torch = pytest.importorskip("torch")
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+
+
+def _scores(run: Path, engine: str, device: str) -> dict[str, float]:
+    from curate.stages.base import StageContext
+    from curate.stages.clip import ClipStage
+
+    stage = ClipStage(model="ViT-B-32", pretrained="random", device=device, batch_size=64)
+    stage.name = "clip"
+    stage.preflight()
+    out = run / f"out_{engine}_{device}"
+    out.mkdir()
+    ledger = [run / "ledger_in" / "part-00000.parquet"]
+    counters = StageContext(run, out, ledger, None, engine=engine)
+    stage.run(counters)
+    table = pq.read_table(run / "embeddings", columns=["uid", "clip_score"])
+    shutil.rmtree(run / "embeddings")
+    assert counters.counters["model"]["device"] == device
+    return dict(zip(table["uid"].to_pylist(), table["clip_score"].to_pylist()))
+
+
+def test_gpu_actors_match_cpu_float32(tmp_path):
+    from bench_clip import write_run
+
+    from curate.runner import init_ray
+
+    write_run(tmp_path, 300, per_shard=128)
+    cpu = _scores(tmp_path, "local", "cpu")
+    init_ray()
+    gpu = _scores(tmp_path, "ray", "cuda")
+    assert gpu.keys() == cpu.keys() and len(gpu) == 300
+    diff = np.array([abs(gpu[u] - cpu[u]) for u in cpu])
+    print(f"bf16 GPU vs fp32 CPU: max |Δscore| {diff.max():.2e}, mean {diff.mean():.2e}")
+    assert diff.max() < 2e-2
