@@ -1,10 +1,10 @@
 """The two halves of CLIP embedding: decode on CPU workers, embed on the model's worker.
 
-The unit of work is a *chunk*: ``batch_size`` consecutive rows of one image
-shard. A decode task turns a chunk into uint8 crops and token ids; the model's
-worker embeds each chunk as one batch. Chunks, not whatever batches Ray Data
-happens to form, are the batches the model sees, because a CLIP forward pass is
-not batch-invariant (a row's embedding moves by ~1e-6 with its batch-mates on
+The unit of work is a *chunk*: ``batch_size`` consecutive rows to embed, which
+may span image shards. A decode task turns a chunk into uint8 crops and token
+ids; the model's worker embeds each chunk as one batch. Chunks, not whatever
+batches Ray Data happens to form, are the batches the model sees, because a
+CLIP forward pass is not batch-invariant (a row's embedding moves by ~1e-6 with its batch-mates on
 CPU): fixing the batches makes in-process and Ray runs give identical bytes.
 
 Everything here is plain functions and a callable class so the same code runs
@@ -171,7 +171,7 @@ class Embedder:
         return pa.concat_tables([self.embed_chunk(chunk) for chunk in batch.to_pylist()])
 
     def _to_device(self, array: np.ndarray):
-        """A numpy array on the model's device; on CUDA through one reused pinned buffer."""
+        """uint8 crops on the model's device; on CUDA through one reused pinned buffer."""
         torch = self.torch
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # read-only arrays: only ever read

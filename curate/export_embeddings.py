@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from curate.clip_model import embedding_matrix
 from curate.config import ConfigError
 from curate.stages.clip import EMBEDDINGS_DIR, MODEL_FILE
 
@@ -36,17 +37,6 @@ def default_prefix(run_dir: Path) -> str:
         return described["precomputed"]
     model = str(described.get("model", "clip"))
     return PREFIXES.get(model, Path(model).name.lower().replace("-", "_"))
-
-
-def _vectors(column: pa.ChunkedArray, dim: int) -> np.ndarray:
-    """fp16 (rows, dim); null rows become NaN."""
-    column = column.combine_chunks()
-    valid = column.is_valid().to_numpy(zero_copy_only=False)
-    out = np.full((len(column), dim), np.nan, np.float16)
-    if valid.any():
-        flat = column.filter(pa.array(valid)).flatten().to_numpy(zero_copy_only=False)
-        out[valid] = flat.reshape(-1, dim)
-    return out
 
 
 def export_embeddings(run_dir: Path, out_dir: Path, prefix: str | None = None) -> list[Path]:
@@ -64,7 +54,6 @@ def export_embeddings(run_dir: Path, out_dir: Path, prefix: str | None = None) -
         table = table.filter(pc.is_valid(table["image_embedding"]))
         if not table.num_rows:
             continue
-        dim = table.schema.field("image_embedding").type.list_size
         rows = ledger.take(pc.index_in(table["uid"], value_set=ledger["uid"]))
         meta = pa.table(
             {
@@ -79,8 +68,8 @@ def export_embeddings(run_dir: Path, out_dir: Path, prefix: str | None = None) -
         np.savez(
             stem.with_suffix(".npz"),
             **{
-                f"{prefix}_img": _vectors(table["image_embedding"], dim),
-                f"{prefix}_txt": _vectors(table["text_embedding"], dim),
+                f"{prefix}_img": embedding_matrix(table["image_embedding"]),
+                f"{prefix}_txt": embedding_matrix(table["text_embedding"]),
             },
         )
         written.append(stem.with_suffix(".parquet"))

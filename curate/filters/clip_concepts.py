@@ -62,7 +62,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from curate.clip_model import load_model, normalize_rows, resolve_model, tokenizer_for
+from curate.clip_model import (
+    embedding_matrix,
+    load_model,
+    normalize_rows,
+    resolve_model,
+    tokenizer_for,
+)
 from curate.config import ConfigError
 from curate.operators import Filter, FitContext, register_filter
 from curate.stages.clip import EMBEDDINGS_DIR, MODEL_FILE
@@ -131,12 +137,6 @@ def embed_prompts(resolved, model, prompts: list[str]) -> np.ndarray:
     return normalize_rows(out.cpu().numpy())
 
 
-def _vectors(column: pa.Array) -> np.ndarray:
-    """A fixed_size_list column without nulls as a (rows, D) float32 array."""
-    flat = column.flatten().to_numpy(zero_copy_only=False)
-    return np.asarray(flat, dtype=np.float32).reshape(len(column), -1)
-
-
 def margins_of(
     image: np.ndarray, unwanted: np.ndarray, reference: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -158,7 +158,7 @@ def score_batch(
     best = np.zeros(len(column), dtype=np.int64)
     if valid.any():
         dense = column.filter(pa.array(valid)) if not valid.all() else column
-        vectors = _vectors(dense)
+        vectors = embedding_matrix(dense).astype(np.float32)
         if vectors.shape[1] != unwanted.shape[1]:
             raise ConfigError(
                 f"filter clip_concepts: image embeddings have {vectors.shape[1]} dimensions, "

@@ -37,7 +37,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from curate.clip_model import Preprocess, ResolvedModel, load_model, normalize_rows, resolve_model
+from curate.clip_model import (
+    Preprocess,
+    ResolvedModel,
+    embedding_matrix,
+    load_model,
+    normalize_rows,
+    resolve_model,
+    tokenizer_for,
+)
 from curate.config import ConfigError
 from curate.schema import alive_mask, set_column
 from curate.stages.base import Stage, StageContext, register_stage
@@ -172,8 +180,8 @@ class ClipStage(Stage):
         for i, (image, text) in enumerate(zip(images, texts)):
             keep = pc.is_in(image["uid"], value_set=alive)
             image, text = image.filter(keep), text.filter(keep)
-            img = normalize_rows(_vectors(image["embedding"]))
-            txt = normalize_rows(_vectors(text["embedding"]))
+            img = normalize_rows(embedding_matrix(image["embedding"]))
+            txt = normalize_rows(embedding_matrix(text["embedding"]))
             dim = int(img.shape[1])
             table = pa.table(
                 {
@@ -201,16 +209,7 @@ def _alive_uids(files: list[Path]) -> pa.Array:
 
 
 def _blank_tokens(resolved: ResolvedModel):
-    from curate.clip_model import tokenizer_for
-
     return tokenizer_for(resolved)([""])
-
-
-def _vectors(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
-    """A fixed_size_list column as a (rows, D) numpy array."""
-    if isinstance(column, pa.ChunkedArray):
-        column = column.combine_chunks()
-    return column.flatten().to_numpy(zero_copy_only=False).reshape(len(column), -1)
 
 
 def _chunks(ctx: StageContext, work: Path, batch_size: int) -> list[dict]:
@@ -305,14 +304,12 @@ def _embed_on_ray(work: list[dict], spec, args: tuple, workers: dict, out: Path)
 def read_scores(embeddings: Path) -> pa.Table:
     """uid, clip_score and clip_error of every embedded row (no vectors)."""
     files = sorted(Path(embeddings).glob("*.parquet"))
-    columns = ["uid", "clip_score", "clip_error"]
+    schema = pa.schema(
+        [("uid", pa.string()), ("clip_score", pa.float32()), ("clip_error", pa.string())]
+    )
     if not files:
-        return pa.table({"uid": [], "clip_score": [], "clip_error": []}).cast(
-            pa.schema(
-                [("uid", pa.string()), ("clip_score", pa.float32()), ("clip_error", pa.string())]
-            )
-        )
-    return pa.concat_tables([pq.read_table(f, columns=columns) for f in files])
+        return schema.empty_table()
+    return pa.concat_tables([pq.read_table(f, columns=schema.names) for f in files])
 
 
 def _join(ledger: pa.Table, results: pa.Table, stage: str, counts: dict) -> pa.Table:
