@@ -364,3 +364,56 @@ def test_a_model_that_knows_the_pool_drops_mismatched_captions(
         rates[kind] = dropped / len(rows)
         assert len(rows) >= 20
     assert rates["mismatched"] >= 0.9 and rates[None] <= 0.4, rates
+
+
+# --- DataComp's layout: precomputed vectors in, export out -------------------------------------
+
+
+def _datacomp_run(pool: Path, run: Path, prefix: str):
+    stages = [
+        {"stage": "ingest", "format": "datacomp"},
+        {"stage": "clip", "precomputed": prefix},
+    ]
+    return run_recipe(recipe_from_data({"name": "pre", "stages": stages}, {}, "inline"), pool, run,
+                      engine="local")  # fmt: skip
+
+
+def test_precomputed_vectors_give_their_cosine_without_a_model(tmp_path):
+    from pools import write_datacomp_pool
+
+    from curate.datacomp import read_npz_embeddings
+
+    write_datacomp_pool(tmp_path / "pool", 300, n_files=2)
+    result = _datacomp_run(tmp_path / "pool", tmp_path / "run", "b32")
+    assert result.stages[1].counters["model"]["precomputed"] == "b32"
+    table = embeddings(tmp_path / "run")
+    ingest = tmp_path / "run" / "stages" / "00_ingest"
+    img = pa.concat_tables(read_npz_embeddings(ingest, "b32_img")).sort_by("uid")
+    txt = pa.concat_tables(read_npz_embeddings(ingest, "b32_txt")).sort_by("uid")
+    assert table["uid"].equals(img["uid"]) and table.num_rows == 300
+    assert table["image_embedding"].equals(img["embedding"])
+    a = vectors(img["embedding"]).astype(np.float32)
+    b = vectors(txt["embedding"]).astype(np.float32)
+    cosine = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    assert np.allclose(table["clip_score"].to_numpy(), cosine, atol=1e-6)
+
+
+def test_export_is_datacomp_metadata_that_reads_back(scored, tmp_path):
+    from curate.cli import main
+
+    run, _ = scored
+    out = tmp_path / "export"
+    assert main(["export-embeddings", str(run), "--output", str(out), "--prefix", "tiny"]) == 0
+    original = embeddings(run)
+    with np.load(sorted(out.glob("*.npz"))[0]) as arrays:
+        assert arrays["tiny_img"].dtype == np.float16 and arrays["tiny_img"].shape[1] == 128
+    meta = pq.read_table(sorted(out.glob("*.parquet"))[0])
+    assert set(meta.column_names) == {"uid", "url", "text", "clip_tiny_similarity_score"}
+    _datacomp_run(out, tmp_path / "again", "tiny")
+    again = embeddings(tmp_path / "again")
+    assert again["uid"].equals(original["uid"])
+    assert again["image_embedding"].equals(original["image_embedding"])
+    assert again["text_embedding"].equals(original["text_embedding"])
+    # Scores from the stored fp16 vectors, not the float32 ones: close, not equal.
+    diff = np.abs(again["clip_score"].to_numpy() - original["clip_score"].to_numpy())
+    assert diff.max() < 2e-3
