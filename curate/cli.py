@@ -26,12 +26,12 @@ def _run(args: argparse.Namespace) -> int:
             return
         if result.skipped:
             print(
-                f"  {result.name:<12} done earlier, skipped ({result.rows_out:,} rows)", flush=True
+                f"  {result.name:<16} done earlier, skipped ({result.rows_out:,} rows)", flush=True
             )
         else:
             rate = result.rows_in / result.seconds if result.seconds and result.rows_in else 0
             print(
-                f"  {result.name:<12} {result.rows_out:>12,} rows  {result.seconds:7.2f} s"
+                f"  {result.name:<16} {result.rows_out:>12,} rows  {result.seconds:7.2f} s"
                 + (f"  {rate:,.0f} rows/s" if rate else ""),
                 flush=True,
             )

@@ -1,0 +1,341 @@
+"""Deduplication stages: exact (same image bytes) and semantic (SemDeDup on image embeddings).
+
+Both decide on the driver and apply batch by batch (see ``curate.dedup``).
+Only alive rows take part. Each group of duplicates keeps one survivor —
+highest ``clip_score``, then smallest uid — and every row of the group,
+survivor included, records the group in ``dup_group``; the others are
+dropped with ``dropped_by`` = the stage's name (``dedup_exact``,
+``dedup_semantic`` by default).
+
+``dedup_semantic`` reads the image embeddings of the clip stage
+(``RUN/embeddings/``) or, for DataComp metadata, the ``.npz`` beside each
+metadata parquet (``embeddings: l14`` reads ``l14_img``) without any model.
+The pool is never held whole: k-means trains on a sample, rows are assigned
+to centroids file by file, and clusters are deduplicated bucket by bucket —
+Ray tasks on the ray engine, the same functions in-process otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from curate.config import ConfigError
+from curate.dedup import (
+    DECISIONS,
+    REGROUP,
+    alive_scores,
+    apply_decisions,
+    group_id,
+    read_vectors,
+    survivor_order,
+    unit_rows,
+)
+from curate.semdedup import absorbers, assign, train_centroids
+from curate.stages.base import MapStage, StageContext, register_stage
+from curate.stats import sql_paths
+from curate.tasks import map_items
+from curate.uids import uid_keys
+
+#: Rows of the pool per bucket of clusters deduplicated by one task.
+BUCKET_ROWS = 50_000
+CLIP_EMBEDDINGS = "embeddings"
+STATS = "_stats"
+
+
+def _show_progress(ctx: StageContext) -> bool:
+    return ctx.verbose or sys.__stderr__.isatty()
+
+
+def _decisions_from_groups(uids: list[str], absorbed_by: list[str | None]) -> pa.Table:
+    """Decision rows for the members of groups: absorbed rows drop, their absorbers survive."""
+    survivors = {s for s in absorbed_by if s is not None}
+    rows = [
+        (u, group_id(s if s is not None else u), s is not None)
+        for u, s in zip(uids, absorbed_by)
+        if s is not None or u in survivors
+    ]
+    uid, gid, drop = zip(*rows) if rows else ((), (), ())
+    return pa.table({"uid": list(uid), "dup_group": list(gid), "drop": list(drop)}, DECISIONS)
+
+
+class _DecidedStage(MapStage):
+    """A stage whose ``plan`` leaves decisions that ``__call__`` applies to each batch."""
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return apply_decisions(batch, self._decisions, self.name, getattr(self, "_regroup", None))
+
+    def columns_after(self, columns: set[str]) -> set[str]:
+        score = getattr(self, "score", "clip_score")
+        if score != "clip_score" and score not in columns:
+            raise ConfigError(f"stage {self.name}: no column {score!r} to rank survivors by")
+        return columns | {"dup_group"}
+
+    def _save(self, ctx: StageContext, **counters) -> None:
+        stats = ctx.out_dir / STATS
+        stats.mkdir(exist_ok=True)
+        pq.write_table(self._decisions, stats / "decisions.parquet")
+        dropped = int(pc.sum(self._decisions["drop"]).as_py() or 0)
+        ctx.counters.update(counters, dropped=dropped)
+
+
+@register_stage("dedup_exact")
+@dataclass
+class ExactDedupStage(_DecidedStage):
+    """Rows whose image sha256 is equal are one group; one survivor each."""
+
+    score: str = "clip_score"  # survivors rank by it (without clip_score: smallest uid)
+
+    def columns_after(self, columns: set[str]) -> set[str]:
+        if "sha256" not in columns:
+            raise ConfigError(
+                f"stage {self.name}: exact dedup needs the images' sha256 (a download stage "
+                "before it, or DataComp metadata with a sha256 column)"
+            )
+        return super().columns_after(columns)
+
+    def plan(self, ctx: StageContext) -> None:
+        dups = _same_sha256(ctx.input_files, self.score)
+        order = np.lexsort(
+            (
+                survivor_rank(dups["uid"], dups["score"]),
+                dups["sha256"].to_numpy(zero_copy_only=False),
+            )
+        )
+        sha = dups["sha256"].to_numpy(zero_copy_only=False)[order]
+        uids = np.asarray(dups["uid"].to_pylist(), dtype=object)[order]
+        starts = np.r_[True, sha[1:] != sha[:-1]] if len(sha) else np.zeros(0, bool)
+        survivor = uids[np.maximum.accumulate(np.where(starts, np.arange(len(sha)), 0))]
+        absorbed_by = [None if s else v for s, v in zip(starts, survivor)]
+        self._decisions = _decisions_from_groups(list(uids), absorbed_by)
+        self._save(ctx, groups=int(starts.sum()), rows_in_groups=len(uids))
+
+
+def survivor_rank(uids: pa.Array, scores: pa.Array) -> np.ndarray:
+    """Each row's place in the survivor order of all the given rows (0 = best)."""
+    order = survivor_order(
+        np.asarray(uids.to_pylist(), dtype=str),
+        scores.to_numpy(zero_copy_only=False).astype(np.float64),
+    )
+    rank = np.empty(len(order), np.int64)
+    rank[order] = np.arange(len(order))
+    return rank
+
+
+def _same_sha256(files: list[Path], column: str) -> pa.Table:
+    """uid, sha256, score of the alive rows whose sha256 another alive row shares."""
+    schema = pa.schema([("uid", pa.string()), ("sha256", pa.string()), ("score", pa.float32())])
+    if not files:
+        return schema.empty_table()
+    score = "NULL::FLOAT"
+    if column in pq.read_schema(files[0]).names:
+        name = '"' + column.replace('"', '""') + '"'
+        score = f"CASE WHEN isnan({name}::FLOAT) THEN NULL ELSE {name}::FLOAT END"
+    sql = f"""
+        WITH alive AS (
+            SELECT uid, sha256, {score} AS score FROM read_parquet({sql_paths(files)})
+            WHERE keep AND sha256 IS NOT NULL AND sha256 <> ''
+        )
+        SELECT uid, sha256, score FROM alive
+        WHERE sha256 IN (SELECT sha256 FROM alive GROUP BY sha256 HAVING count(*) > 1)
+    """
+    with duckdb.connect() as con:
+        return con.sql(sql).to_arrow_table().cast(schema)
+
+
+@register_stage("dedup_semantic")
+@dataclass
+class SemanticDedupStage(_DecidedStage):
+    """SemDeDup: within k-means clusters of image embeddings, drop rows with cosine > 1 − ε."""
+
+    epsilon: float = 0.05
+    clusters: int | None = None  # k; default: one per 1,000 alive rows
+    sample_per_cluster: int = 100  # k-means trains on up to clusters × this many rows
+    iterations: int = 20
+    embeddings: str = "auto"  # "clip" (RUN/embeddings), a DataComp .npz prefix (l14, b32)
+    score: str = "clip_score"  # survivors rank by it (without clip_score: smallest uid)
+
+    def __post_init__(self) -> None:
+        if not 0 < self.epsilon < 2:
+            raise ValueError(
+                "epsilon must be in (0, 2): rows with cosine > 1 - epsilon are dropped"
+            )
+        for name in ("clusters", "sample_per_cluster", "iterations"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be at least 1")
+
+    def columns_after(self, columns: set[str]) -> set[str]:
+        if self.embeddings == "clip" and "clip_score" not in columns:
+            raise ConfigError(
+                f"stage {self.name}: `embeddings: clip` needs a clip stage before it "
+                "(or `embeddings: l14` for DataComp metadata's .npz embeddings)"
+            )
+        return super().columns_after(columns)
+
+    def plan(self, ctx: StageContext) -> None:
+        work = ctx.out_dir / "_work"
+        work.mkdir(parents=True)
+        progress = _show_progress(ctx)
+        alive = alive_scores(ctx.input_files, self.score)
+        pq.write_table(alive, work / "alive.parquet")
+        files, column, source = self._vector_files(ctx, work)
+        k = self.clusters or max(1, round(alive.num_rows / 1000))
+        sample_size = min(alive.num_rows, k * self.sample_per_cluster)
+        pq.write_table(pa.table({"uid": _sample(alive["uid"], sample_size, ctx.seed)}),
+                       work / "sample.parquet")  # fmt: skip
+        read = [{"path": str(f), "column": column, "wanted": str(work / "sample.parquet")}
+                for f in files]  # fmt: skip
+        sample = _sorted_sample(map_items(_sample_task, read, ctx.engine, "sample", progress))
+        if not len(sample):  # no alive row has a usable embedding: nothing to compare
+            self._decisions, self._regroup = DECISIONS.empty_table(), REGROUP.empty_table()
+            self._save(ctx, embeddings=source, clusters=0, embedded=0, no_embedding=alive.num_rows)
+            shutil.rmtree(work)
+            return
+        centroids = train_centroids(sample, k, self.iterations, ctx.seed)
+        np.save(work / "centroids.npy", centroids)
+        buckets = max(1, min(len(centroids), math.ceil(alive.num_rows / BUCKET_ROWS)))
+        jobs = [
+            {"path": str(f), "column": column, "alive": str(work / "alive.parquet"),
+             "centroids": str(work / "centroids.npy"), "buckets": buckets,
+             "out": str(work / "buckets"), "part": i}
+            for i, f in enumerate(files)
+        ]  # fmt: skip
+        embedded = sum(map_items(_assign_task, jobs, ctx.engine, "assign", progress))
+        folders = sorted((work / "buckets").glob("*")) if embedded else []
+        jobs = [{"dir": str(d), "threshold": 1.0 - self.epsilon} for d in folders]
+        done = map_items(_bucket_task, jobs, ctx.engine, "dedup clusters", progress)
+        self._decisions = pa.concat_tables([d for d, _ in done] or [DECISIONS.empty_table()])
+        clusters = pa.concat_tables([c for _, c in done] or [_CLUSTERS.empty_table()])
+        absorbed = self._decisions.filter(self._decisions["drop"])
+        old = [group_id(u) for u in absorbed["uid"].to_pylist()]
+        self._regroup = pa.table({"old": old, "new": absorbed["dup_group"]}, REGROUP)
+        self._save(
+            ctx,
+            embeddings=source,
+            clusters=len(centroids),
+            sample=len(sample),
+            embedded=embedded,
+            no_embedding=alive.num_rows - embedded,
+            groups=int(pc.count_distinct(self._decisions["dup_group"]).as_py()),
+            largest_cluster=int(pc.max(clusters["rows"]).as_py() or 0),
+        )
+        pq.write_table(clusters.sort_by("cluster"), ctx.out_dir / STATS / "clusters.parquet")
+        np.save(ctx.out_dir / STATS / "centroids.npy", centroids)
+        shutil.rmtree(work)
+
+    def _vector_files(self, ctx: StageContext, work: Path) -> tuple[list[Path], str, str]:
+        """Parquet files of (uid, vector) to read, the vector column, and where they came from."""
+        from curate.datacomp import MANIFEST, read_npz_embeddings
+
+        source = self.embeddings
+        clip_files = sorted((ctx.run_dir / CLIP_EMBEDDINGS).glob("*.parquet"))
+        has_clip = ctx.input_schema is not None and "clip_score" in ctx.input_schema.names
+        if source == "auto":
+            if has_clip and clip_files:
+                source = "clip"
+            elif ctx.ingest_dir is not None and (ctx.ingest_dir / MANIFEST).is_file():
+                source = "l14"
+            else:
+                raise ConfigError(
+                    f"stage {self.name}: no image embeddings: run a clip stage before it, or "
+                    "ingest DataComp metadata with its .npz files"
+                )
+        if source == "clip":
+            return clip_files, "image_embedding", source
+        folder = work / "npz"
+        folder.mkdir()
+        files = []
+        for i, table in enumerate(read_npz_embeddings(ctx.ingest_dir, f"{source}_img")):
+            files.append(folder / f"part-{i:05d}.parquet")
+            pq.write_table(table, files[-1])
+        return files, "embedding", f"{source}_img"
+
+
+_CLUSTERS = pa.schema([("cluster", pa.int32()), ("rows", pa.int64()), ("dropped", pa.int64())])
+
+
+def _sample(uids: pa.Array, size: int, seed: int) -> pa.Array:
+    """``size`` uids chosen by a seeded hash of each uid: the same rows whatever the file order."""
+    if size >= len(uids):
+        return uids
+    keys = uid_keys(uids.combine_chunks() if isinstance(uids, pa.ChunkedArray) else uids)
+    keys = (keys ^ np.uint64(seed & 0xFFFFFFFFFFFFFFFF)) * np.uint64(0xBF58476D1CE4E5B9)
+    return uids.take(pa.array(np.argpartition(keys, size - 1)[:size]))
+
+
+def _sorted_sample(parts: list[tuple[list[str], np.ndarray]]) -> np.ndarray:
+    """The sample's unit vectors in uid order (so k-means sees the same input every time)."""
+    uids = [u for p, _ in parts for u in p]
+    if not uids:
+        return np.zeros((0, 1), np.float32)
+    vectors = np.concatenate([v for _, v in parts])[np.argsort(np.asarray(uids, dtype=str))]
+    x = unit_rows(vectors, np.float32)
+    return x[np.isfinite(x).all(axis=1)]
+
+
+def _sample_task(item: dict) -> tuple[list[str], np.ndarray]:
+    wanted = pq.read_table(item["wanted"])["uid"]
+    uids, vectors = read_vectors(Path(item["path"]), item["column"], wanted)
+    return uids.to_pylist(), vectors
+
+
+def _assign_task(item: dict) -> int:
+    """Assign one file's alive rows to clusters; write them to their bucket's folder."""
+    alive = pq.read_table(item["alive"])
+    centroids = np.load(item["centroids"])
+    table = pq.read_table(item["path"], columns=["uid", item["column"]])
+    index = pc.index_in(table["uid"], value_set=alive["uid"])
+    keep = pc.and_(pc.is_valid(index), pc.is_valid(table[item["column"]]))
+    table, index = table.filter(keep), index.filter(keep)
+    if not table.num_rows:
+        return 0
+    from curate.clip_model import embedding_matrix
+
+    cluster = assign(unit_rows(embedding_matrix(table[item["column"]]), np.float32), centroids)
+    table = pa.table(
+        {
+            "uid": table["uid"],
+            "cluster": pa.array(cluster, pa.int32()),
+            "score": alive["score"].take(index),
+            "vector": table[item["column"]],
+        }
+    )
+    bucket = cluster % item["buckets"]
+    for b in np.unique(bucket):
+        folder = Path(item["out"]) / f"{b:05d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        rows = table.filter(pa.array(bucket == b))
+        pq.write_table(rows, folder / f"part-{item['part']:05d}.parquet")
+    return table.num_rows
+
+
+def _bucket_task(item: dict) -> tuple[pa.Table, pa.Table]:
+    """Deduplicate every cluster of one bucket; its decisions and per-cluster counts."""
+    from curate.clip_model import embedding_matrix
+
+    table = pq.read_table(item["dir"])
+    cluster = table["cluster"].to_numpy()
+    order = np.lexsort((survivor_rank(table["uid"], table["score"]), cluster))
+    table, cluster = table.take(pa.array(order)), cluster[order]
+    uids = table["uid"].to_pylist()
+    ids, starts, sizes = np.unique(cluster, return_index=True, return_counts=True)
+    absorbed_by: list[str | None] = [None] * len(uids)
+    dropped = []
+    for start, size in zip(starts, sizes):
+        x = unit_rows(embedding_matrix(table["vector"].slice(start, size)))
+        parent = absorbers(x, item["threshold"])
+        for j in np.flatnonzero(parent >= 0):
+            absorbed_by[start + j] = uids[start + parent[j]]
+        dropped.append(int((parent >= 0).sum()))
+    counts = pa.table({"cluster": ids, "rows": sizes, "dropped": dropped}, _CLUSTERS)
+    return _decisions_from_groups(uids, absorbed_by), counts
