@@ -37,6 +37,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from curate.clip_embed import DecodeSpec
 from curate.clip_model import (
     Preprocess,
     ResolvedModel,
@@ -89,10 +90,7 @@ class ClipStage(Stage):
         """Find the weights and build the model once here, before any stage runs."""
         if self.precomputed is not None:
             return
-        self._resolved = resolve_model(self.model, self.pretrained)
-        model = load_model(self._resolved)
-        self._preprocess = Preprocess.of(model)
-        self._dim = int(model.encode_text(_blank_tokens(self._resolved)).shape[-1])
+        self._resolved, self._preprocess, self._dim = prepare_model(self.model, self.pretrained)
 
     def run(self, ctx: StageContext) -> int:
         out = ctx.run_dir / EMBEDDINGS_DIR
@@ -126,8 +124,6 @@ class ClipStage(Stage):
     # --- with a model --------------------------------------------------------------------
 
     def _embed_images(self, ctx: StageContext, out: Path) -> dict:
-        from curate.clip_embed import DecodeSpec
-
         if not hasattr(self, "_resolved"):
             self.preflight()
         work = _chunks(ctx, out / "_work", self.batch_size)
@@ -200,6 +196,54 @@ class ClipStage(Stage):
             "model": self.model,
             "pretrained": self.pretrained,
         }
+
+
+def prepare_model(model: str, pretrained: str | None) -> tuple[ResolvedModel, Preprocess, int]:
+    """Resolve the weights and build the model once: its preprocessing and embedding width."""
+    resolved = resolve_model(model, pretrained)
+    built = load_model(resolved)
+    dim = int(built.encode_text(_blank_tokens(resolved)).shape[-1])
+    return resolved, Preprocess.of(built), dim
+
+
+def embed_images(
+    images: pa.Table, work: Path, prepared: tuple[ResolvedModel, Preprocess, int]
+) -> pa.Table:
+    """Embed a small table of (uid, image bytes) in this process: evaluation or reference sets.
+
+    The same decode and model code as the pool's, so a pool row and a set image
+    holding the same picture get the same vector. Returns uid, image_embedding
+    (null where the image could not be decoded) and clip_error.
+    """
+    import torch
+
+    work.mkdir(parents=True, exist_ok=True)
+    n = images.num_rows
+    source = work / "images.parquet"
+    pq.write_table(images.rename_columns(["uid", "image"]), source)
+    todo = pa.table(
+        {
+            "uid": images.column(0),
+            "caption": pa.nulls(n, pa.string()),
+            "shard": pa.array([str(source)] * n, pa.string()),
+            "column": pa.array(["image"] * n, pa.string()),
+            "row": pa.array(np.arange(n), pa.int64()),
+        }
+    )
+    pq.write_table(todo, work / "todo.parquet")
+    batch = 256
+    items = [
+        {"chunk": k, "todo": str(work / "todo.parquet"), "start": s, "stop": min(s + batch, n)}
+        for k, s in enumerate(range(0, n, batch))
+    ]
+    resolved, preprocess, _ = prepared
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    out = work / "embedded"
+    out.mkdir(exist_ok=True)
+    _embed_here(items, DecodeSpec(resolved, preprocess), (*prepared, device, "bf16"), out, False)
+    columns = ["uid", "image_embedding", "clip_error"]
+    parts = sorted(out.glob("*.parquet"))
+    return pa.concat_tables(pq.read_table(f, columns=columns) for f in parts)
 
 
 def _alive_uids(files: list[Path]) -> pa.Array:
