@@ -5,6 +5,12 @@
 3. within each cluster, rows in survivor order (best first) are kept unless
    their cosine similarity to an already-kept row exceeds ``1 − ε``.
 
+A duplicate pair split by a cluster boundary is the approximation's blind
+spot. Step 4 narrows it: each survivor of step 3 is also compared with the
+survivors of its second-nearest cluster, and the pairs found there join a
+graph on which the same rule runs (every survivor in order, kept unless a
+kept row is too close). A row absorbed in step 3 follows its absorber.
+
 Step 3 keeps one survivor per duplicate group. The reference SemDeDup code
 drops every row with a similar row *anywhere* earlier in the order, kept or
 not, which can drop a whole chain of near duplicates with nobody left to
@@ -53,17 +59,26 @@ def train_centroids(sample: np.ndarray, k: int, iterations: int, seed: int) -> n
     return np.ascontiguousarray(kmeans.centroids, dtype=np.float32)
 
 
-def assign(vectors: np.ndarray, centroids: np.ndarray) -> np.ndarray:
-    """Index of each row's nearest centroid (largest inner product; ties: lowest index)."""
+def assign(vectors: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's nearest and second-nearest centroid (inner product; ties: lowest index).
+
+    The second is -1 with a single centroid.
+    """
     x = np.nan_to_num(np.asarray(vectors, dtype=np.float32), nan=0.0)
-    out = np.empty(len(x), np.int32)
+    first = np.empty(len(x), np.int32)
+    second = np.full(len(x), -1, np.int32)
     block = np.zeros((ASSIGN_BLOCK, x.shape[1]), np.float32)
     for start in range(0, len(x), ASSIGN_BLOCK):
         rows = x[start : start + ASSIGN_BLOCK]
         block[: len(rows)] = rows
         block[len(rows) :] = 0
-        out[start : start + len(rows)] = np.argmax(block @ centroids.T, axis=1)[: len(rows)]
-    return out
+        sims = (block @ centroids.T)[: len(rows)]
+        best = np.argmax(sims, axis=1)
+        first[start : start + len(rows)] = best
+        if centroids.shape[0] > 1:
+            sims[np.arange(len(rows)), best] = -np.inf
+            second[start : start + len(rows)] = np.argmax(sims, axis=1)
+    return first, second
 
 
 def _exact(a: np.ndarray, b: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
@@ -118,4 +133,45 @@ def absorbers(x: np.ndarray, threshold: float) -> np.ndarray:
                 parent[start + local] = start + mates.min()
             else:
                 kept[start + local] = True
+    return parent
+
+
+def pairs_between(a: np.ndarray, b: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """(i, j) with exact cosine(a[i], b[j]) > threshold, for unit rows, block by block."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    a32, b32 = a.astype(np.float32), b.astype(np.float32)
+    found_i, found_j = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+    for start in range(0, len(a), BLOCK):
+        for c in range(0, len(b), KEPT_CHUNK):
+            rows, cols = _pairs_above(
+                a32[start : start + BLOCK],
+                b32[c : c + KEPT_CHUNK],
+                a[start : start + BLOCK],
+                b[c : c + KEPT_CHUNK],
+                threshold,
+            )
+            found_i.append(rows + start)
+            found_j.append(cols + c)
+    return np.concatenate(found_i), np.concatenate(found_j)
+
+
+def absorb_on_graph(order: list[str], edges: list[tuple[str, str]]) -> dict[str, str]:
+    """The same rule on a graph: nodes in survivor order, each absorbed by its best kept neighbour.
+
+    Returns absorbed node → absorber. Used across cluster boundaries, where the
+    candidate pairs are few and already known.
+    """
+    rank = {node: i for i, node in enumerate(order)}
+    neighbours: dict[str, list[str]] = {}
+    for u, v in edges:
+        neighbours.setdefault(u, []).append(v)
+        neighbours.setdefault(v, []).append(u)
+    kept: set[str] = set()
+    parent = {}
+    for node in order:
+        earlier = [m for m in neighbours.get(node, ()) if m in kept]
+        if earlier:
+            parent[node] = min(earlier, key=rank.__getitem__)
+        else:
+            kept.add(node)
     return parent

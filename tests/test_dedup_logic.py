@@ -76,6 +76,31 @@ def test_nan_and_zero_vectors_never_match():
     assert semdedup.absorbers(x, 0.95).tolist() == [-1, -1, -1, 0]
 
 
+def test_pairs_between_finds_every_pair_above_the_threshold(monkeypatch):
+    monkeypatch.setattr(semdedup, "BLOCK", 7)
+    monkeypatch.setattr(semdedup, "KEPT_CHUNK", 11)
+    rng = np.random.default_rng(5)
+    a = clustered(rng, 40, 30)
+    b = unit_rows(np.concatenate([a[:30] + 0.2 * rng.normal(size=(30, 16)), clustered(rng, 20, 5)]))
+    i, j = semdedup.pairs_between(a, b, 0.9)
+    expected = np.argwhere(a @ b.T > 0.9)
+    assert sorted(zip(i.tolist(), j.tolist())) == sorted(map(tuple, expected.tolist()))
+    assert len(expected) > 0
+
+
+def test_the_rule_on_a_graph_is_the_rule_on_vectors():
+    """Given every pair above the threshold as edges, the graph rule decides as ``absorbers``."""
+    x = clustered(np.random.default_rng(9), 60, 90)
+    names = [f"r{i:03d}" for i in range(len(x))]
+    i, j = np.nonzero(np.triu(x @ x.T, 1) > 0.95)
+    parent = semdedup.absorb_on_graph(names, [(names[a], names[b]) for a, b in zip(i, j)])
+    expected = semdedup.absorbers(x, 0.95)
+    assert parent == {names[k]: names[p] for k, p in enumerate(expected) if p >= 0}
+    # A chain: B joins A; C (close to B only) stays, as B is gone; D joins C.
+    edges = [("b", "a"), ("c", "b"), ("d", "c")]
+    assert semdedup.absorb_on_graph(list("abcde"), edges) == {"b": "a", "d": "c"}
+
+
 def test_survivor_order_is_score_then_uid_with_missing_scores_last():
     uids = ["b" * 32, "a" * 32, "c" * 32, "d" * 32, "e" * 32, "0" * 32]
     scores = np.array([0.5, 0.5, np.nan, 0.9, -0.0, np.nan])
@@ -87,11 +112,15 @@ def test_assignment_does_not_depend_on_the_batch():
     rng = np.random.default_rng(0)
     centroids = unit_rows(rng.normal(size=(40, 32)), np.float32)
     x = unit_rows(rng.normal(size=(3000, 32)), np.float32)
-    whole = semdedup.assign(x, centroids)
+    first, second = semdedup.assign(x, centroids)
     for size in (1, 7, 1024, 1500):
         parts = [semdedup.assign(x[i : i + size], centroids) for i in range(0, len(x), size)]
-        np.testing.assert_array_equal(np.concatenate(parts), whole)
-    np.testing.assert_array_equal(whole, np.argmax(x @ centroids.T, axis=1))
+        np.testing.assert_array_equal(np.concatenate([p[0] for p in parts]), first)
+        np.testing.assert_array_equal(np.concatenate([p[1] for p in parts]), second)
+    ranked = np.argsort(-(x @ centroids.T), axis=1, kind="stable")
+    np.testing.assert_array_equal(first, ranked[:, 0])
+    np.testing.assert_array_equal(second, ranked[:, 1])
+    assert (semdedup.assign(x, centroids[:1])[1] == -1).all()
 
 
 def test_kmeans_is_reproducible_from_the_seed():
@@ -131,9 +160,10 @@ def test_decisions_regroup_followers_and_leave_earlier_drops_alone():
     assert out["dup_group"][:4] == [group_id(u[0])] * 4 and out["dup_group"][4] is None
 
 
-def test_group_id_is_the_survivors_uid_prefix():
-    uid = "0123456789abcdef0123456789abcdef"
-    assert f"{group_id(uid):015x}" == uid[:15]
+def test_group_ids_differ_for_uids_that_share_a_prefix():
+    sequential = [f"{i:032x}" for i in range(10_000)]
+    ids = {group_id(u) for u in sequential}
+    assert len(ids) == len(sequential) and all(0 <= g < 2**63 for g in ids)
 
 
 def test_eval_sets_in_every_accepted_form(tmp_path):

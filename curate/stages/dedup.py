@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import shutil
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,11 +37,10 @@ from curate.dedup import (
     alive_scores,
     apply_decisions,
     group_id,
-    read_vectors,
     survivor_order,
     unit_rows,
 )
-from curate.semdedup import absorbers, assign, train_centroids
+from curate.semdedup import absorb_on_graph, absorbers, assign, pairs_between, train_centroids
 from curate.stages.base import MapStage, StageContext, register_stage
 from curate.stats import sql_paths
 from curate.tasks import map_items
@@ -54,18 +54,6 @@ STATS = "_stats"
 
 def _show_progress(ctx: StageContext) -> bool:
     return ctx.verbose or sys.__stderr__.isatty()
-
-
-def _decisions_from_groups(uids: list[str], absorbed_by: list[str | None]) -> pa.Table:
-    """Decision rows for the members of groups: absorbed rows drop, their absorbers survive."""
-    survivors = {s for s in absorbed_by if s is not None}
-    rows = [
-        (u, group_id(s if s is not None else u), s is not None)
-        for u, s in zip(uids, absorbed_by)
-        if s is not None or u in survivors
-    ]
-    uid, gid, drop = zip(*rows) if rows else ((), (), ())
-    return pa.table({"uid": list(uid), "dup_group": list(gid), "drop": list(drop)}, DECISIONS)
 
 
 class _DecidedStage(MapStage):
@@ -105,18 +93,13 @@ class ExactDedupStage(_DecidedStage):
 
     def plan(self, ctx: StageContext) -> None:
         dups = _same_sha256(ctx.input_files, self.score)
-        order = np.lexsort(
-            (
-                survivor_rank(dups["uid"], dups["score"]),
-                dups["sha256"].to_numpy(zero_copy_only=False),
-            )
-        )
-        sha = dups["sha256"].to_numpy(zero_copy_only=False)[order]
-        uids = np.asarray(dups["uid"].to_pylist(), dtype=object)[order]
+        sha = dups["sha256"].to_numpy(zero_copy_only=False)
+        order = np.lexsort((survivor_rank(dups["uid"], dups["score"]), sha))
+        sha, uids = sha[order], np.asarray(dups["uid"].to_pylist(), dtype=object)[order]
         starts = np.r_[True, sha[1:] != sha[:-1]] if len(sha) else np.zeros(0, bool)
         survivor = uids[np.maximum.accumulate(np.where(starts, np.arange(len(sha)), 0))]
-        absorbed_by = [None if s else v for s, v in zip(starts, survivor)]
-        self._decisions = _decisions_from_groups(list(uids), absorbed_by)
+        parents = pa.table({"uid": uids[~starts], "parent": survivor[~starts]}, _PARENTS)
+        self._decisions, self._regroup = _final_decisions(parents)
         self._save(ctx, groups=int(starts.sum()), rows_in_groups=len(uids))
 
 
@@ -186,16 +169,21 @@ class SemanticDedupStage(_DecidedStage):
         work = ctx.out_dir / "_work"
         work.mkdir(parents=True)
         progress = _show_progress(ctx)
+        clock = _Clock()
         alive = alive_scores(ctx.input_files, self.score)
         pq.write_table(alive, work / "alive.parquet")
         files, column, source = self._vector_files(ctx, work)
+        clock.lap("read")
         k = self.clusters or max(1, round(alive.num_rows / 1000))
         sample_size = min(alive.num_rows, k * self.sample_per_cluster)
         pq.write_table(pa.table({"uid": _sample(alive["uid"], sample_size, ctx.seed)}),
                        work / "sample.parquet")  # fmt: skip
-        read = [{"path": str(f), "column": column, "wanted": str(work / "sample.parquet")}
-                for f in files]  # fmt: skip
-        sample = _sorted_sample(map_items(_sample_task, read, ctx.engine, "sample", progress))
+        jobs = [{"path": str(f), "column": column, "alive": str(work / "alive.parquet"),
+                 "sample": str(work / "sample.parquet"),
+                 "out": str(work / "vectors" / f"part-{i:05d}.arrow")}
+                for i, f in enumerate(files)]  # fmt: skip
+        (work / "vectors").mkdir()
+        sample = _sorted_sample(map_items(_stage_task, jobs, ctx.engine, "read", progress))
         if not len(sample):  # no alive row has a usable embedding: nothing to compare
             self._decisions, self._regroup = DECISIONS.empty_table(), REGROUP.empty_table()
             self._save(ctx, embeddings=source, clusters=0, embedded=0, no_embedding=alive.num_rows)
@@ -203,22 +191,29 @@ class SemanticDedupStage(_DecidedStage):
             return
         centroids = train_centroids(sample, k, self.iterations, ctx.seed)
         np.save(work / "centroids.npy", centroids)
+        clock.lap("kmeans")
         buckets = max(1, min(len(centroids), math.ceil(alive.num_rows / BUCKET_ROWS)))
         jobs = [
-            {"path": str(f), "column": column, "alive": str(work / "alive.parquet"),
-             "centroids": str(work / "centroids.npy"), "buckets": buckets,
+            {"path": job["out"], "centroids": str(work / "centroids.npy"), "buckets": buckets,
              "out": str(work / "buckets"), "part": i}
-            for i, f in enumerate(files)
+            for i, job in enumerate(jobs)
         ]  # fmt: skip
         embedded = sum(map_items(_assign_task, jobs, ctx.engine, "assign", progress))
+        clock.lap("assign")
+        threshold = 1.0 - self.epsilon
         folders = sorted((work / "buckets").glob("*")) if embedded else []
-        jobs = [{"dir": str(d), "threshold": 1.0 - self.epsilon} for d in folders]
+        jobs = [{"dir": str(d), "threshold": threshold, "buckets": buckets,
+                 "out": str(work / "survivors")} for d in folders]  # fmt: skip
         done = map_items(_bucket_task, jobs, ctx.engine, "dedup clusters", progress)
-        self._decisions = pa.concat_tables([d for d, _ in done] or [DECISIONS.empty_table()])
+        parents = pa.concat_tables([p for p, _ in done] or [_PARENTS.empty_table()])
         clusters = pa.concat_tables([c for _, c in done] or [_CLUSTERS.empty_table()])
-        absorbed = self._decisions.filter(self._decisions["drop"])
-        old = [group_id(u) for u in absorbed["uid"].to_pylist()]
-        self._regroup = pa.table({"old": old, "new": absorbed["dup_group"]}, REGROUP)
+        clock.lap("within_clusters")
+        folders = sorted((work / "survivors").glob("*")) if len(centroids) > 1 else []
+        jobs = [{"dir": str(d), "threshold": threshold} for d in folders]
+        edges = map_items(_cross_task, jobs, ctx.engine, "across clusters", progress)
+        crossed = _absorb_across(pa.concat_tables(edges or [_EDGES.empty_table()]), alive)
+        self._decisions, self._regroup = _final_decisions(parents, crossed)
+        clock.lap("across_clusters")
         self._save(
             ctx,
             embeddings=source,
@@ -227,7 +222,9 @@ class SemanticDedupStage(_DecidedStage):
             embedded=embedded,
             no_embedding=alive.num_rows - embedded,
             groups=int(pc.count_distinct(self._decisions["dup_group"]).as_py()),
+            dropped_across_clusters=crossed.num_rows,
             largest_cluster=int(pc.max(clusters["rows"]).as_py() or 0),
+            seconds=clock.laps,
         )
         pq.write_table(clusters.sort_by("cluster"), ctx.out_dir / STATS / "clusters.parquet")
         np.save(ctx.out_dir / STATS / "centroids.npy", centroids)
@@ -256,12 +253,27 @@ class SemanticDedupStage(_DecidedStage):
         folder.mkdir()
         files = []
         for i, table in enumerate(read_npz_embeddings(ctx.ingest_dir, f"{source}_img")):
-            files.append(folder / f"part-{i:05d}.parquet")
-            pq.write_table(table, files[-1])
+            files.append(folder / f"part-{i:05d}.arrow")
+            _write_arrow(table, files[-1])
         return files, "embedding", f"{source}_img"
 
 
+class _Clock:
+    """Seconds per phase of a stage, for its manifest."""
+
+    def __init__(self):
+        self.laps: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name] = round(now - self._last, 2)
+        self._last = now
+
+
 _CLUSTERS = pa.schema([("cluster", pa.int32()), ("rows", pa.int64()), ("dropped", pa.int64())])
+_PARENTS = pa.schema([("uid", pa.string()), ("parent", pa.string())])
+_EDGES = pa.schema([("a", pa.string()), ("b", pa.string())])
 
 
 def _sample(uids: pa.Array, size: int, seed: int) -> pa.Array:
@@ -283,59 +295,164 @@ def _sorted_sample(parts: list[tuple[list[str], np.ndarray]]) -> np.ndarray:
     return x[np.isfinite(x).all(axis=1)]
 
 
-def _sample_task(item: dict) -> tuple[list[str], np.ndarray]:
-    wanted = pq.read_table(item["wanted"])["uid"]
-    uids, vectors = read_vectors(Path(item["path"]), item["column"], wanted)
-    return uids.to_pylist(), vectors
+def _write_arrow(table: pa.Table, path: Path) -> None:
+    """Work files are Arrow IPC: vectors go to disk and back as raw buffers (Parquet's nested
+    encoding of a fixed_size_list took most of the stage's time)."""
+    with pa.ipc.new_file(path, table.schema) as writer:
+        writer.write_table(table)
 
 
-def _assign_task(item: dict) -> int:
-    """Assign one file's alive rows to clusters; write them to their bucket's folder."""
+def _read_arrow(*paths: Path) -> pa.Table:
+    return pa.concat_tables(pa.ipc.open_file(p).read_all() for p in paths)
+
+
+def _read_source(path: Path, column: str) -> pa.Table:
+    if path.suffix == ".arrow":
+        return _read_arrow(path).select(["uid", column])
+    return pq.read_table(path, columns=["uid", column])
+
+
+def _stage_task(item: dict) -> tuple[list[str], np.ndarray]:
+    """One source file's alive rows with a vector → a work file (uid, score, vector);
+    returns the uids and vectors of its rows in the k-means sample."""
+    from curate.clip_model import embedding_matrix
+
     alive = pq.read_table(item["alive"])
-    centroids = np.load(item["centroids"])
-    table = pq.read_table(item["path"], columns=["uid", item["column"]])
+    table = _read_source(Path(item["path"]), item["column"])
     index = pc.index_in(table["uid"], value_set=alive["uid"])
     keep = pc.and_(pc.is_valid(index), pc.is_valid(table[item["column"]]))
     table, index = table.filter(keep), index.filter(keep)
-    if not table.num_rows:
-        return 0
+    table = pa.table(
+        {"uid": table["uid"], "score": alive["score"].take(index), "vector": table[item["column"]]}
+    )
+    _write_arrow(table, Path(item["out"]))
+    sampled = table.filter(pc.is_in(table["uid"], value_set=pq.read_table(item["sample"])["uid"]))
+    return sampled["uid"].to_pylist(), embedding_matrix(sampled["vector"])
+
+
+def _assign_task(item: dict) -> int:
+    """Assign one work file's rows to clusters; write them to their bucket's folder."""
     from curate.clip_model import embedding_matrix
 
-    cluster = assign(unit_rows(embedding_matrix(table[item["column"]]), np.float32), centroids)
-    table = pa.table(
-        {
-            "uid": table["uid"],
-            "cluster": pa.array(cluster, pa.int32()),
-            "score": alive["score"].take(index),
-            "vector": table[item["column"]],
-        }
-    )
-    bucket = cluster % item["buckets"]
-    for b in np.unique(bucket):
-        folder = Path(item["out"]) / f"{b:05d}"
-        folder.mkdir(parents=True, exist_ok=True)
-        rows = table.filter(pa.array(bucket == b))
-        pq.write_table(rows, folder / f"part-{item['part']:05d}.parquet")
+    table = _read_arrow(Path(item["path"]))
+    if not table.num_rows:
+        return 0
+    first, second = assign(unit_rows(embedding_matrix(table["vector"]), np.float32),
+                           np.load(item["centroids"]))  # fmt: skip
+    table = table.append_column("cluster", pa.array(first, pa.int32()))
+    table = table.append_column("second", pa.array(second, pa.int32()))
+    _write_buckets(table, first, item["buckets"], Path(item["out"]), f"part-{item['part']:05d}")
     return table.num_rows
 
 
+def _write_buckets(table: pa.Table, cluster: np.ndarray, buckets: int, out: Path, name: str):
+    """Rows into ``out/<cluster % buckets>/name.parquet``: a bucket's clusters, from every file."""
+    bucket = cluster % buckets
+    for b in np.unique(bucket):
+        folder = out / f"{b:05d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        _write_arrow(table.filter(pa.array(bucket == b)), folder / f"{name}.arrow")
+
+
 def _bucket_task(item: dict) -> tuple[pa.Table, pa.Table]:
-    """Deduplicate every cluster of one bucket; its decisions and per-cluster counts."""
+    """Deduplicate every cluster of one bucket: who absorbed whom, and per-cluster counts.
+
+    The survivors go on to the cross-cluster pass, each twice: at home (its
+    cluster) and as a guest in its second-nearest cluster (``at``).
+    """
     from curate.clip_model import embedding_matrix
 
-    table = pq.read_table(item["dir"])
+    table = _read_arrow(*sorted(Path(item["dir"]).glob("*.arrow")))
     cluster = table["cluster"].to_numpy()
     order = np.lexsort((survivor_rank(table["uid"], table["score"]), cluster))
     table, cluster = table.take(pa.array(order)), cluster[order]
     uids = table["uid"].to_pylist()
     ids, starts, sizes = np.unique(cluster, return_index=True, return_counts=True)
-    absorbed_by: list[str | None] = [None] * len(uids)
-    dropped = []
+    kept = np.ones(len(uids), bool)
+    absorbed, absorber, dropped = [], [], []
     for start, size in zip(starts, sizes):
         x = unit_rows(embedding_matrix(table["vector"].slice(start, size)))
         parent = absorbers(x, item["threshold"])
         for j in np.flatnonzero(parent >= 0):
-            absorbed_by[start + j] = uids[start + parent[j]]
+            absorbed.append(uids[start + j])
+            absorber.append(uids[start + parent[j]])
+        kept[start : start + size] = parent < 0
         dropped.append(int((parent >= 0).sum()))
-    counts = pa.table({"cluster": ids, "rows": sizes, "dropped": dropped}, _CLUSTERS)
-    return _decisions_from_groups(uids, absorbed_by), counts
+    survivors = table.filter(pa.array(kept))
+    second = survivors["second"].to_numpy()
+    name = Path(item["dir"]).name
+    for role, at in (("home", survivors["cluster"].to_numpy()), ("guest", second)):
+        rows = survivors.append_column("at", pa.array(at, pa.int32())).filter(pa.array(at >= 0))
+        _write_buckets(rows, at[at >= 0], item["buckets"], Path(item["out"]), f"{role}-{name}")
+    parents = pa.table({"uid": absorbed, "parent": absorber}, _PARENTS)
+    return parents, pa.table({"cluster": ids, "rows": sizes, "dropped": dropped}, _CLUSTERS)
+
+
+def _cross_task(item: dict) -> pa.Table:
+    """Pairs too close across a cluster boundary: in each cluster, guests against the home
+    survivors and against each other (guests from different clusters)."""
+    from curate.clip_model import embedding_matrix
+
+    table = _read_arrow(*sorted(Path(item["dir"]).glob("*.arrow")))
+    edges_a, edges_b = [], []
+    at = table["at"].to_numpy()
+    for c in np.unique(at):
+        here = table.filter(pa.array(at == c))
+        home = here["cluster"].to_numpy()
+        uids = np.asarray(here["uid"].to_pylist(), dtype=object)
+        x = unit_rows(embedding_matrix(here["vector"]))
+        guests, hosts = np.flatnonzero(home != c), np.flatnonzero(home == c)
+        if not len(guests):
+            continue
+        i, j = pairs_between(x[guests], x[hosts], item["threshold"])
+        edges_a += list(uids[guests[i]])
+        edges_b += list(uids[hosts[j]])
+        i, j = pairs_between(x[guests], x[guests], item["threshold"])
+        apart = home[guests[i]] != home[guests[j]]
+        i, j = i[apart & (i < j)], j[apart & (i < j)]
+        edges_a += list(uids[guests[i]])
+        edges_b += list(uids[guests[j]])
+    return pa.table({"a": edges_a, "b": edges_b}, _EDGES)
+
+
+def _absorb_across(edges: pa.Table, alive: pa.Table) -> pa.Table:
+    """Survivors absorbed by a survivor of another cluster (the rule, on the pairs found)."""
+    pairs = sorted(set(zip(edges["a"].to_pylist(), edges["b"].to_pylist())))
+    nodes = pa.array(sorted({u for pair in pairs for u in pair}), pa.string())
+    if not len(nodes):
+        return _PARENTS.empty_table()
+    scores = alive["score"].take(pc.index_in(nodes, value_set=alive["uid"]))
+    order = np.asarray(nodes.to_pylist(), dtype=object)[np.argsort(survivor_rank(nodes, scores))]
+    parent = absorb_on_graph(list(order), pairs)
+    return pa.table({"uid": list(parent), "parent": list(parent.values())}, _PARENTS)
+
+
+def _final_decisions(*parents: pa.Table) -> tuple[pa.Table, pa.Table]:
+    """Decisions and group renames from who absorbed whom (a row follows its absorber).
+
+    A row absorbed within its cluster by a survivor that was itself absorbed
+    across clusters joins the final survivor's group.
+    """
+    absorbed_by: dict[str, str] = {}
+    for table in parents:
+        absorbed_by.update(zip(table["uid"].to_pylist(), table["parent"].to_pylist()))
+
+    def final(uid: str) -> str:
+        while uid in absorbed_by:
+            uid = absorbed_by[uid]
+        return uid
+
+    survivors = sorted({final(u) for u in absorbed_by})
+    uids = list(absorbed_by) + survivors
+    groups = [group_id(final(u)) for u in uids]
+    decisions = pa.table(
+        {
+            "uid": uids,
+            "dup_group": groups,
+            "drop": [True] * len(absorbed_by) + [False] * len(survivors),
+        },
+        DECISIONS,
+    )
+    old = [group_id(u) for u in absorbed_by]
+    regroup = pa.table({"old": old, "new": groups[: len(absorbed_by)]}, REGROUP)
+    return decisions, regroup
