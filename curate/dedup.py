@@ -14,6 +14,7 @@ smallest uid.
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -30,13 +31,15 @@ ALIVE = pa.schema([("uid", pa.string()), ("score", pa.float32())])
 
 
 def group_id(uid: str) -> int:
-    """A duplicate group's id: its survivor's uid, first 15 hex digits, read as an integer.
+    """A duplicate group's id: a 63-bit hash of its survivor's uid.
 
-    So ``printf('%015x', dup_group)`` is the survivor's uid prefix, and groups
-    that later merge (an exact group's survivor absorbed by a semantic group)
-    can be renamed to the new survivor's id.
+    A hash of the whole uid, not a prefix: input uids may share prefixes
+    (sequential ones do). Groups that later merge (an exact group's survivor
+    absorbed by a semantic group) are renamed to the new survivor's id; the
+    survivor of group ``g`` is its row with ``keep``.
     """
-    return int(uid[:15], 16)
+    digest = hashlib.blake2b(uid.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 1
 
 
 def survivor_order(uids: list[str] | np.ndarray, scores: np.ndarray) -> np.ndarray:

@@ -1,6 +1,6 @@
 """Run a recipe: stages in order, each resumable, on Ray Data or in-process.
 
-This is the one module that imports ray. A stage's output goes to a temporary
+This module starts and stops Ray. A stage's output goes to a temporary
 folder, is renamed into place, then gets a ``_SUCCESS`` manifest (rows, params
 hash, timings); a re-run skips every stage whose manifest hash matches. The
 hash chains each stage's resolved parameters with its upstream hash, so
