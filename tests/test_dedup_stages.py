@@ -232,3 +232,35 @@ def test_missing_inputs_fail_before_the_work(tmp_path, pool):
         run_recipe(recipe_from_data(data, {}, "t"), no_sha, tmp_path / "c", engine="local")
     with pytest.raises(ValueError, match="epsilon"):
         semdedup_recipe(epsilon=0)
+
+
+@pytest.mark.slow
+def test_decontamination_on_datacomp_vectors_local_and_ray(pool, tmp_path, ray_local):
+    """Eval vectors: 30 pool vectors (10 exact, 20 slightly moved) and 20 unrelated ones."""
+    folder, truth = pool
+    rng = np.random.default_rng(4)
+    vectors = truth["vectors"].astype(np.float64)
+    picked = rng.choice(len(vectors), 30, replace=False)
+    moved = vectors[picked] + np.r_[np.zeros((10, DIM)), 0.02 * rng.normal(size=(20, DIM))]
+    unrelated = 3 * rng.normal(size=(20, DIM))
+    eval_set = tmp_path / "eval.parquet"
+    rows = np.concatenate([moved, unrelated])
+    pq.write_table(pa.table({"image_embedding": rows.tolist()}), eval_set)
+    stages = [
+        {"stage": "ingest"},
+        {"stage": "clip", "precomputed": "l14"},
+        {"stage": "decontaminate", "eval_set": str(eval_set), "threshold": 0.99},
+    ]
+    ledgers = {}
+    for engine in ("local", "ray"):
+        run = tmp_path / engine
+        run_recipe(
+            recipe_from_data({"name": "t", "stages": stages}, {}, "t"), folder, run, engine=engine
+        )
+        ledgers[engine] = pq.read_table(run / "ledger", columns=["uid", "keep", "dropped_by"])
+    assert ledgers["local"].equals(ledgers["ray"])
+    x = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    e = rows / np.linalg.norm(rows, axis=1, keepdims=True)
+    expected = {truth["uids"][i] for i in np.flatnonzero((x @ e.T).max(axis=1) >= 0.99)}
+    dropped = {r["uid"] for r in ledgers["local"].to_pylist() if r["dropped_by"] == "decontaminate"}
+    assert dropped == expected and {truth["uids"][i] for i in picked} <= dropped

@@ -167,9 +167,26 @@ def _read_eval_set(path: Path) -> pa.Table:
         table = table.set_column(  # Hugging Face datasets' Image feature: {bytes, path}
             table.schema.get_field_index(column), column, pc.struct_field(table[column], "bytes")
         )
+    if column in VECTOR_COLUMNS:
+        table = table.set_column(
+            table.schema.get_field_index(column), column, _fixed_size(table[column], path)
+        )
     named = next((c for c in ("uid", "path", "name") if c in table.column_names), None)
     names = table[named].cast(pa.string()) if named else pa.array(map(str, range(len(table))))
     return pa.table({"name": names, column: table[column]})
+
+
+def _fixed_size(vectors: pa.ChunkedArray, path: Path) -> pa.ChunkedArray:
+    """Vectors as fixed_size_list (a plain list column is accepted if all rows are as long)."""
+    kind = vectors.type
+    if pa.types.is_fixed_size_list(kind):
+        return vectors
+    if not (pa.types.is_list(kind) or pa.types.is_large_list(kind)):
+        raise ConfigError(f"eval_set {path}: vectors of type {kind}; expected lists of floats")
+    lengths = pc.unique(pc.list_value_length(vectors).drop_null()).to_pylist()
+    if len(lengths) != 1:
+        raise ConfigError(f"eval_set {path}: vectors of different lengths {sorted(lengths)[:5]}")
+    return vectors.cast(pa.list_(kind.value_type, lengths[0]))
 
 
 def _match_task(item: dict) -> pa.Table:
