@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -14,8 +15,14 @@ def _run(args: argparse.Namespace) -> int:
     from curate.recipe import load_recipe
     from curate.report import download_table, funnel_table, write_report
     from curate.runner import StageResult, run_recipe
+    from curate.submission import UIDS_FILE, kept_uids, write_uids
 
-    recipe = load_recipe(args.recipe, args.set)
+    overrides = list(args.set)
+    if args.input_uids:
+        if not Path(args.input_uids).is_file():
+            raise ConfigError(f"--input-uids {args.input_uids}: no such file")
+        overrides.append(f"ingest.uids={json.dumps(str(Path(args.input_uids).resolve()))}")
+    recipe = load_recipe(args.recipe, overrides)
     if not Path(args.input).exists():
         raise ConfigError(f"--input {args.input}: no such file or folder")
     if Path(args.output).exists() and not Path(args.output).is_dir():
@@ -48,6 +55,7 @@ def _run(args: argparse.Namespace) -> int:
         on_stage=show,
     )
     report = write_report(recipe, result)
+    kept = write_uids(kept_uids(result.ledger_files), result.run_dir / UIDS_FILE)
     if not args.quiet:
         print()
         print(funnel_table(report))
@@ -55,6 +63,21 @@ def _run(args: argparse.Namespace) -> int:
             print()
             print(download_table(report["download"]))
         print(f"\nledger: {result.run_dir / 'ledger'}   report: {result.run_dir / 'report.md'}")
+        print(f"kept uids (DataComp format): {result.run_dir / UIDS_FILE} ({kept:,})")
+    return 0
+
+
+def _export_uids(args: argparse.Namespace) -> int:
+    from curate.runner import ledger_files
+    from curate.submission import UIDS_FILE, kept_uids, write_uids
+
+    ledger = Path(args.run) / "ledger"
+    files = ledger_files(ledger)
+    if not files:
+        raise ConfigError(f"{args.run}: no ledger/ (is it a run folder?)")
+    out = Path(args.output) if args.output else Path(args.run) / UIDS_FILE
+    kept = write_uids(kept_uids(files), out)
+    print(f"{kept:,} kept uids → {out}")
     return 0
 
 
@@ -152,10 +175,21 @@ def build_parser() -> argparse.ArgumentParser:
         default="ray",
         help="ray (default) or local: the same batch functions in this process",
     )
+    run.add_argument(
+        "--input-uids",
+        default=None,
+        metavar="UIDS.npy",
+        help="restrict the run to a DataComp subset (sorted u8,u8 uids); other rows are dropped",
+    )
     noise = run.add_mutually_exclusive_group()
     noise.add_argument("--quiet", action="store_true", help="print nothing but errors")
     noise.add_argument("--verbose", action="store_true", help="show Ray's logs and progress")
     run.set_defaults(func=_run)
+
+    uids = sub.add_parser("export-uids", help="write a run's kept uids as DataComp's uids.npy")
+    uids.add_argument("run", help="a run folder")
+    uids.add_argument("--output", default=None, help="the .npy file (default: RUN/uids.npy)")
+    uids.set_defaults(func=_export_uids)
 
     insp = sub.add_parser("inspect", help="print a run's funnel and examples per drop reason")
     insp.add_argument("run", help="a run folder")

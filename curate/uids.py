@@ -38,7 +38,7 @@ def _is_in(data: np.ndarray, first: int, count: int) -> np.ndarray:
     return (data - np.uint8(first)) < count
 
 
-def _fixed_width(values: pa.Array) -> np.ndarray | None:
+def fixed_width(values: pa.Array) -> np.ndarray | None:
     """The uid bytes as an (n, 32) uint8 view, or None unless every value is 32 bytes."""
     n = len(values)
     if n == 0 or values.null_count:
@@ -54,7 +54,7 @@ def normalise_uids(values: pa.Array, path: Path, row0: int) -> pa.Array:
     if not is_text(values.type):
         raise IngestError(f"{path}: uid column has type {values.type}; uids are 32 hex digits")
     values = as_string(values)
-    data = _fixed_width(values)
+    data = fixed_width(values)
     if data is None:
         return _slow_uids(values, path, row0)
     # Range checks, not a 256-entry lookup table: numpy's fancy indexing over 32
@@ -86,7 +86,7 @@ def uid_keys(uids: pa.Array) -> np.ndarray:
     The 32 ASCII bytes are read as four 64-bit words and mixed so that each step
     is a bijection in the next word: uids that differ in one word never collide.
     """
-    data = _fixed_width(uids)
+    data = fixed_width(uids)
     if data is None:
         return np.empty(0, np.uint64)
     words = np.ascontiguousarray(data).view(np.uint64)  # (n, 4)

@@ -44,6 +44,7 @@ from curate.readers import (
 )
 from curate.schema import LEDGER_SCHEMA, ledger_type, uids_for
 from curate.stages.base import Stage, StageContext, register_stage
+from curate.submission import load_subset, uids_in
 from curate.uids import UidCheck, normalise_uids
 
 __all__ = ["IngestError", "IngestStage"]
@@ -66,6 +67,7 @@ class IngestPlan:
     schema: pa.Schema  # of the ledger parts: core columns, pass-through columns, decisions
     passthrough: list[pa.Field]  # the other input columns, typed once for all files
     npz: list[dict] = field(default_factory=list)  # DataComp: one manifest entry per source
+    subset: np.ndarray | None = None  # search keys of the uids a run is restricted to
 
 
 @register_stage("ingest")
@@ -81,6 +83,9 @@ class IngestStage(Stage):
     # Of the ledger parts. "none" is fastest: on a 10^6-row DataComp pool, snappy
     # made the parts 27 % smaller and ingest ~0.3 s slower (CPU) per 10^6 rows.
     compression: Literal["none", "snappy", "zstd"] = "none"
+    # A DataComp uid file (``curate run --input-uids``): rows whose uid it does not list are
+    # dropped here, with dropped_by "input_uids".
+    uids: str | None = None
     _plan: tuple | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -109,7 +114,7 @@ class IngestStage(Stage):
         plan = self.plan(ctx)
         started = time.perf_counter()
         writer = PartWriter(Path(ctx.out_dir), plan.schema, self.rows_per_file, self.compression)
-        first_rows, total, caption_errors = [], 0, 0
+        first_rows, total, caption_errors, outside = [], 0, 0, 0
         uid_check = UidCheck()
         # One batch is written (in C++, without the GIL) while the next is read and
         # converted; waiting for it before submitting another keeps memory bounded.
@@ -120,6 +125,7 @@ class IngestStage(Stage):
                     first_rows.append(total)
                     for batch in iter_batches(source, BATCH_ROWS):
                         out, bad = _to_ledger(batch, source, plan, total - first_rows[-1])
+                        outside += out.num_rows - int(pc.sum(out.column("keep")).as_py() or 0)
                         caption_errors += bad
                         uid_check.add(out.column(0))
                         total += batch.num_rows
@@ -143,9 +149,16 @@ class IngestStage(Stage):
             format=plan.format,
             uids="input" if plan.uid else "computed",
             invalid_utf8_captions=caption_errors,
+            **self._subset_counters(plan, writer.rows, outside),
             seconds=round(time.perf_counter() - started, 3),
         )
         return writer.rows
+
+    def _subset_counters(self, plan: IngestPlan, rows: int, outside: int) -> dict:
+        if plan.subset is None:
+            return {}
+        inside = rows - outside
+        return {"outside_input_uids": outside, "input_uids_not_in_pool": len(plan.subset) - inside}
 
     # --- planning
 
@@ -165,7 +178,10 @@ class IngestStage(Stage):
             + [LEDGER_SCHEMA.field(n) for n in ("keep", "dropped_by")]
         )
         npz = [datacomp.npz_entry(s.path, s.rows) for s in sources] if fmt == "datacomp" else []
-        return IngestPlan(fmt, sources, self.url_column, caption, uid, schema, passthrough, npz)
+        subset = None if self.uids is None else load_subset(Path(self.uids))
+        return IngestPlan(
+            fmt, sources, self.url_column, caption, uid, schema, passthrough, npz, subset
+        )
 
 
 def discover(path: Path, fmt: str) -> tuple[list[Path], str]:
@@ -285,7 +301,11 @@ def _to_ledger(
         if pa.types.is_string(values.type) or pa.types.is_large_string(values.type):
             values, _ = repair_utf8(values)  # pass-through text: repaired, not flagged
         arrays.append(values if values.type == f.type else _cast(values, f, source.path, row0))
-    arrays += [pa.array(np.ones(n, dtype=bool)), pa.nulls(n, pa.string())]
+    if plan.subset is None:
+        arrays += [pa.array(np.ones(n, dtype=bool)), pa.nulls(n, pa.string())]
+    else:
+        keep = uids_in(uid, plan.subset)
+        arrays += [pa.array(keep), pc.if_else(pa.array(keep), None, "input_uids")]
     errors = 0 if bad is None else pc.sum(bad).as_py()
     return pa.RecordBatch.from_arrays(arrays, schema=plan.schema), errors
 
