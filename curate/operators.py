@@ -35,6 +35,8 @@ class FitContext:
     stats_dir: Path  # an empty folder owned by this operator
     seed: int = 0
     run_dir: Path | None = None  # the run folder (embeddings/ and images/ sit there)
+    ingest_dir: Path | None = None  # the ingest stage's output (DataComp .npz manifest)
+    input_path: Path | None = None  # the user's --input (relative paths are looked up beside it)
 
 
 class Operator:

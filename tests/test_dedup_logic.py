@@ -168,34 +168,34 @@ def test_group_ids_differ_for_uids_that_share_a_prefix():
 
 def test_eval_sets_in_every_accepted_form(tmp_path):
     from curate.config import ConfigError
-    from curate.stages.decontaminate import _find, _read_eval_set
+    from curate.stages.decontaminate import find_beside_input, read_image_set
 
     pool = tmp_path / "pool"
     (pool / "eval" / "sub").mkdir(parents=True)
     (pool / "eval" / "b.jpg").write_bytes(b"jpeg b")
     (pool / "eval" / "sub" / "a.PNG").write_bytes(b"png a")
     (pool / "eval" / "notes.txt").write_text("not an image")
-    found = _find("eval", pool / "urls.parquet")  # relative: beside the input first
+    found = find_beside_input("eval", pool / "urls.parquet")  # relative: beside the input first
     assert found == pool / "eval"
-    table = _read_eval_set(found)
+    table = read_image_set(found)
     assert table.to_pydict() == {"name": ["b.jpg", "sub/a.PNG"], "image": [b"jpeg b", b"png a"]}
 
     hf = tmp_path / "hf.parquet"  # Hugging Face datasets' Image feature: a {bytes, path} struct
     pq.write_table(pa.table({"image": [{"bytes": b"x", "path": "p.jpg"}], "path": ["p.jpg"]}), hf)
-    assert _read_eval_set(hf).to_pydict() == {"name": ["p.jpg"], "image": [b"x"]}
+    assert read_image_set(hf).to_pydict() == {"name": ["p.jpg"], "image": [b"x"]}
 
     vectors = tmp_path / "vectors.parquet"
     pq.write_table(pa.table({"image_embedding": [[1.0, 0.0], [0.0, 1.0]]}), vectors)
-    assert _read_eval_set(vectors)["name"].to_pylist() == ["0", "1"]
+    assert read_image_set(vectors)["name"].to_pylist() == ["0", "1"]
 
     with pytest.raises(ConfigError, match="no such file"):
-        _find("missing", pool / "urls.parquet")
+        find_beside_input("missing", pool / "urls.parquet")
     with pytest.raises(ConfigError, match="needs one of the columns"):
         pq.write_table(pa.table({"text": ["a"]}), tmp_path / "text.parquet")
-        _read_eval_set(tmp_path / "text.parquet")
+        read_image_set(tmp_path / "text.parquet")
     with pytest.raises(ConfigError, match="not a folder or a readable Parquet"):
         (tmp_path / "junk.parquet").write_bytes(b"junk")
-        _read_eval_set(tmp_path / "junk.parquet")
+        read_image_set(tmp_path / "junk.parquet")
     with pytest.raises(ConfigError, match="no image files"):
         (tmp_path / "empty").mkdir()
-        _read_eval_set(tmp_path / "empty")
+        read_image_set(tmp_path / "empty")

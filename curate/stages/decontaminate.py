@@ -39,7 +39,7 @@ from curate.stages.clip import EMBEDDINGS_DIR, MODEL_FILE, embed_images, prepare
 from curate.stages.dedup import STATS, _DecidedStage, _show_progress
 from curate.tasks import map_items
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 IMAGE_COLUMNS = ("image", "jpg", "png", "webp")
 VECTOR_COLUMNS = ("image_embedding", "embedding")
 MATCHES = pa.schema([("uid", pa.string()), ("eval_index", pa.int64()), ("cosine", pa.float64())])
@@ -99,8 +99,11 @@ class DecontaminateStage(_DecidedStage):
 
     def _eval_vectors(self, ctx: StageContext, work: Path) -> tuple[list[str], np.ndarray]:
         """The evaluation set's names and image vectors (embedded here when they are images)."""
-        path = _find(self.eval_set, ctx.input_path)
-        table = _read_eval_set(path)
+        try:
+            path = find_beside_input(self.eval_set, ctx.input_path)
+            table = read_image_set(path)
+        except ConfigError as exc:
+            raise ConfigError(f"stage {self.name}: eval_set: {exc}") from exc
         if not table.num_rows:
             raise ConfigError(f"eval_set {path}: it holds no rows")
         vector = next((c for c in VECTOR_COLUMNS if c in table.column_names), None)
@@ -131,7 +134,8 @@ def _distinct(matches: pa.Table) -> int:
     return int(pc.count_distinct(matches["eval_item"]).as_py()) if matches.num_rows else 0
 
 
-def _find(eval_set: str, input_path: Path | None) -> Path:
+def find_beside_input(eval_set: str, input_path: Path | None) -> Path:
+    """A set's path; a relative one is looked up beside the run's input first."""
     path = Path(eval_set).expanduser()
     if not path.is_absolute() and input_path is not None:
         base = Path(input_path)
@@ -139,30 +143,28 @@ def _find(eval_set: str, input_path: Path | None) -> Path:
         if beside.exists():
             return beside
     if not path.exists():
-        raise ConfigError(f"eval_set {eval_set!r}: no such file or folder")
+        raise ConfigError(f"{eval_set!r}: no such file or folder")
     return path
 
 
-def _read_eval_set(path: Path) -> pa.Table:
+def read_image_set(path: Path) -> pa.Table:
     """(name, image bytes) or (name, vector): images of a folder, or a Parquet file's rows."""
     if path.is_dir():
         files = sorted(
             p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
         )
         if not files:
-            raise ConfigError(f"eval_set {path}: no image files ({', '.join(IMAGE_SUFFIXES)})")
+            raise ConfigError(f"{path}: no image files ({', '.join(IMAGE_SUFFIXES)})")
         names = [str(p.relative_to(path)) for p in files]
         return pa.table({"name": names, "image": [p.read_bytes() for p in files]})
     try:
         table = pq.read_table(path)
     except (OSError, pa.ArrowInvalid) as exc:
-        raise ConfigError(
-            f"eval_set {path}: not a folder or a readable Parquet file: {exc}"
-        ) from exc
+        raise ConfigError(f"{path}: not a folder or a readable Parquet file: {exc}") from exc
     column = next((c for c in (*VECTOR_COLUMNS, *IMAGE_COLUMNS) if c in table.column_names), None)
     if column is None:
         wanted = ", ".join((*VECTOR_COLUMNS, *IMAGE_COLUMNS))
-        raise ConfigError(f"eval_set {path}: needs one of the columns {wanted}")
+        raise ConfigError(f"{path}: needs one of the columns {wanted}")
     if column in IMAGE_COLUMNS and pa.types.is_struct(table[column].type):
         table = table.set_column(  # Hugging Face datasets' Image feature: {bytes, path}
             table.schema.get_field_index(column), column, pc.struct_field(table[column], "bytes")
@@ -182,10 +184,10 @@ def _fixed_size(vectors: pa.ChunkedArray, path: Path) -> pa.ChunkedArray:
     if pa.types.is_fixed_size_list(kind):
         return vectors
     if not (pa.types.is_list(kind) or pa.types.is_large_list(kind)):
-        raise ConfigError(f"eval_set {path}: vectors of type {kind}; expected lists of floats")
+        raise ConfigError(f"{path}: vectors of type {kind}; expected lists of floats")
     lengths = pc.unique(pc.list_value_length(vectors).drop_null()).to_pylist()
     if len(lengths) != 1:
-        raise ConfigError(f"eval_set {path}: vectors of different lengths {sorted(lengths)[:5]}")
+        raise ConfigError(f"{path}: vectors of different lengths {sorted(lengths)[:5]}")
     return vectors.cast(pa.list_(kind.value_type, lengths[0]))
 
 

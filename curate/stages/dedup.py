@@ -176,7 +176,7 @@ class SemanticDedupStage(_DecidedStage):
         clock.lap("read")
         k = self.clusters or max(1, round(alive.num_rows / 1000))
         sample_size = min(alive.num_rows, k * self.sample_per_cluster)
-        pq.write_table(pa.table({"uid": _sample(alive["uid"], sample_size, ctx.seed)}),
+        pq.write_table(pa.table({"uid": hashed_sample(alive["uid"], sample_size, ctx.seed)}),
                        work / "sample.parquet")  # fmt: skip
         jobs = [{"path": str(f), "column": column, "alive": str(work / "alive.parquet"),
                  "sample": str(work / "sample.parquet"),
@@ -276,7 +276,7 @@ _PARENTS = pa.schema([("uid", pa.string()), ("parent", pa.string())])
 _EDGES = pa.schema([("a", pa.string()), ("b", pa.string())])
 
 
-def _sample(uids: pa.Array, size: int, seed: int) -> pa.Array:
+def hashed_sample(uids: pa.Array, size: int, seed: int) -> pa.Array:
     """``size`` uids chosen by a seeded hash of each uid: the same rows whatever the file order."""
     if size >= len(uids):
         return uids

@@ -121,7 +121,16 @@ class FilterStage(MapStage):
             kind = "annotator" if isinstance(op, Annotator) else "filter"
             stats_dir = ctx.out_dir / "_stats" / f"{kind}-{op.name}"
             stats_dir.mkdir(parents=True, exist_ok=True)
-            op.fit(FitContext(ctx.input_files, stats_dir, ctx.seed, ctx.run_dir))
+            op.fit(
+                FitContext(
+                    ctx.input_files,
+                    stats_dir,
+                    ctx.seed,
+                    ctx.run_dir,
+                    ctx.ingest_dir,
+                    ctx.input_path,
+                )
+            )
         self._fitted_annotators = annotators
         self._ready = None  # set up again, per worker, with these fitted statistics
 
