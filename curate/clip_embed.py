@@ -83,7 +83,7 @@ def _clean_caption(text: str, context_length: int) -> str:
     return " ".join(text.split())[: CHARS_PER_TOKEN * context_length]
 
 
-def _image_bytes(todo: pa.Table) -> list[bytes | None]:
+def read_image_bytes(todo: pa.Table) -> list[bytes | None]:
     """The downloaded bytes of each todo row, reading only the row groups that hold them."""
     out: list[bytes | None] = [None] * todo.num_rows
     shards = todo["shard"].to_pylist()
@@ -113,7 +113,7 @@ def decode_chunk(item: pa.Table, spec: DecodeSpec) -> pa.Table:
     steps, tokenizer = _tools(spec)
     todo = pq.read_table(work["todo"]).slice(work["start"], work["stop"] - work["start"])
     crops, errors = [], []
-    for data in _image_bytes(todo):
+    for data in read_image_bytes(todo):
         if isinstance(data, Exception):
             crop, error = b"", f"decode: {data}"
         else:

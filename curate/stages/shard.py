@@ -1,29 +1,62 @@
-"""The shard stage: kept rows as Parquet shards of a fixed row count.
+"""The shard stage: kept rows as Parquet (or WebDataset) shards of a fixed row count.
 
 Shards are what the trainer and users consume: plain Parquet, readable by
 pyarrow, DuckDB, Ray Data and HF ``datasets``. Rows keep the ledger's order, so
 the same ledger always gives byte-identical shards. The decision columns
 (``keep``, ``dropped_by``, ``caption_error``) are dropped: every shard row is kept.
+
+After a download stage each row also carries its image, joined by uid from
+``RUN/images/``, as a struct column ``image`` {bytes, path} declared an
+``Image`` feature in the ``huggingface`` schema metadata: HF ``datasets``
+decodes it to PIL images, every other reader sees plain bytes (``image.bytes``).
+Memory stays bounded: the only global step is a uid → (image shard, row) index
+built from the image shards' uid columns; bytes are then read one row group of
+output at a time, and only the source row groups that hold them.
+
+``format: webdataset`` writes ``shard-NNNNN.tar`` instead, one sample per row
+(``{uid}.jpg``, ``.txt``, ``.json``) and ``sizes.json``: what open_clip's trainer
+reads (``src/open_clip_train/data.py``).
 """
 
 from __future__ import annotations
 
+import io
+import json
+import sys
+import tarfile
+import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import ClassVar
+from pathlib import Path
+from typing import ClassVar, Literal
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from curate.clip_embed import read_image_bytes
+from curate.config import ConfigError
 from curate.stages.base import Stage, StageContext, register_stage
+from curate.stages.clip import IMAGE_COLUMNS
+from curate.stages.download import IMAGES_DIR, image_shards
 
 DECISION_COLUMNS = ("keep", "dropped_by", "caption_error")
+#: Rows per Parquet row group of image shards: the images of one group are all that is
+#: in memory at a time, and a reader can fetch a few rows without the whole file.
+ROWS_PER_GROUP = 1_000
+#: HF ``datasets``' own layout of an Image feature (``datasets.Image().pa_type``).
+IMAGE_TYPE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+#: Only the image column is declared: ``datasets`` derives the others from their Arrow
+#: types, so no version-specific feature JSON (``Sequence`` vs ``List``) is written.
+HF_METADATA = json.dumps({"info": {"features": {"image": {"_type": "Image"}}}})
 
 
 @register_stage("shard")
 @dataclass
 class ShardStage(Stage):
     rows_per_shard: int = 10_000
+    format: Literal["parquet", "webdataset"] = "parquet"
 
     produces_ledger: ClassVar[bool] = False
     output_dir: ClassVar[str] = "shards"
@@ -32,24 +65,227 @@ class ShardStage(Stage):
         if self.rows_per_shard < 1:
             raise ValueError("rows_per_shard must be at least 1")
 
+    def columns_after(self, columns: set[str]) -> set[str]:
+        if self.format == "webdataset" and "status" not in columns:
+            raise ConfigError(f"stage {self.name}: webdataset shards need a download stage")
+        return columns
+
     def run(self, ctx: StageContext) -> int:
-        pending: list[pa.Table] = []
-        pending_rows = written = shard = 0
-        for path in ctx.input_files:  # one ledger file (~10^5 rows) in memory at a time
-            table = pq.read_table(path)
-            table = table.filter(pc.fill_null(table["keep"], False))
-            table = table.drop_columns([c for c in DECISION_COLUMNS if c in table.column_names])
-            if table.num_rows:
-                pending.append(table)
-                pending_rows += table.num_rows
-            while pending_rows >= self.rows_per_shard or (
-                path == ctx.input_files[-1] and pending_rows
-            ):
-                rows = min(pending_rows, self.rows_per_shard)
-                merged = pa.concat_tables(pending, promote_options="permissive")
-                pq.write_table(merged.slice(0, rows), ctx.out_dir / f"shard-{shard:05d}.parquet")
-                pending = [merged.slice(rows)]
-                pending_rows -= rows
-                written += rows
-                shard += 1
+        downloaded = ctx.input_schema is not None and "status" in ctx.input_schema.names
+        images = ImageIndex.build(ctx.run_dir / IMAGES_DIR, ctx.input_files) if downloaded else None
+        progress = _Progress(_count_kept(ctx.input_files), ctx.verbose or sys.__stderr__.isatty())
+        group = ROWS_PER_GROUP if images is not None else self.rows_per_shard
+        tar = self.format == "webdataset"
+        written, sizes = 0, {}
+        kept = _kept_tables(ctx.input_files)
+        for number, shard in enumerate(_exact_batches(kept, self.rows_per_shard)):
+            name = f"shard-{number:05d}.{'tar' if tar else 'parquet'}"
+            schema = _shard_schema(shard.schema, images is not None)
+            pieces = _with_images(shard, schema, written, group, images, progress)
+            if tar:
+                _write_tar(ctx.out_dir / name, pieces)
+            else:
+                _write_parquet(ctx.out_dir / name, schema, pieces)
+            sizes[name] = shard.num_rows
+            written += shard.num_rows
+        if tar:  # open_clip reads the dataset size from here (no --train-num-samples needed)
+            (ctx.out_dir / "sizes.json").write_text(json.dumps(sizes, indent=1))
+        progress.close()
         return written
+
+
+# --- kept rows -----------------------------------------------------------------------------
+
+
+def _kept_tables(files: list[Path]) -> Iterator[pa.Table]:
+    """Each ledger file's kept rows; one file (~10^5 rows) in memory at a time."""
+    for path in files:
+        table = pq.read_table(path)
+        table = table.filter(pc.fill_null(table["keep"], False))
+        yield table.drop_columns([c for c in DECISION_COLUMNS if c in table.column_names])
+
+
+def _count_kept(files: list[Path]) -> int:
+    return sum(
+        pc.sum(pc.fill_null(pq.read_table(f, columns=["keep"])["keep"], False)).as_py() or 0
+        for f in files
+    )
+
+
+def _exact_batches(tables: Iterable[pa.Table], size: int) -> Iterator[pa.Table]:
+    """Tables of exactly ``size`` rows (the last: what is left), across table boundaries."""
+    pending: list[pa.Table] = []
+    rows = 0
+    for table in tables:
+        pending.append(table)
+        rows += table.num_rows
+        while rows >= size:
+            merged = pa.concat_tables(pending, promote_options="permissive")
+            yield merged.slice(0, size)
+            pending, rows = [merged.slice(size)], rows - size
+    if rows:
+        yield pa.concat_tables(pending, promote_options="permissive")
+
+
+# --- image bytes ---------------------------------------------------------------------------
+
+
+@dataclass
+class ImageIndex:
+    """Where each kept row's image is: an image shard and a row in it (-1: nowhere).
+
+    Built once from the uid columns alone, in the order of the kept rows, so a
+    run of 10^7 images costs a few hundred MB here and no image bytes.
+    """
+
+    folder: Path
+    shards: list[str]
+    columns: list[str]  # each shard's image column (jpg, png or webp): also the extension
+    shard_of: np.ndarray  # int32 per kept row
+    row_of: np.ndarray  # int64 per kept row
+
+    @classmethod
+    def build(cls, folder: Path, ledger: list[Path]) -> ImageIndex:
+        shards, columns, uids, shard_ids, rows = [], [], [], [], []
+        for path in image_shards(folder):
+            column = next((c for c in IMAGE_COLUMNS if c in pq.read_schema(path).names), None)
+            if column is None:
+                continue
+            found = pq.read_table(path, columns=["uid"])["uid"]
+            shard_ids.append(np.full(len(found), len(shards), np.int32))
+            rows.append(np.arange(len(found), dtype=np.int64))
+            uids.append(found)
+            shards.append(str(path))
+            columns.append(column)
+        kept = pa.chunked_array([_kept_uids(f) for f in ledger], pa.string())  # ledger order
+        where = pc.index_in(kept, value_set=pa.chunked_array(uids, pa.string()))
+        where = pc.fill_null(where, -1).to_numpy()
+        found = where >= 0
+        shard_of = np.full(len(where), -1, np.int32)
+        row_of = np.full(len(where), -1, np.int64)
+        if found.any():
+            shard_of[found] = np.concatenate(shard_ids)[where[found]]
+            row_of[found] = np.concatenate(rows)[where[found]]
+        return cls(folder, shards, columns, shard_of, row_of)
+
+    def column(self, uids: list[str], start: int) -> pa.ChunkedArray:
+        """The ``image`` structs of kept rows ``start …`` (whose uids are ``uids``)."""
+        stop = start + len(uids)
+        shard_of, row_of = self.shard_of[start:stop], self.row_of[start:stop]
+        for uid, shard in zip(uids, shard_of):
+            if shard < 0:
+                raise self._missing(uid, "no image shard holds it")
+        todo = pa.table(
+            {
+                "uid": uids,
+                "shard": [self.shards[s] for s in shard_of],
+                "column": [self.columns[s] for s in shard_of],
+                "row": row_of,
+            }
+        )
+        data = read_image_bytes(todo)
+        for uid, blob in zip(uids, data):
+            if blob is None or isinstance(blob, Exception):
+                raise self._missing(uid, str(blob or "its image bytes are null"))
+        paths = [f"{uid}.{self.columns[s]}" for uid, s in zip(uids, shard_of)]
+        # Through a table: past 2 GiB of bytes, Arrow splits the binary column into chunks.
+        table = pa.table({"bytes": data, "path": paths}, schema=pa.schema(list(IMAGE_TYPE)))
+        return table.to_struct_array()
+
+    def _missing(self, uid: str, why: str) -> FileNotFoundError:
+        return FileNotFoundError(
+            f"shard: kept row {uid} has no image in {self.folder} ({why}); were the "
+            "downloaded images deleted or replaced? Re-run the download stage."
+        )
+
+
+def _kept_uids(path: Path) -> pa.Array:
+    table = pq.read_table(path, columns=["uid", "keep"])
+    return table.filter(pc.fill_null(table["keep"], False))["uid"].combine_chunks()
+
+
+def _shard_schema(ledger: pa.Schema, with_images: bool) -> pa.Schema:
+    """The ledger's columns, then ``image`` declared to HF ``datasets`` as an Image feature."""
+    if not with_images:
+        return ledger
+    metadata = {**(ledger.metadata or {}), b"huggingface": HF_METADATA.encode()}
+    return ledger.append(pa.field("image", IMAGE_TYPE)).with_metadata(metadata)
+
+
+def _with_images(
+    shard: pa.Table,
+    schema: pa.Schema,
+    offset: int,
+    group: int,
+    images: ImageIndex | None,
+    progress: _Progress,
+) -> Iterator[pa.Table]:
+    """A shard's rows in pieces of ``group`` rows, each with its ``image`` column joined."""
+    for start in range(0, shard.num_rows, group):
+        piece = shard.slice(start, group)
+        if images is not None:
+            column = images.column(piece["uid"].to_pylist(), offset + start)
+            piece = pa.Table.from_arrays([*piece.columns, column], schema=schema)
+        yield piece
+        progress.add(piece.num_rows)
+
+
+# --- writers -------------------------------------------------------------------------------
+
+
+def _write_parquet(path: Path, schema: pa.Schema, pieces: Iterator[pa.Table]) -> None:
+    """One row group per piece, so only one piece's images are in memory."""
+    with pq.ParquetWriter(path, schema) as writer:
+        for piece in pieces:
+            writer.write_table(piece, row_group_size=piece.num_rows)
+
+
+def _write_tar(path: Path, pieces: Iterator[pa.Table]) -> None:
+    """WebDataset samples ``{uid}.{ext}``, ``{uid}.json``, ``{uid}.txt``, adjacent per sample.
+
+    Members of a sample are sorted by name and samples keep the ledger's order
+    (WebDataset groups consecutive members by key). Fixed mtime, owner and mode
+    make the bytes depend on the data only.
+    """
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for piece in pieces:
+            for row in piece.to_pylist():
+                image = row.pop("image")
+                caption = row["caption"] or ""
+                members = {
+                    image["path"]: image["bytes"],
+                    f"{row['uid']}.json": json.dumps(row, sort_keys=True, default=str).encode(),
+                    f"{row['uid']}.txt": caption.encode(),
+                }
+                for name in sorted(members):
+                    _add_member(tar, name, members[name])
+
+
+def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), 0, 0o444
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    tar.addfile(info, io.BytesIO(data))
+
+
+class _Progress:
+    """Rows written / kept rows on stderr every few seconds (verbose, or on a terminal)."""
+
+    def __init__(self, total: int, enabled: bool):
+        self.total, self.enabled = total, enabled
+        self.done, self.shown = 0, time.monotonic()
+
+    def add(self, rows: int) -> None:
+        self.done += rows
+        if self.enabled and time.monotonic() - self.shown > 2:
+            self._show()
+
+    def close(self) -> None:
+        if self.enabled and self.total:
+            self._show()
+            print(file=sys.__stderr__)
+
+    def _show(self) -> None:
+        print(f"\r  shard: {self.done}/{self.total} rows", end="", file=sys.__stderr__)
+        self.shown = time.monotonic()
