@@ -52,11 +52,11 @@ CLIP_EMBEDDINGS = "embeddings"
 STATS = "_stats"
 
 
-def _show_progress(ctx: StageContext) -> bool:
+def show_progress(ctx: StageContext) -> bool:
     return ctx.verbose or sys.__stderr__.isatty()
 
 
-class _DecidedStage(MapStage):
+class DecidedStage(MapStage):
     """A stage whose ``plan`` leaves decisions that ``__call__`` applies to each batch."""
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -78,7 +78,7 @@ class _DecidedStage(MapStage):
 
 @register_stage("dedup_exact")
 @dataclass
-class ExactDedupStage(_DecidedStage):
+class ExactDedupStage(DecidedStage):
     """Rows whose image sha256 is equal are one group; one survivor each."""
 
     score: str = "clip_score"  # survivors rank by it (without clip_score: smallest uid)
@@ -137,7 +137,7 @@ def _same_sha256(files: list[Path], column: str) -> pa.Table:
 
 @register_stage("dedup_semantic")
 @dataclass
-class SemanticDedupStage(_DecidedStage):
+class SemanticDedupStage(DecidedStage):
     """SemDeDup: within k-means clusters of image embeddings, drop rows with cosine > 1 − ε."""
 
     epsilon: float = 0.05
@@ -168,7 +168,7 @@ class SemanticDedupStage(_DecidedStage):
     def plan(self, ctx: StageContext) -> None:
         work = ctx.out_dir / "_work"
         work.mkdir(parents=True)
-        progress = _show_progress(ctx)
+        progress = show_progress(ctx)
         clock = _Clock()
         alive = alive_scores(ctx.input_files, self.score)
         pq.write_table(alive, work / "alive.parquet")
