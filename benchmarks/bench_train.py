@@ -1,0 +1,238 @@
+"""Training throughput of ``curate train``: samples/s end to end, and what bounds it.
+
+    python benchmarks/bench_train.py                                   # CPU: curate-tiny
+    python benchmarks/bench_train.py --device cuda --model ViT-B-32 --batch-size 256 \\
+        --samples 60000 --workers 15 --image-size 512 \\
+        --out benchmarks/results/bench_train_gpu.json
+
+1. Writes ``--rows`` rows of synthetic shards as the shard stage leaves them
+   (``shard-NNNNN.parquet``, 10,000 rows a file, 1,000-row row groups, an
+   ``image`` struct {bytes, path}): JPEGs of ``--image-size`` on the long side
+   (4:3, quality 95; default 128, ample for curate-tiny's 64 px; DataComp
+   downloads at 512 for ViT-B-32's 224), smooth gradients with noise, about as
+   costly to decode as photos, 64 distinct ones cycled (decoding cost is per
+   image, not per distinct one), and templated captions. No download, no
+   network: the GPU machine needs nothing but this script.
+2. Runs ``curate.trainer.train`` for ``--samples`` samples seen and reports its
+   own figure: samples/s over the training loop (model creation and checkpoint
+   writing excluded; worker start-up and the first row groups included). On
+   CUDA, ``nvidia-smi`` is sampled every 0.2 s meanwhile (``bench_clip``'s
+   sampler): mean and median GPU utilisation.
+3. To say what bounds it, times the two halves alone: the data stream (the
+   same DataLoader and workers decoding and augmenting as many batches as the
+   run took, start-up included, no model) and the model (forward, backward and
+   AdamW step on one fixed random batch, no data).
+
+Writes ``benchmarks/results/bench_train_cpu.json`` (or ``--out``) with the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import itertools
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_clip import GpuSampler  # noqa: E402
+from bench_filters import busy_cpu_seconds, curate_version, machine  # noqa: E402
+
+from curate.stages.shard import HF_METADATA, IMAGE_TYPE  # noqa: E402
+from curate.trainer import TrainConfig, model_name, train  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results" / "bench_train_cpu.json"
+ROWS_PER_FILE, ROWS_PER_GROUP, DISTINCT = 10_000, 1_000, 64
+SUBJECTS = ["a dog on a beach", "a red car in front of a house", "two cats asleep on a sofa",
+            "a bowl of fruit on a table", "a mountain lake at dawn"]  # fmt: skip
+
+
+def _jpeg(seed: int, long_side: int) -> bytes:
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    h, w = long_side * 3 // 4, long_side
+    y, x = np.mgrid[0:h, 0:w] * (512 / long_side)
+    base = np.stack([x * rng.uniform(0.2, 0.5), y * rng.uniform(0.2, 0.6), (x + y) * 0.2], -1)
+    pixels = np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, "JPEG", quality=95)
+    return out.getvalue()
+
+
+def write_shards(folder: Path, rows: int, long_side: int) -> None:
+    """Parquet shards in the shard stage's layout (schema, HF metadata, row groups)."""
+    folder.mkdir(parents=True)
+    jpegs = [_jpeg(i, long_side) for i in range(DISTINCT)]
+    schema = pa.schema([("uid", pa.string()), ("caption", pa.string()), ("image", IMAGE_TYPE)])
+    schema = schema.with_metadata({b"huggingface": HF_METADATA.encode()})
+    for number, start in enumerate(range(0, rows, ROWS_PER_FILE)):
+        with pq.ParquetWriter(folder / f"shard-{number:05d}.parquet", schema) as writer:
+            for group in range(start, min(start + ROWS_PER_FILE, rows), ROWS_PER_GROUP):
+                ids = range(group, min(group + ROWS_PER_GROUP, start + ROWS_PER_FILE, rows))
+                uids = [f"{i:032x}" for i in ids]
+                images = [{"bytes": jpegs[i % DISTINCT], "path": f"{u}.jpg"}
+                          for i, u in zip(ids, uids)]  # fmt: skip
+                captions = [f"{SUBJECTS[i % len(SUBJECTS)]}, photo number {i}" for i in ids]
+                table = pa.table([uids, captions, images], schema=schema)
+                writer.write_table(table, row_group_size=len(uids))
+
+
+# --- the two halves alone ------------------------------------------------------------------
+
+
+def data_rate(shards: Path, ckpt: Path, config: TrainConfig, batches: int) -> float:
+    """Samples/s of the trainer's data stream alone (same dataset, loader and workers)."""
+    import open_clip
+    from torch.utils.data import DataLoader
+
+    from curate.shard_dataset import ShardDataset, crop_steps, find_shards, row_groups
+
+    preprocess = json.loads((ckpt / "open_clip_config.json").read_text())["preprocess_cfg"]
+    crop, tokenizer = crop_steps(preprocess), open_clip.get_tokenizer(config.model)
+    dataset = ShardDataset(row_groups(find_shards(shards)), crop, tokenizer, 0)
+    loader = DataLoader(dataset, config.batch_size, num_workers=config.workers, drop_last=True)
+    start, got = time.perf_counter(), 0
+    for epoch in itertools.count():  # as the trainer: workers restart each epoch
+        dataset.epoch = epoch
+        got += sum(1 for _ in itertools.islice(loader, batches - got))
+        if got >= batches:
+            return got * config.batch_size / (time.perf_counter() - start)
+
+
+def model_rate(config: TrainConfig, device: str, threads: int | None, steps: int) -> float:
+    """Samples/s of forward + backward + AdamW on one fixed batch (the model alone).
+
+    On CPU with the trainer's thread count: ``threads`` from its metrics.
+    """
+    import open_clip
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    from curate.losses import LOSSES
+    from curate.trainer import AUTOCAST
+
+    model = open_clip.create_model(config.model, **LOSSES[config.loss].model_kwargs).to(device)
+    size = open_clip.get_model_preprocess_cfg(model)["size"]
+    size = size[0] if isinstance(size, (list, tuple)) else size
+    context = open_clip.get_tokenizer(config.model).context_length
+    images = torch.randn(config.batch_size, 3, size, size, device=device)
+    texts = torch.randint(1, 49_000, (config.batch_size, context), device=device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    amp = device == "cuda" and config.precision in AUTOCAST
+    autocast = torch.autocast(device, AUTOCAST.get(config.precision), enabled=amp)
+
+    def step() -> None:
+        with autocast:
+            loss = LOSSES[config.loss].fn(*model(images, texts))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    step()  # warm-up: allocator, cuBLAS/cuDNN autotuning
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return steps * config.batch_size / (time.perf_counter() - start)
+
+
+# --- main ----------------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="tiny", help="tiny (curate-tiny) or an open_clip name")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default="bf16")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--samples", type=int, default=64 * 40, help="samples seen (budget)")
+    parser.add_argument("--rows", type=int, default=None, help="shard rows (default: --samples)")
+    parser.add_argument("--image-size", type=int, default=128, help="JPEG long side (4:3)")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "bench_train")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="the results JSON")
+    args = parser.parse_args()
+
+    config = TrainConfig(model=model_name(args.model), samples_seen=args.samples,
+                         batch_size=args.batch_size, workers=args.workers, device=args.device,
+                         precision=args.precision)  # fmt: skip
+    config.check()
+    shutil.rmtree(args.work, ignore_errors=True)
+    shards = args.work / "shards"
+    write_shards(shards, args.rows or args.samples, args.image_size)
+    device = "cuda" if args.device == "cuda" or (args.device == "auto" and _cuda()) else "cpu"
+
+    busy, own = busy_cpu_seconds(), _own_cpu_seconds()
+    with GpuSampler() if device == "cuda" else _Nothing() as sampler:
+        metrics = train(shards, args.work / "ckpt", config)
+    other = busy_cpu_seconds() - busy - (_own_cpu_seconds() - own)
+    data = data_rate(shards, args.work / "ckpt", config, batches=metrics["steps"])
+    model = model_rate(config, device, metrics["torch_threads"], 20 if device == "cuda" else 5)
+    result = {
+        "machine": {**machine(), "gpu": _gpu_name(), "python": platform.python_version()},
+        "curate": curate_version(),
+        "config": asdict(config),
+        "device": metrics["device"],
+        "precision": metrics["precision"],
+        "torch_threads": metrics["torch_threads"],
+        "image_size": [args.image_size, args.image_size * 3 // 4],
+        "rows": metrics["rows"],
+        "samples_seen": metrics["samples_seen"],
+        "seconds": metrics["seconds"],
+        "samples_per_s": metrics["samples_per_second"],
+        "data_only_samples_per_s": round(data, 1),
+        "model_only_samples_per_s": round(model, 1),
+        "final_loss": round(metrics["final_loss"], 4),
+        # CPU seconds other processes used while this one trained: a shared machine skews it.
+        "other_cpu_seconds": round(other, 1),
+        **(sampler.summary() if device == "cuda" else {}),
+    }
+    print(json.dumps(result, indent=1))
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+
+
+def _own_cpu_seconds() -> float:
+    """This process and its reaped children (the DataLoader workers, joined at each epoch's end)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _gpu_name() -> str | None:
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+
+
+class _Nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+
+if __name__ == "__main__":
+    main()
