@@ -147,6 +147,80 @@ def _demo_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from curate.trainer import TrainConfig, model_name, train
+
+    given = {
+        "model": model_name(args.config),
+        "samples_seen": args.samples_seen,
+        "loss": args.loss,
+        "seed": args.seed,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "warmup": args.warmup,
+        "workers": args.workers,
+        "device": args.device,
+        "precision": args.precision,
+    }
+    config = TrainConfig(**{k: v for k, v in given.items() if v is not None})
+    print(
+        f"curate train: {config.model}, {config.loss} loss, {config.samples_seen:,} samples seen"
+        f" (batch {config.batch_size}, seed {config.seed}) → {args.out}",
+        flush=True,
+    )
+    metrics = train(Path(args.shards), Path(args.out), config)
+    print(
+        f"{metrics['steps']:,} steps on {metrics['rows']:,} rows ({metrics['epochs']:g} epochs)"
+        f" in {metrics['seconds']:.1f} s, {metrics['samples_per_second']:,.1f} samples/s on"
+        f" {metrics['device']}; final loss {metrics['final_loss']:.4f}"
+    )
+    print(f"checkpoint: {args.out}   (clip stage: --set clip.model={args.out})")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from curate.evaluate import eval_table, evaluate
+
+    result = evaluate(Path(args.ckpt), Path(args.eval_set), args.device, args.batch_size)
+    print(f"curate eval: {args.ckpt} on {args.eval_set} ({result['images']:,} images)\n")
+    print(eval_table(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+        print(f"\nresults: {args.json}")
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from curate.compare import compare, compare_table
+    from curate.trainer import TrainConfig, model_name
+
+    given = {
+        "model": model_name(args.config),
+        "samples_seen": args.samples_seen,
+        "loss": args.loss,
+        "seed": args.seed,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "warmup": args.warmup,
+        "workers": args.workers,
+        "device": args.device,
+    }
+    config = TrainConfig(**{k: v for k, v in given.items() if v is not None})
+    runs = [Path(r) for r in args.runs]
+    names = ", ".join(r.resolve().name for r in runs)
+    seeds = " ".join(str(s) for s in args.seeds or [config.seed])
+    print(
+        f"curate compare: {names}; {config.model}, {config.loss} loss,"
+        f" {config.samples_seen:,} samples seen, seeds {seeds} → {args.out}",
+        flush=True,
+    )
+    rows = compare(runs, Path(args.eval_set), config, Path(args.out), args.seeds, progress=True)
+    print()
+    print(compare_table(rows))
+    print(f"\ntable: {Path(args.out) / 'compare.md'}   rows: {Path(args.out) / 'compare.json'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="curate", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -207,6 +281,57 @@ def build_parser() -> argparse.ArgumentParser:
         help="array names PREFIX_img / PREFIX_txt (default: b32 / l14 for DataComp's models)",
     )
     export.set_defaults(func=_export_embeddings)
+
+    train = sub.add_parser(
+        "train", help="train a small CLIP model on a run's shards for a fixed samples-seen budget"
+    )
+    train.add_argument("--shards", required=True, help="a run's shards/ folder (or the run folder)")
+    train.add_argument("--out", required=True, help="a new folder for the checkpoint")
+    train.add_argument(
+        "--config",
+        default="tiny",
+        help="model: tiny (curate-tiny) or any open_clip architecture, e.g. ViT-B-32",
+    )
+    train.add_argument("--samples-seen", type=int, default=None, help="budget (default 20000)")
+    train.add_argument("--loss", choices=["clip", "siglip"], default=None, help="default clip")
+    train.add_argument("--seed", type=int, default=None, help="default 0")
+    train.add_argument("--batch-size", type=int, default=None, help="default 64")
+    train.add_argument("--lr", type=float, default=None, help="peak learning rate (default 1e-3)")
+    train.add_argument("--warmup", type=int, default=None, help="warm-up steps (default 50)")
+    train.add_argument("--workers", type=int, default=None, help="data workers (default 2)")
+    train.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None)
+    train.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default=None,
+                       help="autocast on CUDA (default bf16); CPU is fp32")  # fmt: skip
+    train.set_defaults(func=_train)
+
+    ev = sub.add_parser("eval", help="zero-shot accuracy and retrieval recall of a checkpoint")
+    ev.add_argument("--ckpt", required=True, help="a checkpoint folder (`curate train` writes one)")
+    ev.add_argument("--eval-set", required=True, help="a labelled eval set, e.g. POOL/eval")
+    ev.add_argument("--json", default=None, help="also write the results to this JSON file")
+    ev.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    ev.add_argument("--batch-size", type=int, default=128, help="images per forward pass")
+    ev.set_defaults(func=_eval)
+
+    cmp = sub.add_parser(
+        "compare", help="train the same model with the same budget on each run's shards; tabulate"
+    )
+    cmp.add_argument("runs", nargs="+", help="run folders whose shards hold images")
+    cmp.add_argument("--eval-set", required=True, help="a labelled eval set, e.g. POOL/eval")
+    cmp.add_argument("--out", required=True, help="folder for checkpoints, compare.md and .json")
+    cmp.add_argument("--config", default="tiny", help="model: tiny or an open_clip name")
+    cmp.add_argument("--samples-seen", type=int, default=None, help="budget (default 20000)")
+    cmp.add_argument("--loss", choices=["clip", "siglip"], default=None, help="default clip")
+    seed = cmp.add_mutually_exclusive_group()
+    seed.add_argument("--seed", type=int, default=None, help="default 0")
+    seed.add_argument(
+        "--seeds", type=int, nargs="+", default=None, help="one model per seed: mean ± std"
+    )
+    cmp.add_argument("--batch-size", type=int, default=None, help="default 64")
+    cmp.add_argument("--lr", type=float, default=None, help="peak learning rate (default 1e-3)")
+    cmp.add_argument("--warmup", type=int, default=None, help="warm-up steps (default 50)")
+    cmp.add_argument("--workers", type=int, default=None, help="data workers (default 2)")
+    cmp.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None)
+    cmp.set_defaults(func=_compare)
 
     demo = sub.add_parser("demo-pool", help="the bundled synthetic web pool: generate, serve")
     demo_sub = demo.add_subparsers(dest="demo_command", required=True)
