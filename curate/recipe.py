@@ -91,7 +91,7 @@ def load_filter_set(name: str) -> tuple[list, str]:
     return data["filters"], f"{path}:{lines.get(('filters',), 1)}"
 
 
-def _build_filters(entries: Any, where: str) -> list[Filter]:
+def build_filters(entries: Any, where: str) -> list[Filter]:
     if not isinstance(entries, list):
         raise ConfigError(f"{where}: 'filters' is a filter set name or a list")
     filters, seen = [], set()
@@ -225,7 +225,7 @@ def recipe_from_data(data: Any, lines: Where, source: str, overrides: list[str] 
             if "filters" not in params:
                 raise ConfigError(f"{what}: missing required key 'filters'")
             filter_src = filter_where.get(i, at("stages", i, "filters"))
-            filters = _build_filters(params.pop("filters"), filter_src)
+            filters = build_filters(params.pop("filters"), filter_src)
             stage = build(STAGES[kind], params, what, skip=("filters",))
             stage.filters = filters
         else:

@@ -57,6 +57,8 @@ MODEL_FILE = "_model.json"
 #: Embeddings files hold about this many rows.
 ROWS_PER_FILE = 50_000
 IMAGE_COLUMNS = ("jpg", "png", "webp")
+#: ``model: run:PATH``: a model folder inside the run, written by an earlier stage.
+RUN_PREFIX = "run:"
 
 
 @register_stage("clip")
@@ -87,8 +89,12 @@ class ClipStage(Stage):
         return columns | {"clip_score", "clip_error"}
 
     def preflight(self) -> None:
-        """Find the weights and build the model once here, before any stage runs."""
-        if self.precomputed is not None:
+        """Find the weights and build the model once here, before any stage runs.
+
+        ``model: run:PATH`` names a folder inside the run that an earlier stage
+        writes (the bootstrap stage's checkpoint): it is resolved when this stage runs.
+        """
+        if self.precomputed is not None or self.model.startswith(RUN_PREFIX):
             return
         self._resolved, self._preprocess, self._dim = prepare_model(self.model, self.pretrained)
 
@@ -124,7 +130,10 @@ class ClipStage(Stage):
     # --- with a model --------------------------------------------------------------------
 
     def _embed_images(self, ctx: StageContext, out: Path) -> dict:
-        if not hasattr(self, "_resolved"):
+        if self.model.startswith(RUN_PREFIX):
+            folder = str(ctx.run_dir / self.model[len(RUN_PREFIX) :])
+            self._resolved, self._preprocess, self._dim = prepare_model(folder, self.pretrained)
+        elif not hasattr(self, "_resolved"):
             self.preflight()
         work = _chunks(ctx, out / "_work", self.batch_size)
         spec = DecodeSpec(self._resolved, self._preprocess)

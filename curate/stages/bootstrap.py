@@ -1,0 +1,128 @@
+"""The bootstrap stage: train the bundled mini CLIP on a trusted part of the pool (DFN-style).
+
+Bootstrapped filtering (Fang et al., 2023, Data Filtering Networks) ranks a
+pool with a model trained on data one trusts. Without downloadable weights
+that is also how CLIP-score filtering works here at all: this stage picks the
+rows that pass ``train_filters`` (a filter set; the rows are *not* dropped), or
+takes a trusted seed set of shards, trains ``model`` on them for a fixed
+budget of samples (``curate.trainer``), and writes the checkpoint to
+``RUN/checkpoints/<stage name>/``. A later clip stage scores the whole pool with
+``model: run:checkpoints/<stage name>`` and a score filter keeps the top
+fraction (``pipelines/bootstrap.yaml``).
+
+The ledger passes through unchanged: this stage decides nothing itself.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import pyarrow.parquet as pq
+
+from curate.config import ConfigError
+from curate.stages.base import Stage, StageContext, register_stage
+from curate.stages.filter import FilterStage
+from curate.stages.shard import ShardStage
+
+CHECKPOINTS = "checkpoints"
+
+
+@register_stage("bootstrap")
+@dataclass
+class BootstrapStage(Stage):
+    train_filters: str = "datacomp_basic"  # filter set choosing the training rows (not dropped)
+    seed_set: str | None = None  # or a folder of Parquet shards (with images) to train on
+    model: str = "curate-tiny"
+    samples_seen: int = 20_000
+    batch_size: int = 64
+    lr: float = 1e-3
+    loss: str = "clip"
+    workers: int = 2
+
+    runs_on_cluster: ClassVar[bool] = False
+
+    def columns_after(self, columns: set[str]) -> set[str]:
+        if self.seed_set is None and "status" not in columns:
+            raise ConfigError(
+                f"stage {self.name}: training on the pool needs its images (a download stage "
+                "before it), or a `seed_set` of shards"
+            )
+        return columns
+
+    def run(self, ctx: StageContext) -> int:
+        from curate.trainer import TrainConfig, train
+
+        work = ctx.out_dir / "_train"
+        shards, training_rows = self._training_shards(ctx, work)
+        config = TrainConfig(
+            model=self.model,
+            samples_seen=self.samples_seen,
+            batch_size=self.batch_size,
+            lr=self.lr,
+            loss=self.loss,
+            seed=ctx.seed,
+            workers=self.workers,
+        )
+        checkpoint = ctx.run_dir / CHECKPOINTS / self.name
+        staged = checkpoint.with_name(checkpoint.name + ".tmp")
+        shutil.rmtree(staged, ignore_errors=True)
+        metrics = train(shards, staged, config, progress=ctx.verbose or sys.__stderr__.isatty())
+        shutil.rmtree(checkpoint, ignore_errors=True)
+        staged.rename(checkpoint)
+        shutil.rmtree(work, ignore_errors=True)
+        rows = 0
+        for path in ctx.input_files:  # the ledger, unchanged (hard links: no copy)
+            try:
+                os.link(path, ctx.out_dir / path.name)
+            except OSError:
+                shutil.copy2(path, ctx.out_dir / path.name)
+            rows += pq.ParquetFile(path).metadata.num_rows
+        ctx.counters.update(
+            checkpoint=f"{CHECKPOINTS}/{self.name}",
+            training_rows=training_rows,
+            **{k: metrics[k] for k in ("samples_seen", "steps", "final_loss") if k in metrics},
+        )
+        return rows
+
+    def _training_shards(self, ctx: StageContext, work: Path) -> tuple[Path, int]:
+        """The seed set, or shards of the rows that pass ``train_filters`` (images included);
+        and how many rows they hold."""
+        if self.seed_set is not None:
+            shards = Path(self.seed_set).expanduser()
+            files = sorted(shards.glob("*.parquet"))
+            if not files:
+                raise ConfigError(f"stage {self.name}: seed_set {shards}: no Parquet shards in it")
+            return shards, sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+        selected = self._select(ctx, work / "ledger")
+        shards = work / "shards"
+        shards.mkdir(parents=True)
+        writer = ShardStage(rows_per_shard=10_000)
+        writer.name = f"{self.name}.shards"
+        rows = writer.run(
+            StageContext(ctx.run_dir, shards, selected, pq.read_schema(selected[0]), ctx.seed)
+        )
+        if not rows:
+            raise ConfigError(
+                f"stage {self.name}: no row passes {self.train_filters!r}: nothing to train on"
+            )
+        return shards, rows
+
+    def _select(self, ctx: StageContext, out: Path) -> list[Path]:
+        """Copies of the ledger files in which only the rows passing the filters are kept."""
+        from curate.recipe import build_filters, load_filter_set
+
+        entries, where = load_filter_set(self.train_filters)
+        chooser = FilterStage(filters=build_filters(entries, where))
+        chooser.name = f"{self.name}.train_filters"
+        out.mkdir(parents=True)
+        plan = StageContext(ctx.run_dir, out, ctx.input_files, ctx.input_schema, ctx.seed)
+        chooser.plan(plan)
+        chooser.setup()
+        for path in ctx.input_files:
+            pq.write_table(chooser(pq.read_table(path)), out / path.name)
+        return sorted(out.glob("*.parquet"))
