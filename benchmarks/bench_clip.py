@@ -18,6 +18,7 @@ Weights are random (``pretrained: random``): speed does not depend on them.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import os
@@ -188,7 +189,7 @@ def main() -> None:
     ctx = StageContext(args.work, out_dir, [args.work / "ledger_in" / "part-00000.parquet"], None,
                        engine=args.engine)  # fmt: skip
     device = stage._device(args.engine)
-    with GpuSampler() if device == "cuda" else _Nothing() as sampler:
+    with GpuSampler() if device == "cuda" else contextlib.nullcontext() as sampler:
         start = time.perf_counter()
         stage.run(ctx)
         seconds = time.perf_counter() - start
@@ -225,14 +226,6 @@ def _gpu_name() -> str | None:
 
         return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     except Exception:
-        return None
-
-
-class _Nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
         return None
 
 

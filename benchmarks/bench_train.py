@@ -29,6 +29,7 @@ Writes ``benchmarks/results/bench_train_cpu.json`` (or ``--out``) with the machi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import itertools
 import json
@@ -180,7 +181,7 @@ def main() -> None:
     device = "cuda" if args.device == "cuda" or (args.device == "auto" and _cuda()) else "cpu"
 
     busy, own = busy_cpu_seconds(), _own_cpu_seconds()
-    with GpuSampler() if device == "cuda" else _Nothing() as sampler:
+    with GpuSampler() if device == "cuda" else contextlib.nullcontext() as sampler:
         metrics = train(shards, args.work / "ckpt", config)
     other = busy_cpu_seconds() - busy - (_own_cpu_seconds() - own)
     data = data_rate(shards, args.work / "ckpt", config, batches=metrics["steps"])
@@ -224,14 +225,6 @@ def _gpu_name() -> str | None:
     import torch
 
     return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-
-
-class _Nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return None
 
 
 if __name__ == "__main__":

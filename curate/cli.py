@@ -147,22 +147,20 @@ def _demo_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _train(args: argparse.Namespace) -> int:
-    from curate.trainer import TrainConfig, model_name, train
+def _train_config(args: argparse.Namespace):
+    """The TrainConfig the train and compare flags describe (unset flags keep its defaults)."""
+    from curate.trainer import TrainConfig, model_name
 
-    given = {
-        "model": model_name(args.config),
-        "samples_seen": args.samples_seen,
-        "loss": args.loss,
-        "seed": args.seed,
-        "batch_size": args.batch_size,
-        "lr": args.lr,
-        "warmup": args.warmup,
-        "workers": args.workers,
-        "device": args.device,
-        "precision": args.precision,
-    }
-    config = TrainConfig(**{k: v for k, v in given.items() if v is not None})
+    names = ("samples_seen", "loss", "seed", "batch_size", "lr", "warmup", "workers", "device")
+    given = {name: getattr(args, name) for name in (*names, "precision") if hasattr(args, name)}
+    given["model"] = model_name(args.config)
+    return TrainConfig(**{k: v for k, v in given.items() if v is not None})
+
+
+def _train(args: argparse.Namespace) -> int:
+    from curate.trainer import train
+
+    config = _train_config(args)
     print(
         f"curate train: {config.model}, {config.loss} loss, {config.samples_seen:,} samples seen"
         f" (batch {config.batch_size}, seed {config.seed}) → {args.out}",
@@ -192,20 +190,8 @@ def _eval(args: argparse.Namespace) -> int:
 
 def _compare(args: argparse.Namespace) -> int:
     from curate.compare import compare, compare_table
-    from curate.trainer import TrainConfig, model_name
 
-    given = {
-        "model": model_name(args.config),
-        "samples_seen": args.samples_seen,
-        "loss": args.loss,
-        "seed": args.seed,
-        "batch_size": args.batch_size,
-        "lr": args.lr,
-        "warmup": args.warmup,
-        "workers": args.workers,
-        "device": args.device,
-    }
-    config = TrainConfig(**{k: v for k, v in given.items() if v is not None})
+    config = _train_config(args)
     runs = [Path(r) for r in args.runs]
     names = ", ".join(r.resolve().name for r in runs)
     seeds = " ".join(str(s) for s in args.seeds or [config.seed])
