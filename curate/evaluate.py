@@ -39,6 +39,7 @@ from curate.clip_model import (
     tokenizer_for,
 )
 from curate.config import ConfigError
+from curate.demo.captions import with_article
 from curate.demo.vocab import VOCABULARY
 
 LABELS_FILE = "labels.parquet"
@@ -74,13 +75,9 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
 }
 
 
-def _with_article(word: str) -> str:
-    return ("an " if word[0] in "aeiou" else "a ") + word
-
-
 def prompts(attribute: str, name: str) -> list[str]:
     """The ensemble of prompts for one class of one attribute."""
-    return [t.format(a=_with_article(name), c=name) for t in TEMPLATES[attribute]]
+    return [t.format(a=with_article(name), c=name) for t in TEMPLATES[attribute]]
 
 
 def check_checkpoint(checkpoint: Path) -> None:

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 
 from curate.config import ConfigError
 from curate.schema import alive_mask
-from curate.uids import fixed_width
+from curate.uids import fixed_width, is_member
 
 UID_DTYPE = np.dtype("u8,u8")
 UIDS_FILE = "uids.npy"  # in the run folder
@@ -113,8 +113,4 @@ def load_subset(path: Path) -> np.ndarray:
 
 def uids_in(uids: pa.Array | pa.ChunkedArray, subset: np.ndarray) -> np.ndarray:
     """Which of ``uids`` are in ``subset`` (from ``load_subset``): a binary search per row."""
-    keys = _keys(to_pairs(uids))
-    if not len(subset):
-        return np.zeros(len(keys), bool)
-    at = np.minimum(np.searchsorted(subset, keys), len(subset) - 1)
-    return subset[at] == keys
+    return is_member(_keys(to_pairs(uids)), subset)

@@ -178,3 +178,11 @@ def _duckdb_duplicates(parts: list[Path], tmp: Path) -> tuple[int, list[Duplicat
         shutil.rmtree(spill, ignore_errors=True)
     index = {f: i for i, f in enumerate(files)}
     return total, [(u, [(index[f], r) for v, f, r in places if v == u]) for u in shown]
+
+
+def is_member(keys: np.ndarray, sorted_keys: np.ndarray) -> np.ndarray:
+    """``keys[i] in sorted_keys``, by binary search: for uid sets too large to hash per batch."""
+    if not len(sorted_keys):
+        return np.zeros(len(keys), bool)
+    at = np.minimum(np.searchsorted(sorted_keys, keys), len(sorted_keys) - 1)
+    return sorted_keys[at] == keys

@@ -40,7 +40,8 @@ _LONG_FILLERS = (
 )
 
 
-def _a(phrase: str) -> str:
+def with_article(phrase: str) -> str:
+    """'a' or 'an' before ``phrase``, by its first letter (the demo's words need no more)."""
     return ("an " if phrase[0] in "aeiou" else "a ") + phrase
 
 
@@ -56,7 +57,7 @@ def _words(text: str) -> int:
 
 def _en_object(o: Shape, with_size: bool) -> str:
     size = f"{o.size} " if with_size and o.size != "medium" else ""
-    return _a(f"{size}{o.colour} {o.shape}")
+    return with_article(f"{size}{o.colour} {o.shape}")
 
 
 def _position(o: Shape, scene: Scene) -> str:

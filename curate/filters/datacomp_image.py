@@ -96,7 +96,7 @@ from curate.semdedup import assign
 from curate.stages.clip import EMBEDDINGS_DIR, MODEL_FILE, embed_images, prepare_model
 from curate.stages.decontaminate import VECTOR_COLUMNS, find_beside_input, read_image_set
 from curate.stages.dedup import hashed_sample
-from curate.uids import fixed_width
+from curate.uids import fixed_width, is_member
 
 ASSIGNMENTS = "assignments.parquet"
 CENTROIDS = "centroids.npy"
@@ -123,14 +123,6 @@ def uid_bytes(uids: pa.Array | pa.ChunkedArray) -> np.ndarray:
     if data is None:
         raise ValueError("uids must all be 32 characters (the ledger's uids)")
     return np.ascontiguousarray(data).view("S32")[:, 0]
-
-
-def is_member(keys: np.ndarray, sorted_keys: np.ndarray) -> np.ndarray:
-    """``keys[i] in sorted_keys``, by binary search (no hash table rebuilt per batch)."""
-    if not len(sorted_keys):
-        return np.zeros(len(keys), bool)
-    at = np.minimum(np.searchsorted(sorted_keys, keys), len(sorted_keys) - 1)
-    return sorted_keys[at] == keys
 
 
 def train_kmeans(x: np.ndarray, k: int, iterations: int, seed: int) -> np.ndarray:
