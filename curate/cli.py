@@ -53,6 +53,7 @@ def _run(args: argparse.Namespace) -> int:
         address=args.address,
         verbose=args.verbose,
         on_stage=show,
+        progress=False if args.quiet else None,  # None: a line per stage on a terminal
     )
     report = write_report(recipe, result)
     kept = write_uids(kept_uids(result.ledger_files), result.run_dir / UIDS_FILE)
@@ -166,7 +167,7 @@ def _train(args: argparse.Namespace) -> int:
         f" (batch {config.batch_size}, seed {config.seed}) → {args.out}",
         flush=True,
     )
-    metrics = train(Path(args.shards), Path(args.out), config)
+    metrics = train(Path(args.shards), Path(args.out), config, progress=sys.stderr.isatty())
     print(
         f"{metrics['steps']:,} steps on {metrics['rows']:,} rows ({metrics['epochs']:g} epochs)"
         f" in {metrics['seconds']:.1f} s, {metrics['samples_per_second']:,.1f} samples/s on"
@@ -242,8 +243,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="restrict the run to a DataComp subset (sorted u8,u8 uids); other rows are dropped",
     )
     noise = run.add_mutually_exclusive_group()
-    noise.add_argument("--quiet", action="store_true", help="print nothing but errors")
-    noise.add_argument("--verbose", action="store_true", help="show Ray's logs and progress")
+    noise.add_argument(
+        "--quiet", action="store_true", help="print nothing but errors (no progress, no summary)"
+    )
+    noise.add_argument(
+        "--verbose",
+        action="store_true",
+        help="also show Ray's logs and Ray Data's progress bars; progress lines even in a log",
+    )
     run.set_defaults(func=_run)
 
     uids = sub.add_parser("export-uids", help="write a run's kept uids as DataComp's uids.npy")

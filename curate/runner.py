@@ -18,6 +18,7 @@ Two engines run the same ``MapStage.__call__``:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -35,6 +36,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
+from curate.progress import FinishedRows, Progress
 from curate.recipe import Recipe, stage_params
 from curate.stages import MapStage, Stage, StageContext
 
@@ -112,10 +114,15 @@ class LocalEngine:
 
     name = "local"
 
-    def map(self, stage: MapStage, files: list[Path], out_dir: Path) -> None:
+    def map(
+        self, stage: MapStage, files: list[Path], out_dir: Path, progress: Progress | None = None
+    ) -> None:
         stage.setup()
         for f in files:
-            pq.write_table(stage(pq.read_table(f)), out_dir / f.name)
+            table = stage(pq.read_table(f))
+            pq.write_table(table, out_dir / f.name)
+            if progress:
+                progress.add(table.num_rows)
 
     def wait_ready(self) -> None:
         pass
@@ -150,9 +157,14 @@ class RayEngine:
         """Block until the warm-up dataset is done, so a stage has the cluster to itself."""
         self._warming.join()
 
-    def map(self, stage: MapStage, files: list[Path], out_dir: Path) -> None:
+    def map(
+        self, stage: MapStage, files: list[Path], out_dir: Path, progress: Progress | None = None
+    ) -> None:
+        """``run_ray``; ``progress`` counts the rows of the Parquet files it has finished
+        (their footers: cheap, and nothing to add to the Ray Data pipeline)."""
         self._warming.join()
-        run_ray(stage, files, out_dir)
+        with progress.poll(FinishedRows(out_dir)) if progress else contextlib.nullcontext():
+            run_ray(stage, files, out_dir)
 
     def close(self) -> None:
         """Stop what this engine started, without waiting for the processes to exit."""
@@ -194,13 +206,18 @@ def _configure_ray_data(verbose: bool) -> None:
 
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True
-    ctx.enable_progress_bars = verbose or sys.stderr.isatty()
+    # One bar per operator, redrawn several lines high: only with --verbose. The runner
+    # draws its own line per stage (curate.progress).
+    ctx.enable_progress_bars = verbose
     ctx.print_on_execution_start = verbose
     # Metrics polling that cost the driver ~2 CPU-s per 10^6-row stage on 2 cores.
     ctx.enable_per_node_metrics = False
     ctx.enable_get_object_locations_for_metrics = False
     ctx.memory_usage_poll_interval_s = None
     logging.getLogger("ray.data").setLevel(logging.INFO if verbose else logging.WARNING)
+    # Without bars its only news is a warning that they are off: they are, on purpose.
+    progress_log = logging.getLogger("ray.data._internal.progress")
+    progress_log.setLevel(logging.INFO if verbose else logging.ERROR)
 
 
 def _warm_up() -> None:
@@ -309,8 +326,16 @@ def run_recipe(
     address: str | None = None,
     verbose: bool = False,
     on_stage: Callable[[StageResult], None] | None = None,
+    progress: bool | None = None,
 ) -> RunResult:
-    """Run every stage of ``recipe`` on ``input_path`` into ``run_dir``, resuming where possible."""
+    """Run every stage of ``recipe`` on ``input_path`` into ``run_dir``, resuming where possible.
+
+    ``verbose`` shows Ray's logs and Ray Data's progress bars. ``progress`` draws one
+    progress line per stage on stderr (``curate.progress``); None: when stderr is a
+    terminal, or with ``verbose``. It is decided here once, so every stage agrees.
+    """
+    if progress is None:
+        progress = verbose or sys.stderr.isatty()
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe.resolved(), sort_keys=False))
@@ -356,6 +381,7 @@ def run_recipe(
                     seed=recipe.seed,
                     input_path=Path(input_path),
                     verbose=verbose,
+                    progress=progress,
                     engine=mapper.name,
                     ingest_dir=stage_dirs[0],
                 )
@@ -386,7 +412,8 @@ def _run_stage(
     rows_in = count_rows(ctx.input_files)
     stage.plan(ctx)
     if isinstance(stage, MapStage):
-        mapper.map(stage, ctx.input_files, ctx.out_dir)
+        with Progress(stage.name, rows_in, enabled=ctx.progress) as shown:
+            mapper.map(stage, ctx.input_files, ctx.out_dir, shown)
         rows_out = count_rows(ledger_files(ctx.out_dir))
         if rows_out != rows_in:
             raise RuntimeError(

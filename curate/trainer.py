@@ -28,7 +28,6 @@ import logging
 import math
 import os
 import shutil
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +40,7 @@ from torch.utils.data import DataLoader
 from curate.config import ConfigError
 from curate.losses import LOSSES
 from curate.model_configs import CONFIG_DIR, register_model_configs
+from curate.progress import Progress
 from curate.shard_dataset import ShardDataset, crop_steps, find_shards, normalise, row_groups
 
 CONFIG_FILE = "open_clip_config.json"  # what open_clip's local-dir loader and the clip stage read
@@ -108,7 +108,8 @@ def train(shards: Path, out: Path, config: TrainConfig, progress: bool = False) 
     ``out`` gets open_clip_config.json + open_clip_model.safetensors (loadable
     by ``open_clip.create_model("local-dir:" + str(out))`` and by the clip stage
     as ``model: <out>``), metrics.json and loss.png; it is written under a
-    temporary name and renamed when complete. Returns the metrics.
+    temporary name and renamed when complete. Returns the metrics. ``progress`` draws
+    a ``curate.progress`` line on stderr: samples, samples/s, time left, step, loss.
     """
     config.check()
     out = Path(out)
@@ -123,7 +124,7 @@ def train(shards: Path, out: Path, config: TrainConfig, progress: bool = False) 
         model.to(device)
         crop = crop_steps(open_clip.get_model_preprocess_cfg(model))
         dataset = ShardDataset(groups, crop, open_clip.get_tokenizer(config.model), config.seed)
-        losses, seconds = _fit(model, dataset, config, device, progress or sys.stderr.isatty())
+        losses, seconds = _fit(model, dataset, config, device, progress)
         threads = torch.get_num_threads()
     metrics = _metrics(config, device, threads, dataset, losses, seconds, model)
     _save(model, config, metrics, out)
@@ -179,8 +180,14 @@ def _fit(model, dataset: ShardDataset, config: TrainConfig, device: str, show: b
     mean, std = (
         torch.tensor(preprocess[k], device=device).view(1, 3, 1, 1) for k in ("mean", "std")
     )
-    meter = _Progress(config.steps, config.batch_size, show)
     losses: list[torch.Tensor] = []  # kept on the device: no host sync per step
+
+    def step_and_loss() -> str:  # the only host sync, and only when the line is drawn
+        recent = torch.stack(losses[-10:]).float().mean().item() if losses else math.nan
+        return f"step {len(losses)}/{config.steps}  loss {recent:.4f}"
+
+    samples = config.steps * config.batch_size
+    meter = Progress("train", samples, unit="samples", enabled=show, extra=step_and_loss)
     model.train()
     start = time.perf_counter()
     for step, (images, texts) in enumerate(_batches(dataset, config, cuda)):
@@ -200,11 +207,11 @@ def _fit(model, dataset: ShardDataset, config: TrainConfig, device: str, show: b
         with torch.no_grad():
             model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
         losses.append(loss.detach())
-        meter.update(step + 1, losses)
+        meter.add(config.batch_size)
     if cuda:
         torch.cuda.synchronize()  # the last steps' kernels are still queued
     seconds = time.perf_counter() - start
-    meter.close(losses)
+    meter.close()
     model.eval()
     return torch.stack(losses).float().tolist(), seconds
 
@@ -255,37 +262,6 @@ def _optimizer(model, config: TrainConfig) -> torch.optim.AdamW:
         {"params": [p for n, p in named if not exempt(n, p)], "weight_decay": config.weight_decay},
     ]
     return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.98), eps=1e-6)
-
-
-class _Progress:
-    """One line on stderr, redrawn at most once a second: step, loss, samples/s."""
-
-    def __init__(self, steps: int, batch_size: int, enabled: bool):
-        self.steps, self.batch_size, self.enabled = steps, batch_size, enabled
-        self.start = self.shown = time.perf_counter()
-
-    def update(self, step: int, losses: list[torch.Tensor]) -> None:
-        if self.enabled and time.perf_counter() - self.shown >= 1:
-            self._show(step, losses)
-
-    def close(self, losses: list[torch.Tensor]) -> None:
-        if self.enabled:
-            self._show(len(losses), losses)
-            print(file=sys.stderr, flush=True)
-
-    def _show(self, step: int, losses: list[torch.Tensor]) -> None:
-        self.shown = time.perf_counter()
-        elapsed = max(self.shown - self.start, 1e-9)
-        rate = step * self.batch_size / elapsed
-        left = round((self.steps - step) * elapsed / step)
-        recent = torch.stack(losses[-10:]).float().mean().item()  # the only host sync
-        print(
-            f"\r  train: step {step}/{self.steps}  loss {recent:.4f}  {rate:,.0f} samples/s"
-            f"  {left // 60}:{left % 60:02d} left ",
-            end="",
-            file=sys.stderr,
-            flush=True,
-        )
 
 
 # --- the checkpoint ------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
+from curate.progress import Progress
 from curate.recipe import load_recipe
 from curate.report import write_report
 from curate.runner import LocalEngine, RayEngine, ledger_files, run_recipe
@@ -163,8 +165,11 @@ def test_actor_stages_set_up_once_per_actor_and_match_in_process(bad_pool, tmp_p
         shutil.copy(result.ledger_files[0], files[-1])
     for name, engine in (("local", LocalEngine()), ("ray", RayEngine())):
         (tmp_path / name).mkdir()
-        engine.map(CaptionLength(), files, tmp_path / name)
+        shown = io.StringIO()  # the ray engine counts rows from the files Ray Data has written
+        with Progress(name, 3 * result.stages[0].rows_out, stream=shown) as progress:
+            engine.map(CaptionLength(), files, tmp_path / name, progress)
         engine.close()
+        assert f"  {name:<16}  {3 * result.stages[0].rows_out:,} rows in" in shown.getvalue()
     local = pq.ParquetDataset(ledger_files(tmp_path / "local")).read()
     on_ray = pq.ParquetDataset(ledger_files(tmp_path / "ray")).read()
     assert on_ray.num_rows == local.num_rows == 3 * result.stages[0].rows_out

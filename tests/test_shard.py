@@ -225,10 +225,3 @@ def test_batches_are_exact_across_ledger_files():
     tables = [pa.table({"n": list(range(a, b))}) for a, b in ((0, 3), (3, 3), (3, 10), (10, 11))]
     batches = list(shard_stage._exact_batches(tables, 4))
     assert [b["n"].to_pylist() for b in batches] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10]]
-
-
-def test_progress_shows_rows_written(capfd):
-    progress = shard_stage._Progress(total=7, enabled=True)
-    progress.add(7)
-    progress.close()
-    assert "shard: 7/7 rows" in capfd.readouterr().err

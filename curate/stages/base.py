@@ -28,7 +28,8 @@ class StageContext:
     seed: int = 0
     input_path: Path | None = None  # the user's --input (ingest only)
     ingest_dir: Path | None = None  # the ingest stage's output (DataComp .npz manifest)
-    verbose: bool = False
+    verbose: bool = False  # Ray's and img2dataset's own logs
+    progress: bool = False  # draw progress lines on stderr (curate.progress); decided per run
     engine: str = "local"  # "ray" when the stage may use the Ray cluster
     counters: dict = field(default_factory=dict)  # stage-specific numbers for the manifest
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -71,7 +70,7 @@ class BootstrapStage(Stage):
         checkpoint = ctx.run_dir / CHECKPOINTS / self.name
         staged = checkpoint.with_name(checkpoint.name + ".tmp")
         shutil.rmtree(staged, ignore_errors=True)
-        metrics = train(shards, staged, config, progress=ctx.verbose or sys.__stderr__.isatty())
+        metrics = train(shards, staged, config, progress=ctx.progress)
         shutil.rmtree(checkpoint, ignore_errors=True)
         staged.rename(checkpoint)
         shutil.rmtree(work, ignore_errors=True)
@@ -103,8 +102,9 @@ class BootstrapStage(Stage):
         shards.mkdir(parents=True)
         writer = ShardStage(rows_per_shard=10_000)
         writer.name = f"{self.name}.shards"
+        schema = pq.read_schema(selected[0])
         rows = writer.run(
-            StageContext(ctx.run_dir, shards, selected, pq.read_schema(selected[0]), ctx.seed)
+            StageContext(ctx.run_dir, shards, selected, schema, ctx.seed, progress=ctx.progress)
         )
         if not rows:
             raise ConfigError(

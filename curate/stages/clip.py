@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +47,7 @@ from curate.clip_model import (
     tokenizer_for,
 )
 from curate.config import ConfigError
+from curate.progress import FinishedRows, Progress
 from curate.schema import alive_mask, set_column
 from curate.stages.base import Stage, StageContext, register_stage
 from curate.stages.download import IMAGES_DIR, image_shards
@@ -139,10 +139,13 @@ class ClipStage(Stage):
         spec = DecodeSpec(self._resolved, self._preprocess)
         device = self._device(ctx.engine)
         args = (self._resolved, self._preprocess, self._dim, device, self.precision)
-        if work and ctx.engine == "ray":
-            _embed_on_ray(work, spec, args, self._ray_workers(device), out)
-        elif work:
-            _embed_here(work, spec, args, out, progress=ctx.verbose or sys.__stderr__.isatty())
+        images = sum(item["stop"] - item["start"] for item in work)
+        with Progress(self.name, images, unit="images", enabled=ctx.progress) as progress:
+            if work and ctx.engine == "ray":
+                with progress.poll(FinishedRows(out)):
+                    _embed_on_ray(work, spec, args, self._ray_workers(device), out)
+            elif work:
+                _embed_here(work, spec, args, out, progress)
         return {
             **self._resolved.description,
             "embed_dim": self._dim,
@@ -307,24 +310,19 @@ def _chunks(ctx: StageContext, work: Path, batch_size: int) -> list[dict]:
     ]  # fmt: skip
 
 
-def _embed_here(work: list[dict], spec, args: tuple, out: Path, progress: bool) -> None:
+def _embed_here(work: list[dict], spec, args: tuple, out: Path, progress: Progress) -> None:
     """The same decode and embed functions, in this process, chunk after chunk."""
     from curate.clip_embed import Embedder, decode_chunk
 
     embedder = Embedder(*args)
     pending, rows, part = [], 0, 0
-    shown = time.monotonic()
     for i, item in enumerate(work):
         pending.append(embedder(decode_chunk(pa.Table.from_pylist([item]), spec)))
         rows += pending[-1].num_rows
         if rows >= ROWS_PER_FILE or i == len(work) - 1:
             pq.write_table(pa.concat_tables(pending), out / f"part-{part:05d}.parquet")
             pending, rows, part = [], 0, part + 1
-        if progress and (time.monotonic() - shown > 2 or i == len(work) - 1):
-            print(f"\r  clip: {i + 1}/{len(work)} chunks", end="", file=sys.__stderr__)
-            shown = time.monotonic()
-    if progress:
-        print(file=sys.__stderr__)
+        progress.add(item["stop"] - item["start"])
 
 
 def _embed_on_ray(work: list[dict], spec, args: tuple, workers: dict, out: Path) -> None:

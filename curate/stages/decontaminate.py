@@ -36,7 +36,7 @@ from curate.dedup import DECISIONS, alive_scores, read_vectors, unit_rows
 from curate.semdedup import SCREEN
 from curate.stages.base import StageContext, register_stage
 from curate.stages.clip import EMBEDDINGS_DIR, MODEL_FILE, embed_images, prepare_model
-from curate.stages.dedup import STATS, DecidedStage, show_progress
+from curate.stages.dedup import STATS, DecidedStage
 from curate.tasks import map_items
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -79,7 +79,7 @@ class DecontaminateStage(DecidedStage):
              "threshold": self.threshold}
             for f in files
         ]  # fmt: skip
-        found = map_items(_match_task, jobs, ctx.engine, "decontaminate", show_progress(ctx))
+        found = map_items(_match_task, jobs, ctx.engine, f"{self.name}: match", ctx.progress)
         matches = pa.concat_tables(found or [MATCHES.empty_table()])
         matches = pa.table(
             {

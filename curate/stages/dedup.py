@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import math
 import shutil
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,10 +49,6 @@ from curate.uids import uid_keys
 BUCKET_ROWS = 50_000
 CLIP_EMBEDDINGS = "embeddings"
 STATS = "_stats"
-
-
-def show_progress(ctx: StageContext) -> bool:
-    return ctx.verbose or sys.__stderr__.isatty()
 
 
 class DecidedStage(MapStage):
@@ -168,7 +163,7 @@ class SemanticDedupStage(DecidedStage):
     def plan(self, ctx: StageContext) -> None:
         work = ctx.out_dir / "_work"
         work.mkdir(parents=True)
-        progress = show_progress(ctx)
+        progress = ctx.progress
         clock = _Clock()
         alive = alive_scores(ctx.input_files, self.score)
         pq.write_table(alive, work / "alive.parquet")
@@ -183,7 +178,9 @@ class SemanticDedupStage(DecidedStage):
                  "out": str(work / "vectors" / f"part-{i:05d}.arrow")}
                 for i, f in enumerate(files)]  # fmt: skip
         (work / "vectors").mkdir()
-        sample = _sorted_sample(map_items(_stage_task, jobs, ctx.engine, "read", progress))
+        sample = _sorted_sample(
+            map_items(_stage_task, jobs, ctx.engine, f"{self.name}: read", progress)
+        )
         if not len(sample):  # no alive row has a usable embedding: nothing to compare
             self._decisions, self._regroup = DECISIONS.empty_table(), REGROUP.empty_table()
             self._save(ctx, embeddings=source, clusters=0, embedded=0, no_embedding=alive.num_rows)
@@ -198,19 +195,19 @@ class SemanticDedupStage(DecidedStage):
              "out": str(work / "buckets"), "part": i}
             for i, job in enumerate(jobs)
         ]  # fmt: skip
-        embedded = sum(map_items(_assign_task, jobs, ctx.engine, "assign", progress))
+        embedded = sum(map_items(_assign_task, jobs, ctx.engine, f"{self.name}: assign", progress))
         clock.lap("assign")
         threshold = 1.0 - self.epsilon
         folders = sorted((work / "buckets").glob("*")) if embedded else []
         jobs = [{"dir": str(d), "threshold": threshold, "buckets": buckets,
                  "out": str(work / "survivors")} for d in folders]  # fmt: skip
-        done = map_items(_bucket_task, jobs, ctx.engine, "dedup clusters", progress)
+        done = map_items(_bucket_task, jobs, ctx.engine, f"{self.name}: within clusters", progress)
         parents = pa.concat_tables([p for p, _ in done] or [_PARENTS.empty_table()])
         clusters = pa.concat_tables([c for _, c in done] or [_CLUSTERS.empty_table()])
         clock.lap("within_clusters")
         folders = sorted((work / "survivors").glob("*")) if len(centroids) > 1 else []
         jobs = [{"dir": str(d), "threshold": threshold} for d in folders]
-        edges = map_items(_cross_task, jobs, ctx.engine, "across clusters", progress)
+        edges = map_items(_cross_task, jobs, ctx.engine, f"{self.name}: across clusters", progress)
         crossed = _absorb_across(pa.concat_tables(edges or [_EDGES.empty_table()]), alive)
         self._decisions, self._regroup = _final_decisions(parents, crossed)
         clock.lap("across_clusters")

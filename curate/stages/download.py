@@ -26,8 +26,6 @@ import io
 import json
 import os
 import shutil
-import sys
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Literal
@@ -41,6 +39,7 @@ from curate.config import ConfigError
 from curate.download_errors import SUCCESS, failure_kind
 from curate.image_guard import DEFAULT_MAX_PIXELS
 from curate.netguard import guarded_opener
+from curate.progress import FinishedRows, Progress
 from curate.schema import alive_mask, set_column
 from curate.stages.base import Stage, StageContext, register_stage
 
@@ -111,7 +110,10 @@ class DownloadStage(Stage):
         todo, bbox = self._url_list(ctx.input_files)
         self._prepare(images, todo)
         if todo.num_rows:
-            with _quiet(not ctx.verbose):
+            finished = FinishedRows(images, "*_stats.json", _shard_rows)
+            # Made before _quiet swaps sys.stderr for a buffer: it draws on the real one.
+            shown = Progress(self.name, todo.num_rows, done=finished(), enabled=ctx.progress)
+            with shown, _quiet(not ctx.verbose), shown.poll(finished):
                 self._download(todo, bbox, images, ctx)
         results = read_results(images) if todo.num_rows else None
         counts: dict[str, int] = {}
@@ -215,17 +217,15 @@ class DownloadStage(Stage):
             disallowed_header_directives=self.disallowed_header_directives or None,
             blurring_bbox_col=bbox,
         )
-        total = -(-todo.num_rows // self.number_sample_per_shard)
-        with _progress(images, total, len(done), enabled=ctx.verbose or sys.__stderr__.isatty()):
-            if ctx.engine == "ray":
-                from img2dataset.distributor import ray_distributor
+        if ctx.engine == "ray":
+            from img2dataset.distributor import ray_distributor
 
-                ray_distributor(None, downloader, reader, None, 1)
-            else:
-                from img2dataset.distributor import multiprocessing_distributor
+            ray_distributor(None, downloader, reader, None, 1)
+        else:
+            from img2dataset.distributor import multiprocessing_distributor
 
-                processes = self.processes_count or os.cpu_count() or 1
-                multiprocessing_distributor(processes, downloader, reader, None, 1)
+            processes = self.processes_count or os.cpu_count() or 1
+            multiprocessing_distributor(processes, downloader, reader, None, 1)
         shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -233,6 +233,11 @@ def _blurrer():
     from img2dataset.blurrer import BoundingBoxBlurrer
 
     return BoundingBoxBlurrer()
+
+
+def _shard_rows(stats: Path) -> int:
+    """Rows of a shard img2dataset has finished, from its stats file."""
+    return json.loads(stats.read_text())["count"]
 
 
 def image_shards(images: Path) -> list[Path]:
@@ -297,30 +302,3 @@ def _quiet(enabled: bool):
         return
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         yield
-
-
-@contextlib.contextmanager
-def _progress(images: Path, total: int, already: int, enabled: bool):
-    """Shards done / total on stderr every few seconds, from img2dataset's stats files.
-
-    It writes to the real stderr: ``_quiet`` has swapped ``sys.stderr`` for a buffer.
-    """
-    if not enabled:
-        yield
-        return
-    stop = threading.Event()
-    out = sys.__stderr__
-
-    def report() -> None:
-        while not stop.wait(2.0):
-            done = len(list(images.glob("*_stats.json")))
-            print(f"\r  download: {done}/{total} shards ({already} done earlier)", end="", file=out)
-
-    thread = threading.Thread(target=report, daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join()
-        print(file=out)

@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 
 from curate import datacomp
 from curate.config import ConfigError
+from curate.progress import Progress
 from curate.readers import (
     IngestError,
     Source,
@@ -116,9 +117,13 @@ class IngestStage(Stage):
         writer = PartWriter(Path(ctx.out_dir), plan.schema, self.rows_per_file, self.compression)
         first_rows, total, caption_errors, outside = [], 0, 0, 0
         uid_check = UidCheck()
+        known = [s.rows for s in plan.sources]  # CSV and JSONL: rows unknown until read
+        total_rows = sum(known) if None not in known else None
+        label = getattr(self, "name", self.kind)  # built outside a recipe: no name
+        progress = Progress(label, total_rows, enabled=ctx.progress)
         # One batch is written (in C++, without the GIL) while the next is read and
         # converted; waiting for it before submitting another keeps memory bounded.
-        with ThreadPoolExecutor(1) as background:
+        with progress, ThreadPoolExecutor(1) as background:
             pending = None
             try:
                 for source in plan.sources:
@@ -132,6 +137,7 @@ class IngestStage(Stage):
                         if pending is not None:
                             pending.result()
                         pending = background.submit(writer.write, out)
+                        progress.add(batch.num_rows)
                 if pending is not None:
                     pending.result()
             finally:

@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import io
 import json
-import sys
 import tarfile
-import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +35,7 @@ import pyarrow.parquet as pq
 
 from curate.clip_embed import read_image_bytes
 from curate.config import ConfigError
+from curate.progress import Progress
 from curate.stages.base import Stage, StageContext, register_stage
 from curate.stages.clip import IMAGE_COLUMNS
 from curate.stages.download import IMAGES_DIR, image_shards
@@ -73,24 +72,24 @@ class ShardStage(Stage):
     def run(self, ctx: StageContext) -> int:
         downloaded = ctx.input_schema is not None and "status" in ctx.input_schema.names
         images = ImageIndex.build(ctx.run_dir / IMAGES_DIR, ctx.input_files) if downloaded else None
-        progress = _Progress(_count_kept(ctx.input_files), ctx.verbose or sys.__stderr__.isatty())
+        progress = Progress(self.name, _count_kept(ctx.input_files), enabled=ctx.progress)
         group = ROWS_PER_GROUP if images is not None else self.rows_per_shard
         tar = self.format == "webdataset"
         written, sizes = 0, {}
         kept = _kept_tables(ctx.input_files)
-        for number, shard in enumerate(_exact_batches(kept, self.rows_per_shard)):
-            name = f"shard-{number:05d}.{'tar' if tar else 'parquet'}"
-            schema = _shard_schema(shard.schema, images is not None)
-            pieces = _with_images(shard, schema, written, group, images, progress)
-            if tar:
-                _write_tar(ctx.out_dir / name, pieces)
-            else:
-                _write_parquet(ctx.out_dir / name, schema, pieces)
-            sizes[name] = shard.num_rows
-            written += shard.num_rows
+        with progress:
+            for number, shard in enumerate(_exact_batches(kept, self.rows_per_shard)):
+                name = f"shard-{number:05d}.{'tar' if tar else 'parquet'}"
+                schema = _shard_schema(shard.schema, images is not None)
+                pieces = _with_images(shard, schema, written, group, images, progress)
+                if tar:
+                    _write_tar(ctx.out_dir / name, pieces)
+                else:
+                    _write_parquet(ctx.out_dir / name, schema, pieces)
+                sizes[name] = shard.num_rows
+                written += shard.num_rows
         if tar:  # open_clip reads the dataset size from here (no --train-num-samples needed)
             (ctx.out_dir / "sizes.json").write_text(json.dumps(sizes, indent=1))
-        progress.close()
         return written
 
 
@@ -218,7 +217,7 @@ def _with_images(
     offset: int,
     group: int,
     images: ImageIndex | None,
-    progress: _Progress,
+    progress: Progress,
 ) -> Iterator[pa.Table]:
     """A shard's rows in pieces of ``group`` rows, each with its ``image`` column joined."""
     for start in range(0, shard.num_rows, group):
@@ -267,25 +266,3 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     info.uid = info.gid = 0
     info.uname = info.gname = ""
     tar.addfile(info, io.BytesIO(data))
-
-
-class _Progress:
-    """Rows written / kept rows on stderr every few seconds (verbose, or on a terminal)."""
-
-    def __init__(self, total: int, enabled: bool):
-        self.total, self.enabled = total, enabled
-        self.done, self.shown = 0, time.monotonic()
-
-    def add(self, rows: int) -> None:
-        self.done += rows
-        if self.enabled and time.monotonic() - self.shown > 2:
-            self._show()
-
-    def close(self) -> None:
-        if self.enabled and self.total:
-            self._show()
-            print(file=sys.__stderr__)
-
-    def _show(self) -> None:
-        print(f"\r  shard: {self.done}/{self.total} rows", end="", file=sys.__stderr__)
-        self.shown = time.monotonic()
