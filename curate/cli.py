@@ -63,7 +63,7 @@ def _run(args: argparse.Namespace) -> int:
         if report["download"]:
             print()
             print(download_table(report["download"]))
-        print(f"\nledger: {result.run_dir / 'ledger'}   report: {result.run_dir / 'report.md'}")
+        print(f"\nledger: {result.run_dir / 'ledger'}   report: {result.run_dir / 'report.html'}")
         print(f"kept uids (DataComp format): {result.run_dir / UIDS_FILE} ({kept:,})")
     return 0
 
@@ -86,6 +86,16 @@ def _inspect(args: argparse.Namespace) -> int:
     from curate.inspection import inspect_run
 
     print(inspect_run(Path(args.run), args.examples))
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from curate.report import funnel_table, report_run
+
+    report = report_run(Path(args.run))
+    print(funnel_table(report))
+    run = Path(args.run)
+    print(f"\nreport: {run / 'report.md'}   {run / 'report.html'}   figures: {run / 'report'}")
     return 0
 
 
@@ -262,6 +272,12 @@ def build_parser() -> argparse.ArgumentParser:
     insp.add_argument("run", help="a run folder")
     insp.add_argument("--examples", type=int, default=3, help="examples per reason (default 3)")
     insp.set_defaults(func=_inspect)
+
+    rep = sub.add_parser(
+        "report", help="write a run's report again (report.json, report.md + PNGs, report.html)"
+    )
+    rep.add_argument("run", help="a run folder")
+    rep.set_defaults(func=_report)
 
     export = sub.add_parser(
         "export-embeddings", help="write a run's embeddings as DataComp parquet + .npz pairs"
