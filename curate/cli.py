@@ -158,6 +158,21 @@ def _demo_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from curate.compare import compare_table
+    from curate.demo.walkthrough import run_demo
+
+    output = Path(args.output)
+    rows = run_demo(output, args.size, seeds=args.seeds, engine=args.engine, quiet=args.quiet)
+    print()
+    print(compare_table(rows))
+    print(
+        f"\nreport: {output / 'report.md'}   (each run's: {output / 'runs' / '*' / 'report.html'})"
+    )
+    print(f"rows:   {output / 'compare.json'}")
+    return 0
+
+
 def _train_config(args: argparse.Namespace):
     """The TrainConfig the train and compare flags describe (unset flags keep its defaults)."""
     from curate.trainer import TrainConfig, model_name
@@ -341,6 +356,27 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--workers", type=int, default=None, help="data workers (default 2)")
     cmp.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None)
     cmp.set_defaults(func=_compare)
+
+    walk = sub.add_parser(
+        "demo",
+        help="the whole job on the bundled pool: generate, serve, four recipes, compare (~10 min)",
+    )
+    walk.add_argument(
+        "--output", default="runs/demo", help="folder for everything (default runs/demo)"
+    )
+    walk.add_argument(
+        "--size",
+        choices=["tiny", "small", "medium", "large"],
+        default="small",
+        help="small: 2,000 pairs, 6,000 samples per model, ~10 min on 2 cores (default); "
+        "medium: 5,000 pairs, 20,000 samples, 3 seeds; large: 20,000 pairs, 60,000 samples",
+    )
+    walk.add_argument(
+        "--seeds", type=int, nargs="+", default=None, help="seeds of the compared models"
+    )
+    walk.add_argument("--engine", choices=["ray", "local"], default="ray", help="default ray")
+    walk.add_argument("--quiet", action="store_true", help="print the table only")
+    walk.set_defaults(func=_demo)
 
     demo = sub.add_parser("demo-pool", help="the bundled synthetic web pool: generate, serve")
     demo_sub = demo.add_subparsers(dest="demo_command", required=True)

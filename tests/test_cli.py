@@ -13,14 +13,16 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def curate(*args: str, cwd: Path = ROOT, env: dict | None = None) -> subprocess.CompletedProcess:
+def curate(
+    *args: str, cwd: Path = ROOT, env: dict | None = None, timeout: int = 300
+) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "curate.cli", *args],
         cwd=cwd,
         capture_output=True,
         text=True,
         env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0", **(env or {})},
-        timeout=300,
+        timeout=timeout,
     )
 
 

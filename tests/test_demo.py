@@ -1,0 +1,78 @@
+"""`curate demo` as a new user runs it: one command, from any folder, to a comparison table.
+
+The tiny size (300 pairs, 256 samples per model) runs the same code as the default
+one: generate, serve on 127.0.0.1, four recipes on a local Ray cluster, reports,
+then four trainings and evaluations.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_cli import curate
+
+from curate.demo import load_manifest
+from curate.demo.plan import NO_IMAGE
+from curate.demo.walkthrough import BOOTSTRAP_KEEP, RECIPES, SIZES
+
+KEYS = ("run", "recipe", "pool", "kept", "samples_seen", "zeroshot_acc", "recall_at_1")
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> tuple[Path, str]:
+    """The tiny demo, run from an empty folder (not the repository) as a subprocess."""
+    cwd = tmp_path_factory.mktemp("newcomer")
+    done = curate("demo", "--size", "tiny", "--output", "demo", cwd=cwd, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return cwd / "demo", done.stdout
+
+
+@pytest.mark.slow
+def test_compare_json_has_a_row_per_recipe(demo):
+    out, _ = demo
+    rows = json.loads((out / "compare.json").read_text())
+    assert [r["recipe"] for r in rows] == [name for name, _, _ in RECIPES]
+    for row in rows:
+        assert all(row[k] is not None for k in KEYS), row
+        assert row["pool"] == SIZES["tiny"].rows
+        assert row["samples_seen"] == SIZES["tiny"].samples_seen // 64 * 64  # whole batches
+        assert 0 <= row["zeroshot_acc"] <= 1 and 0 <= row["recall_at_1"] <= 1
+        assert (out.parent / row["per_seed"][0]["checkpoint"]).is_dir()  # relative to the cwd
+    assert (out / "compare.md").read_text() == (out / "compare" / "compare.md").read_text()
+
+
+@pytest.mark.slow
+def test_kept_rows_follow_the_pool_and_the_recipes(demo):
+    out, _ = demo
+    rows = {r["run"]: r for r in json.loads((out / "compare.json").read_text())}
+    manifest = load_manifest(out / "pool")
+    images = sum(r["defect"] not in (*NO_IMAGE, "server_error") for r in manifest["rows"])
+    assert rows["raw"]["kept"] == images  # raw keeps exactly what downloads
+    # DataComp's top-fraction rule: index int(N × f) of the descending sort and every tie.
+    assert int(images * BOOTSTRAP_KEEP) + 1 <= rows["bootstrap"]["kept"] < images
+    assert rows["metaclip_balance"]["kept"] <= rows["datacomp_basic"]["kept"] < images
+    for name, row in rows.items():
+        run = out / "runs" / name
+        assert len(np.load(run / "uids.npy")) == row["kept"]
+        report = json.loads((run / "report.json").read_text())
+        assert report["rows_in"] == SIZES["tiny"].rows and report["rows_out"] == row["kept"]
+
+
+@pytest.mark.slow
+def test_the_table_and_the_reports_are_where_it_says(demo):
+    out, stdout = demo
+    for name, _, _ in RECIPES:
+        assert f"| {name} | {name} | 300 |" in stdout
+        assert f"runs/{name}/report.html" in (out / "report.md").read_text()
+        assert (out / "runs" / name / "report.html").is_file()
+    assert "| run | recipe | pool | kept |" in (out / "report.md").read_text()
+    assert "demo/report.md" in stdout and "demo/compare.json" in stdout
+
+
+@pytest.mark.slow
+def test_an_unknown_size_is_a_clear_error(tmp_path):
+    done = curate("demo", "--size", "huge", "--output", str(tmp_path / "d"))
+    assert done.returncode == 2 and "--size" in done.stderr
