@@ -252,7 +252,8 @@ def embed_images(
     device = "cuda" if torch.cuda.is_available() else "cpu"
     out = work / "embedded"
     out.mkdir(exist_ok=True)
-    _embed_here(items, DecodeSpec(resolved, preprocess), (*prepared, device, "bf16"), out, False)
+    quiet = Progress("embed", n, unit="images", enabled=False)
+    _embed_here(items, DecodeSpec(resolved, preprocess), (*prepared, device, "bf16"), out, quiet)
     columns = ["uid", "image_embedding", "clip_error"]
     parts = sorted(out.glob("*.parquet"))
     return pa.concat_tables(pq.read_table(f, columns=columns) for f in parts)
