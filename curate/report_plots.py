@@ -209,22 +209,12 @@ def score_figure(hist: ScoreHistogram) -> Figure:
     """A score histogram (``curate.report_data.score_histogram``), kept and dropped overlaid."""
     fig = Figure(figsize=(7, 3.4))
     ax = fig.add_axes((0.1, 0.15, 0.87, 0.75))
-    ax.stairs(
-        hist.dropped,
-        hist.edges,
-        fill=True,
-        alpha=0.45,
-        color=DROPPED,
-        label=f"dropped ({int(hist.dropped.sum()):,})",
-    )
-    ax.stairs(
-        hist.kept,
-        hist.edges,
-        fill=True,
-        alpha=0.6,
-        color=KEPT,
-        label=f"kept ({int(hist.kept.sum()):,})",
-    )
+    for counts, alpha, color, label in (
+        (hist.dropped, 0.45, DROPPED, "dropped"),
+        (hist.kept, 0.6, KEPT, "kept"),
+    ):
+        label = f"{label} ({int(counts.sum()):,})"
+        ax.stairs(counts, hist.edges, fill=True, alpha=alpha, color=color, label=label)
     ax.set_xlabel(hist.column)
     ax.set_ylabel("rows")
     ax.legend(fontsize=8, frameon=False)
