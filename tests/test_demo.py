@@ -72,7 +72,18 @@ def test_the_table_and_the_reports_are_where_it_says(demo):
     assert "demo/report.md" in stdout and "demo/compare.json" in stdout
 
 
-@pytest.mark.slow
-def test_an_unknown_size_is_a_clear_error(tmp_path):
-    done = curate("demo", "--size", "huge", "--output", str(tmp_path / "d"))
-    assert done.returncode == 2 and "--size" in done.stderr
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--size", "huge"], "--size"),
+        (["--output", "{file}"], "exists and is not a folder"),
+        (["--seeds", "0", "1", "0"], "each seed once"),
+    ],
+)
+def test_bad_arguments_stop_before_any_work(args, message, tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    args = [a.format(file=tmp_path / "file") for a in args]
+    output = [] if "--output" in args else ["--output", str(tmp_path / "d")]
+    done = curate("demo", "--size", "tiny", *output, *args)
+    assert done.returncode == 2 and message in done.stderr, done.stderr[-2000:]
+    assert not (tmp_path / "d").exists()  # nothing generated

@@ -106,8 +106,9 @@ def _pool(folder: Path, size: DemoSize, seed: int, say: Callable[[str], None]) -
             say(f"pool: {folder} (from an earlier run, {size.rows:,} pairs)")
             return folder
         raise ConfigError(
-            f"{folder} holds a {meta['size']:,}-pair pool (seed {meta['seed']}); "
-            "remove it or choose another --output"
+            f"{folder} holds another pool ({meta['size']:,} pairs, seed {meta['seed']}, "
+            f"{meta['eval_size']} eval images, its own defect rates): remove it or choose "
+            "another --output"
         )
     say(f"pool: generating {size.rows:,} pairs and {size.eval_size} eval images → {folder}")
     return generate_pool(
@@ -127,6 +128,11 @@ def run_demo(
     if size not in SIZES:
         raise ConfigError(f"--size {size!r}: expected one of {', '.join(SIZES)}")
     spec, output = SIZES[size], Path(output)
+    if output.exists() and not output.is_dir():
+        raise ConfigError(f"--output {output}: exists and is not a folder")
+    chosen = list(seeds) if seeds else list(spec.seeds)
+    if len(set(chosen)) != len(chosen):  # compare refuses them too, but after every run
+        raise ConfigError(f"--seeds {' '.join(map(str, chosen))}: each seed once")
 
     def say(text: str) -> None:
         if not quiet:
@@ -158,7 +164,6 @@ def run_demo(
         if owns_ray:
             ray.shutdown()
 
-    chosen = list(seeds) if seeds else list(spec.seeds)
     say(
         f"\ncompare: curate-tiny, {spec.samples_seen:,} samples seen per model, "
         f"seed{'s' if len(chosen) > 1 else ''} {' '.join(map(str, chosen))}"
