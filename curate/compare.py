@@ -120,6 +120,17 @@ def _train_and_evaluate(
     }
 
 
+def checked_seeds(seeds: list[int] | None, config: TrainConfig) -> list[int]:
+    """The seeds to train with (default ``config.seed``), each given once and each one the
+    trainer takes: checked before anything runs, not when a later seed's turn comes."""
+    seeds = list(seeds) if seeds else [config.seed]
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"seeds {' '.join(map(str, seeds))}: each seed once")
+    for seed in seeds:
+        replace(config, seed=seed).check()
+    return seeds
+
+
 def compare(
     runs: list[Path],
     eval_set: Path,
@@ -137,11 +148,8 @@ def compare(
     runs, eval_set, out = [Path(r) for r in runs], Path(eval_set), Path(out)
     if not runs:
         raise ConfigError("compare needs at least one run folder")
-    seeds = list(seeds) if seeds else [config.seed]
-    if len(set(seeds)) != len(seeds):
-        raise ConfigError(f"seeds {seeds}: each seed once")
+    seeds = checked_seeds(seeds, config)
     read_labels(eval_set)
-    config.check()
     infos = [run_info(r) for r in runs]
     names = [i["run"] for i in infos]
     twice = sorted({n for n in names if names.count(n) > 1})

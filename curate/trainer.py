@@ -74,6 +74,10 @@ class TrainConfig:
             raise ConfigError(f"device {self.device!r}: expected auto, cpu or cuda")
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ConfigError("device cuda: no CUDA device is available")
+        if not 0 <= self.seed < 2**63:  # numpy's and torch's generators both take these
+            raise ConfigError(f"seed {self.seed}: expected an integer from 0 to 2**63 - 1")
+        if not (self.lr > 0 and self.weight_decay >= 0 and self.grad_clip >= 0):
+            raise ConfigError("lr must be > 0, weight_decay and grad_clip ≥ 0")
         if self.batch_size < 1 or self.workers < 0 or self.warmup < 0:
             raise ConfigError("batch_size must be ≥ 1, workers and warmup ≥ 0")
         if self.samples_seen < self.batch_size:

@@ -127,6 +127,12 @@ def test_runs_that_cannot_train_are_named_before_any_training(runs, demo_pool, t
         compare([runs["raw"], twin], eval_set, CONFIG, tmp_path / "c")
     with pytest.raises(ConfigError, match="no labels"):
         compare([runs["raw"]], demo_pool, CONFIG, tmp_path / "d")
+    # The last seed is checked before the first one trains.
+    with pytest.raises(ConfigError, match="seed -2: expected"):
+        compare([runs["raw"]], eval_set, CONFIG, tmp_path / "f", seeds=[0, -2])
+    with pytest.raises(ConfigError, match="seeds 1 1: each seed once"):
+        compare([runs["raw"]], eval_set, CONFIG, tmp_path / "f", seeds=[1, 1])
+    assert not (tmp_path / "f").exists()
 
     argv = ["compare", str(runs["downloaded"]), "--eval-set", str(eval_set)]
     assert main([*argv, "--out", str(tmp_path / "e")]) == 2

@@ -78,6 +78,8 @@ def test_the_table_and_the_reports_are_where_it_says(demo):
         (["--size", "huge"], "--size"),
         (["--output", "{file}"], "exists and is not a folder"),
         (["--seeds", "0", "1", "0"], "each seed once"),
+        (["--seeds", "0", "-1"], "seed -1: expected an integer from 0"),
+        (["--output", "{file}/d"], "cannot create it"),
     ],
 )
 def test_bad_arguments_stop_before_any_work(args, message, tmp_path):

@@ -299,3 +299,10 @@ def test_config_names():
         TrainConfig(model="ViT-B-33").check()
     with pytest.raises(ConfigError, match="less than one batch"):
         TrainConfig(samples_seen=10, batch_size=16).check()
+    # A bad seed or learning rate is refused before training, not by numpy mid-run.
+    for seed in (-1, 2**63):
+        with pytest.raises(ConfigError, match=f"seed {seed}: expected an integer"):
+            TrainConfig(seed=seed).check()
+    for bad in ({"lr": 0.0}, {"lr": float("nan")}, {"weight_decay": -1.0}):
+        with pytest.raises(ConfigError, match="lr must be > 0"):
+            TrainConfig(**bad).check()

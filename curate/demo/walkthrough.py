@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from curate.compare import compare, compare_table
+from curate.compare import checked_seeds, compare, compare_table
 from curate.config import ConfigError
 from curate.demo.plan import DefectRates
 from curate.demo.pool import generate_pool, load_manifest, serve_pool
@@ -130,9 +130,13 @@ def run_demo(
     spec, output = SIZES[size], Path(output)
     if output.exists() and not output.is_dir():
         raise ConfigError(f"--output {output}: exists and is not a folder")
-    chosen = list(seeds) if seeds else list(spec.seeds)
-    if len(set(chosen)) != len(chosen):  # compare refuses them too, but after every run
-        raise ConfigError(f"--seeds {' '.join(map(str, chosen))}: each seed once")
+    config = TrainConfig(samples_seen=spec.samples_seen)
+    # compare checks them too, but only after every run: bad seeds stop the demo here.
+    chosen = checked_seeds(seeds or list(spec.seeds), config)
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConfigError(f"--output {output}: cannot create it ({error.strerror})") from error
 
     def say(text: str) -> None:
         if not quiet:
@@ -140,8 +144,6 @@ def run_demo(
 
     pool = _pool(output / "pool", spec, seed, say)
     recipes = [load_recipe(file, recipe_overrides(name, spec)) for name, file, _ in RECIPES]
-    config = TrainConfig(samples_seen=spec.samples_seen)
-    config.check()
 
     server, urls = serve_pool(pool)
     say(f"serving the pool at {server.base_url}")
