@@ -235,8 +235,9 @@ def recipe_from_data(data: Any, lines: Where, source: str, overrides: list[str] 
     if stages[0].kind != "ingest":
         raise ConfigError(f"{at('stages', 0)}: the first stage must be 'ingest'")
     seed = data.get("seed", 0)
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ConfigError(f"{at('seed')}: seed must be an integer, got {seed!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**31:
+        # numpy takes no negative seed, FAISS's k-means none of 2**31 or more
+        raise ConfigError(f"{at('seed')}: seed must be an integer from 0 to 2**31 - 1: {seed!r}")
     return Recipe(
         name=str(data.get("name") or Path(source).stem),
         description=str(data.get("description") or ""),

@@ -90,6 +90,16 @@ def test_wrong_type_is_rejected(tmp_path):
         ("stagez: []\n", "unknown key 'stagez'"),
         ("stages: [\n", "not valid YAML"),
         ("seed: x\nstages:\n  - stage: ingest\n", "seed must be an integer"),
+        ("seed: -1\nstages:\n  - stage: ingest\n", "seed must be an integer from 0"),
+        ("seed: 2147483648\nstages:\n  - stage: ingest\n", "seed must be an integer from 0"),
+        (  # checked when the recipe loads, not after the download before the training
+            "stages:\n  - stage: ingest\n  - stage: bootstrap\n    lr: -0.1\n",
+            r"yaml:3: stage bootstrap: lr must be > 0",
+        ),
+        (
+            "stages:\n  - stage: ingest\n  - stage: bootstrap\n    loss: hinge\n",
+            "loss 'hinge': expected one of",
+        ),
     ],
 )
 def test_bad_recipes_fail_clearly(tmp_path, text, message):

@@ -19,7 +19,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import pyarrow.parquet as pq
 
@@ -27,6 +27,9 @@ from curate.config import ConfigError
 from curate.stages.base import Stage, StageContext, register_stage
 from curate.stages.filter import FilterStage
 from curate.stages.shard import ShardStage
+
+if TYPE_CHECKING:
+    from curate.trainer import TrainConfig
 
 CHECKPOINTS = "checkpoints"
 
@@ -45,6 +48,22 @@ class BootstrapStage(Stage):
 
     runs_on_cluster: ClassVar[bool] = False
 
+    def __post_init__(self) -> None:
+        self.train_config(seed=0).check()  # a bad lr or loss stops the recipe, not its training
+
+    def train_config(self, seed: int) -> TrainConfig:
+        from curate.trainer import TrainConfig
+
+        return TrainConfig(
+            model=self.model,
+            samples_seen=self.samples_seen,
+            batch_size=self.batch_size,
+            lr=self.lr,
+            loss=self.loss,
+            seed=seed,
+            workers=self.workers,
+        )
+
     def columns_after(self, columns: set[str]) -> set[str]:
         if self.seed_set is None and "status" not in columns:
             raise ConfigError(
@@ -54,19 +73,11 @@ class BootstrapStage(Stage):
         return columns
 
     def run(self, ctx: StageContext) -> int:
-        from curate.trainer import TrainConfig, train
+        from curate.trainer import train
 
         work = ctx.out_dir / "_train"
         shards, training_rows = self._training_shards(ctx, work)
-        config = TrainConfig(
-            model=self.model,
-            samples_seen=self.samples_seen,
-            batch_size=self.batch_size,
-            lr=self.lr,
-            loss=self.loss,
-            seed=ctx.seed,
-            workers=self.workers,
-        )
+        config = self.train_config(ctx.seed)
         checkpoint = ctx.run_dir / CHECKPOINTS / self.name
         staged = checkpoint.with_name(checkpoint.name + ".tmp")
         shutil.rmtree(staged, ignore_errors=True)
