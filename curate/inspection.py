@@ -8,6 +8,7 @@ from pathlib import Path
 import duckdb
 
 from curate.report import funnel, funnel_table, ledger_glob
+from curate.report_data import check_ledger
 
 #: Columns worth showing next to an example, when the ledger has them.
 CONTEXT_COLUMNS = (
@@ -51,8 +52,11 @@ def inspect_run(run_dir: Path, limit: int = 3) -> str:
     run_dir = Path(run_dir)
     if not (run_dir / "ledger").is_dir():
         raise FileNotFoundError(f"{run_dir} has no ledger/: is it a run folder of `curate run`?")
-    report_path = run_dir / "report.json"
-    order = list(json.loads(report_path.read_text())["dropped"]) if report_path.exists() else []
+    check_ledger(run_dir)
+    try:  # an earlier report's order of drop reasons, when it left a readable one
+        order = list(json.loads((run_dir / "report.json").read_text())["dropped"])
+    except (OSError, ValueError, KeyError, TypeError):
+        order = []
     summary = funnel(run_dir, order)
     out = [f"run: {run_dir}", "", funnel_table(summary), ""]
     for reason in [None, *summary["dropped"]]:

@@ -21,11 +21,13 @@ from pathlib import Path
 import duckdb
 import yaml
 
+from curate.config import ConfigError
 from curate.operators import load_registry
 from curate.recipe import Recipe
 from curate.report_data import (
     LEDGER,
     SCORE_COLUMNS,
+    check_ledger,
     dup_groups,
     dup_summary,
     ledger_columns,
@@ -346,7 +348,13 @@ def report_run(run_dir: Path) -> dict:
     run_dir = Path(run_dir)
     if not (run_dir / "ledger").is_dir() or not (run_dir / "recipe.yaml").is_file():
         raise FileNotFoundError(f"{run_dir} has no ledger/ or recipe.yaml: is it a run folder?")
-    recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text())
+    check_ledger(run_dir)
+    try:
+        recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, yaml.YAMLError) as error:
+        raise ConfigError(f"{run_dir / 'recipe.yaml'}: not the YAML a run writes") from error
+    if not isinstance(recipe, dict) or not isinstance(recipe.get("stages"), list):
+        raise ConfigError(f"{run_dir / 'recipe.yaml'}: not the recipe a run writes")
     try:
         source = json.loads((run_dir / "report.json").read_text())["source"]
     except (OSError, ValueError, KeyError):

@@ -21,8 +21,9 @@ import pyarrow.parquet as pq
 import yaml
 
 from curate.clip_embed import read_image_bytes
+from curate.config import ConfigError
 from curate.operators import load_registry
-from curate.runner import SUCCESS
+from curate.runner import SUCCESS, ledger_files
 from curate.stages import STAGES
 from curate.stages.balance import COUNTS_FILE
 from curate.stages.clip import IMAGE_COLUMNS
@@ -48,6 +49,21 @@ def clean_text(value: object, limit: int = 200) -> str:
 
 def ledger_glob(run_dir: Path) -> str:
     return str(Path(run_dir) / "ledger" / "*.parquet")
+
+
+def check_ledger(run_dir: Path) -> None:
+    """Stop with a clear error where DuckDB would fail mid-report: a ledger with no
+    Parquet file, or one cut short (a run killed while writing it)."""
+    files = ledger_files(Path(run_dir) / "ledger")
+    if not files:
+        raise ConfigError(f"{run_dir}/ledger holds no Parquet file: the run did not finish")
+    for file in files:
+        try:
+            pq.read_metadata(file)
+        except (OSError, ValueError) as error:  # pyarrow's ArrowInvalid is a ValueError
+            raise ConfigError(
+                f"{file}: not a readable Parquet file ({error}); run the recipe again"
+            ) from error
 
 
 def stage_folders(run_dir: Path) -> list[tuple[dict, Path]]:

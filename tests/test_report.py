@@ -321,6 +321,26 @@ def test_a_metadata_run_with_hostile_captions(tmp_path):
     assert "Concept balancing" not in page and "Duplicates" not in page
 
 
+def test_a_broken_run_folder_is_a_clear_error(tmp_path, capsys):
+    """A ledger file cut short or a recipe.yaml that is not a run's: status 2 and the file
+    named, from `curate report` and `curate inspect`, never a DuckDB or YAML traceback."""
+    run, _ = metadata_run(tmp_path, [{"caption_words": {}}])
+    (run / "recipe.yaml").write_text("stages: [\n")
+    assert main(["report", str(run)]) == 2
+    assert "recipe.yaml: not the YAML a run writes" in capsys.readouterr().err
+    (run / "recipe.yaml").write_bytes(b"\xff\xfe- a")
+    assert main(["report", str(run)]) == 2
+    assert "recipe.yaml: not the YAML a run writes" in capsys.readouterr().err
+    (ledger,) = (run / "ledger").glob("*.parquet")
+    ledger.write_bytes(ledger.read_bytes()[:100])
+    for command in ("report", "inspect"):
+        assert main([command, str(run)]) == 2
+        assert f"{ledger}: not a readable Parquet file" in capsys.readouterr().err
+    ledger.unlink()
+    assert main(["inspect", str(run)]) == 2
+    assert "holds no Parquet file" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "filters, kept",
     [(None, 6), ([{"image_size": {"min_side": 10_000}}], 0)],
