@@ -107,10 +107,16 @@ def read_labels(eval_set: Path) -> tuple[pa.Table, list[str]]:
             else "a demo pool's eval/ holds one"
         )
         raise ConfigError(f"eval set {eval_set}: no {LABELS_FILE} ({hint})")
-    labels = pq.read_table(path)
+    try:
+        labels = pq.read_table(path)
+    except (OSError, ValueError) as error:  # pyarrow's ArrowInvalid is a ValueError
+        raise ConfigError(f"{path}: not a readable Parquet file ({error})") from error
     missing = {"path", "caption"} - set(labels.column_names)
     if missing:
         raise ConfigError(f"{path}: no column {', '.join(sorted(missing))}")
+    for column in ("path", "caption"):
+        if not pa.types.is_string(labels[column].type) or labels[column].null_count:
+            raise ConfigError(f"{path}: column {column} must hold text in every row")
     attributes = [a for a in VOCABULARY if a in labels.column_names]
     if not attributes:
         raise ConfigError(f"{path}: no attribute column ({', '.join(VOCABULARY)})")

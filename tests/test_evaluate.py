@@ -148,6 +148,20 @@ def test_errors_name_what_is_wrong(fixture_model, demo_pool, tmp_path, capsys):
     pq.write_table(labels.set_column(1, "shape", pa.array(shapes)), relabelled / "labels.parquet")
     with pytest.raises(ConfigError, match="shape labels outside the vocabulary"):
         evaluate(fixture_model, relabelled)
+    path = labels.column_names.index("path")
+    pq.write_table(labels.set_column(path, "path", pa.array(range(labels.num_rows))),
+                   relabelled / "labels.parquet")  # fmt: skip
+    with pytest.raises(ConfigError, match="column path must hold text in every row"):
+        evaluate(fixture_model, relabelled)
+    captions = [None, *labels["caption"].to_pylist()[1:]]
+    caption = labels.column_names.index("caption")
+    pq.write_table(labels.set_column(caption, "caption", pa.array(captions, pa.string())),
+                   relabelled / "labels.parquet")  # fmt: skip
+    with pytest.raises(ConfigError, match="column caption must hold text in every row"):
+        evaluate(fixture_model, relabelled)
+    (relabelled / "labels.parquet").write_bytes(b"PAR1")
+    with pytest.raises(ConfigError, match=r"labels\.parquet: not a readable Parquet file"):
+        evaluate(fixture_model, relabelled)
 
     assert main(["eval", "--ckpt", str(tmp_path), "--eval-set", str(eval_set)]) == 2
     assert "not a checkpoint folder" in capsys.readouterr().err
