@@ -22,6 +22,7 @@ from PIL import Image
 import curate.demo.pool as pool_module
 from curate.annotators.language import _predict, load_model
 from curate.cli import main
+from curate.config import ConfigError
 from curate.demo import (
     DEFECTS,
     VOCABULARY,
@@ -102,6 +103,15 @@ def test_an_existing_folder_is_never_overwritten(tmp_path):
     with pytest.raises(FileExistsError):
         generate_pool(tmp_path / "pool", size=10)
     assert not (tmp_path / "pool.partial").exists()
+
+
+@pytest.mark.parametrize(
+    "args", [{"size": 0}, {"size": -5}, {"size": 10, "seed": -1}, {"size": 10, "eval_size": -1}]
+)
+def test_sizes_and_seeds_out_of_range_are_refused(tmp_path, args):
+    with pytest.raises(ConfigError, match="a pool needs size ≥ 1, eval_size ≥ 0 and seed ≥ 0"):
+        generate_pool(tmp_path / "pool", **args)
+    assert list(tmp_path.iterdir()) == []
 
 
 # --- the manifest -------------------------------------------------------------------

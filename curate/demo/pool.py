@@ -33,6 +33,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from curate.config import ConfigError
 from curate.demo import draw
 from curate.demo.plan import DEFECTS, DefectRates, Row, plan_eval, plan_pool
 from curate.demo.vocab import HTML_PAGES, VOCABULARY
@@ -141,6 +142,11 @@ def generate_pool(
     ``workers`` processes render the images (default: one per CPU); ``progress``
     is called with (files written, files to write) as they finish.
     """
+    if size < 1 or eval_size < 0 or seed < 0:
+        raise ConfigError(
+            f"a pool needs size ≥ 1, eval_size ≥ 0 and seed ≥ 0 "
+            f"(got {size}, {eval_size} and {seed})"
+        )
     out_dir = Path(out_dir)
     if out_dir.exists():
         raise FileExistsError(f"{out_dir} exists: choose a new folder for the pool")
