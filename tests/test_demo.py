@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from test_cli import curate
 
+from curate.cli import main
 from curate.demo import load_manifest
 from curate.demo.plan import NO_IMAGE
 from curate.demo.walkthrough import BOOTSTRAP_KEEP, RECIPES, SIZES
@@ -82,10 +83,15 @@ def test_the_table_and_the_reports_are_where_it_says(demo):
         (["--output", "{file}/d"], "cannot create it"),
     ],
 )
-def test_bad_arguments_stop_before_any_work(args, message, tmp_path):
+def test_bad_arguments_stop_before_any_work(args, message, tmp_path, capsys):
+    """In-process (the subprocess path is the demo fixture's): status 2, nothing generated."""
     (tmp_path / "file").write_text("not a folder")
     args = [a.format(file=tmp_path / "file") for a in args]
     output = [] if "--output" in args else ["--output", str(tmp_path / "d")]
-    done = curate("demo", "--size", "tiny", *output, *args)
-    assert done.returncode == 2 and message in done.stderr, done.stderr[-2000:]
-    assert not (tmp_path / "d").exists()  # nothing generated
+    try:
+        status = main(["demo", "--size", "tiny", *output, *args])
+    except SystemExit as refused:  # argparse's own refusals exit
+        status = refused.code
+    err = capsys.readouterr().err
+    assert status == 2 and message in err, err[-2000:]
+    assert not (tmp_path / "d").exists()
