@@ -23,7 +23,7 @@ import yaml
 from curate.clip_embed import read_image_bytes
 from curate.config import ConfigError
 from curate.operators import load_registry
-from curate.runner import SUCCESS, ledger_files
+from curate.runner import SUCCESS, ledger_files, stage_folder
 from curate.stages import STAGES
 from curate.stages.balance import COUNTS_FILE
 from curate.stages.clip import IMAGE_COLUMNS
@@ -69,9 +69,8 @@ def check_ledger(run_dir: Path) -> None:
 def stage_folders(run_dir: Path) -> list[tuple[dict, Path]]:
     """Each stage of the run's ``recipe.yaml`` (resolved parameters) with its folder.
 
-    The folder is where the runner writes the stage: ``stages/NN_NAME``, or the
-    stage class's ``output_dir`` (``shards/``). Folders an earlier recipe left
-    behind under other names are not the run's, so nothing here globs for them.
+    The folder is the runner's ``stage_folder``. Folders an earlier recipe left behind
+    under other names are not the run's, so nothing here globs for them.
     """
     load_registry()
     run_dir = Path(run_dir)
@@ -79,7 +78,7 @@ def stage_folders(run_dir: Path) -> list[tuple[dict, Path]]:
     out = []
     for i, entry in enumerate(stages):
         output = getattr(STAGES[entry["stage"]], "output_dir", None)
-        out.append((entry, run_dir / (output or f"stages/{i:02d}_{entry['name']}")))
+        out.append((entry, stage_folder(run_dir, i, entry["name"], output)))
     return out
 
 

@@ -275,9 +275,10 @@ def run_ray(stage: MapStage, files: list[Path], out_dir: Path) -> None:
 # --- the run -------------------------------------------------------------------------------
 
 
-def _stage_dir(run_dir: Path, index: int, stage: Stage) -> Path:
-    output = getattr(stage, "output_dir", None)
-    return run_dir / output if output else run_dir / "stages" / f"{index:02d}_{stage.name}"
+def stage_folder(run_dir: Path, index: int, name: str, output_dir: str | None = None) -> Path:
+    """Where stage ``index`` of a run is written: ``stages/NN_NAME``, or the folder its
+    class names (``output_dir``: the shard stage's ``shards/``)."""
+    return run_dir / output_dir if output_dir else run_dir / "stages" / f"{index:02d}_{name}"
 
 
 def _read_manifest(stage_dir: Path) -> dict:
@@ -340,7 +341,10 @@ def run_recipe(
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe.resolved(), sort_keys=False))
     digests = _plan_digests(recipe, input_path)
-    stage_dirs = [_stage_dir(run_dir, i, s) for i, s in enumerate(recipe.stages)]
+    stage_dirs = [
+        stage_folder(run_dir, i, s.name, getattr(s, "output_dir", None))
+        for i, s in enumerate(recipe.stages)
+    ]
     manifests = [_read_manifest(d) for d in stage_dirs]
     done = [m.get("hash") == h for m, h in zip(manifests, digests)]
     # A stage that re-runs invalidates everything after it, whatever is on disk.
