@@ -155,9 +155,9 @@ def run_demo(
             say("starting a local Ray cluster")
             init_ray()
         runs = []
+        progress = False if quiet else None  # None: on when stderr is a terminal
         for (name, _, what), recipe in zip(RECIPES, recipes):
             say(f"\nrun {name}: {what}")
-            progress = False if quiet else None  # None: on when stderr is a terminal
             result = _run(recipe, urls, output / "runs" / name, engine, say, progress)
             say(f"  kept {result.stages[-1].rows_out:,} of {result.stages[0].rows_out:,} rows")
             runs.append(result.run_dir)
