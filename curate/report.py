@@ -45,7 +45,7 @@ from curate.report_plots import (
     score_figure,
 )
 from curate.report_render import Section, Table, markdown_table, render_html, render_markdown
-from curate.runner import SUCCESS, RunResult, StageResult
+from curate.runner import RunResult, StageResult, read_manifest
 from curate.stages import STAGES
 
 FIGURES_DIR = "report"
@@ -330,9 +330,8 @@ def finished_stages(run_dir: Path) -> list[StageResult]:
     """What each finished stage of a run did, from its ``_SUCCESS`` manifest (in recipe order)."""
     results = []
     for _, folder in stage_folders(run_dir):
-        try:
-            m = json.loads((folder / SUCCESS).read_text())
-        except (OSError, ValueError):
+        m = read_manifest(folder)
+        if not m:  # not finished
             continue
         numbers = [m[k] for k in ("stage", "kind", "seconds", "rows_in", "rows_out")]
         results.append(StageResult(*numbers, skipped=False, counters=m.get("counters", {})))

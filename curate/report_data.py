@@ -10,7 +10,6 @@ the clip stage uses (``curate.clip_embed.read_image_bytes``), only for the uids 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import yaml
 from curate.clip_embed import read_image_bytes
 from curate.config import ConfigError
 from curate.operators import load_registry
-from curate.runner import SUCCESS, ledger_files, stage_folder
+from curate.runner import ledger_files, read_manifest, stage_folder
 from curate.stages import STAGES
 from curate.stages.balance import COUNTS_FILE
 from curate.stages.clip import IMAGE_COLUMNS
@@ -174,10 +173,7 @@ def concept_counts(run_dir: Path, top: int = 30) -> ConceptCounts | None:
         f"ORDER BY matches DESC, concept LIMIT {int(top)}",
         [str(path)],
     ).fetchall()
-    try:
-        t = json.loads((path.parent / SUCCESS).read_text())["counters"]["t"]
-    except (OSError, ValueError, KeyError):
-        t = None
+    t = read_manifest(path.parent).get("counters", {}).get("t")
     return ConceptCounts(
         path.parent.name,
         t,

@@ -281,7 +281,7 @@ def stage_folder(run_dir: Path, index: int, name: str, output_dir: str | None = 
     return run_dir / output_dir if output_dir else run_dir / "stages" / f"{index:02d}_{name}"
 
 
-def _read_manifest(stage_dir: Path) -> dict:
+def read_manifest(stage_dir: Path) -> dict:
     """A finished stage's manifest; empty when the stage has not finished."""
     try:
         return json.loads((stage_dir / SUCCESS).read_text())
@@ -345,7 +345,7 @@ def run_recipe(
         stage_folder(run_dir, i, s.name, getattr(s, "output_dir", None))
         for i, s in enumerate(recipe.stages)
     ]
-    manifests = [_read_manifest(d) for d in stage_dirs]
+    manifests = [read_manifest(d) for d in stage_dirs]
     done = [m.get("hash") == h for m, h in zip(manifests, digests)]
     # A stage that re-runs invalidates everything after it, whatever is on disk.
     for i in range(1, len(done)):
