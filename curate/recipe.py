@@ -25,10 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from curate.config import ConfigError, Where, build, load_yaml, params_of
+from curate.config import ConfigError, Where, build, load_yaml, params_of, parse_yaml
 from curate.operators import FILTERS, Filter, load_registry
+from curate.runfolder import check_name
 from curate.stages import STAGES, Stage
 from curate.stages.filter import FilterStage
 
@@ -91,9 +90,17 @@ def load_filter_set(name: str) -> tuple[list, str]:
     return data["filters"], f"{path}:{lines.get(('filters',), 1)}"
 
 
-def build_filters(entries: Any, where: str) -> list[Filter]:
+def build_filters(
+    entries: Any, where: str, origins: dict[tuple[str, str], str] | None = None
+) -> list[Filter]:
+    """Filter objects from a filter list; errors start with ``where``.
+
+    ``origins`` maps (filter name, key) to the place a parameter's value came from
+    when that is not ``where`` (a ``--set`` override), so its errors name that place.
+    """
     if not isinstance(entries, list):
         raise ConfigError(f"{where}: 'filters' is a filter set name or a list")
+    origins = origins or {}
     filters, seen = [], set()
     for i, entry in enumerate(entries):
         if isinstance(entry, str):
@@ -109,40 +116,45 @@ def build_filters(entries: Any, where: str) -> list[Filter]:
         if name in seen:
             raise ConfigError(f"{where}: filter {name!r} appears twice")
         seen.add(name)
-        filters.append(build(FILTERS[name], params, f"{where}: filter {name}"))
+        keys = {k: f"{o}: filter {name}" for (f, k), o in origins.items() if f == name}
+        filters.append(build(FILTERS[name], params, f"{where}: filter {name}", origins=keys))
     return filters
 
 
 def _parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
-        raise ConfigError(f"--set {text!r}: expected STAGE.KEY=VALUE")
+        raise ConfigError(f"--set {text}: expected STAGE.KEY=VALUE")
     key, raw = text.split("=", 1)
     path = key.strip().split(".")
     if not all(path):
-        raise ConfigError(f"--set {text!r}: empty key component")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"--set {text!r}: value is not valid YAML: {exc}") from exc
+        raise ConfigError(f"--set {text}: empty key component")
+    # The value is YAML, read as strictly as a recipe file (no tags, no alias bombs).
+    value = parse_yaml(raw, f"--set {text}", lines_in_place=False)[0] if raw.strip() else ""
     return path, value
 
 
-def _apply_override(data: dict, path: list[str], value: Any, text: str) -> None:
+def _apply_override(data: dict, path: list[str], value: Any, text: str) -> tuple:
+    """Write one override into the recipe data; return the key path it wrote."""
     if len(path) == 1:
         if path[0] not in ("seed", "name", "description"):
-            raise ConfigError(f"--set {text!r}: unknown top-level key {path[0]!r}")
+            raise ConfigError(f"--set {text}: unknown top-level key {path[0]!r}")
         data[path[0]] = value
-        return
+        return (path[0],)
     stages = data.get("stages") or []
-    by_name = {s.get("name", s.get("stage")): s for s in stages if isinstance(s, dict)}
-    target = by_name.get(path[0])
-    if target is None:
+    by_name = {}
+    for i, s in enumerate(stages):
+        name = s.get("name", s.get("stage")) if isinstance(s, dict) else None
+        if isinstance(name, str):
+            by_name.setdefault(name, i)
+    if path[0] not in by_name:
         raise ConfigError(
-            f"--set {text!r}: no stage named {path[0]!r} (stages: {', '.join(map(str, by_name))})"
+            f"--set {text}: no stage named {path[0]!r} (stages: {', '.join(by_name)})"
         )
+    index = by_name[path[0]]
+    target = stages[index]
     if len(path) == 2:
         target[path[1]] = value
-        return
+        return ("stages", index, path[1])
     filters = target.get("filters")
     if len(path) == 3 and isinstance(filters, list):
         for entry in filters:
@@ -152,9 +164,9 @@ def _apply_override(data: dict, path: list[str], value: Any, text: str) -> None:
                 params = dict(params or {})
                 params[path[2]] = value
                 filters[filters.index(entry)] = {name: params}
-                return
-        raise ConfigError(f"--set {text!r}: stage {path[0]!r} has no filter {path[1]!r}")
-    raise ConfigError(f"--set {text!r}: too many key components")
+                return ("stages", index, "filters", name, path[2])
+        raise ConfigError(f"--set {text}: stage {path[0]!r} has no filter {path[1]!r}")
+    raise ConfigError(f"--set {text}: too many key components")
 
 
 def load_recipe(name_or_path: str, overrides: list[str] = ()) -> Recipe:
@@ -166,36 +178,50 @@ def load_recipe(name_or_path: str, overrides: list[str] = ()) -> Recipe:
 
 
 def recipe_from_data(data: Any, lines: Where, source: str, overrides: list[str] = ()) -> Recipe:
-    """A recipe from already-parsed YAML; ``lines`` maps key paths to lines for errors."""
+    """A recipe from already-parsed YAML; ``lines`` maps key paths to lines for errors.
+
+    The whole recipe is checked here, before any work: keys, types and ranges of every
+    stage and filter parameter, stage names, and the stage order (``ingest`` first and
+    only first, ``shard`` last). An error names the file and line of the value, or the
+    ``--set`` override that gave it.
+    """
     load_registry()
+    overridden: dict[tuple, str] = {}  # key path in the recipe data -> the --set text
 
     def at(*key) -> str:
+        for n in range(len(key), 0, -1):
+            if key[:n] in overridden:
+                return f"--set {overridden[key[:n]]}"
         return f"{source}:{lines.get(key, lines.get(key[:-1], 1))}"
 
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: a recipe is a mapping with a 'stages' list")
-    unknown = sorted(set(data) - set(TOP_KEYS))
+    unknown = sorted(set(data) - set(TOP_KEYS), key=str)
     if unknown:
         raise ConfigError(
             f"{at(unknown[0])}: unknown key {unknown[0]!r} (known: {', '.join(TOP_KEYS)})"
         )
     data = copy.deepcopy(data)
-    parsed = [_parse_override(o) for o in overrides]
+    parsed = [(_parse_override(o), o) for o in overrides]
     # Stage-level overrides first (they may swap a filter set), then expand sets,
     # then filter-parameter overrides.
-    for (path, value), text in zip(parsed, overrides):
+    for (path, value), text in parsed:
         if len(path) <= 2:
-            _apply_override(data, path, value, text)
+            overridden[_apply_override(data, path, value, text)] = text
     stages_data = data.get("stages")
     if not isinstance(stages_data, list) or not stages_data:
         raise ConfigError(f"{at('stages')}: 'stages' must be a non-empty list")
     filter_where: dict[int, str] = {}
     for i, entry in enumerate(stages_data):
         if isinstance(entry, dict) and isinstance(entry.get("filters"), str):
-            entry["filters"], filter_where[i] = load_filter_set(entry["filters"])
-    for (path, value), text in zip(parsed, overrides):
+            try:
+                found = find_file(entry["filters"], FILTER_SET_DIRS, "filter set")
+            except ConfigError as exc:
+                raise ConfigError(f"{at('stages', i, 'filters')}: {exc}") from exc
+            entry["filters"], filter_where[i] = load_filter_set(str(found))
+    for (path, value), text in parsed:
         if len(path) > 2:
-            _apply_override(data, path, value, text)
+            overridden[_apply_override(data, path, value, text)] = text
 
     stages: list[Stage] = []
     names: set[str] = set()
@@ -206,13 +232,29 @@ def recipe_from_data(data: Any, lines: Where, source: str, overrides: list[str] 
         params = dict(entry)
         kind = params.pop("stage")
         name = params.pop("name", kind)
-        if kind not in STAGES:
+        if not isinstance(kind, str) or kind not in STAGES:
             raise ConfigError(
-                f"{where}: unknown stage {kind!r} (known: {', '.join(sorted(STAGES))})"
+                f"{at('stages', i, 'stage')}: unknown stage {kind!r} "
+                f"(known: {', '.join(sorted(STAGES))})"
             )
+        try:  # it names the stage's folders and its --set NAME.KEY overrides
+            check_name(name, "stage name")
+        except ConfigError as exc:
+            raise ConfigError(f"{at('stages', i, 'name')}: {exc}") from None
         if name in names:
             raise ConfigError(f"{where}: two stages are named {name!r}; give one a 'name'")
         names.add(name)
+        if (i == 0) != (kind == "ingest"):
+            raise ConfigError(
+                f"{where}: the first stage must be 'ingest'"
+                if i == 0
+                else f"{where}: stage {name}: ingest is the first stage, and only the first"
+            )
+        if stages and stages[-1].kind == "shard":
+            raise ConfigError(
+                f"{where}: stage {name} comes after the shard stage {stages[-1].name!r}: "
+                "shard must be the last stage (it writes what the run hands on)"
+            )
         what = f"{where}: stage {name}"
         known = {f.name for f in dataclasses.fields(STAGES[kind]) if f.init}
         for key in params:
@@ -221,23 +263,34 @@ def recipe_from_data(data: Any, lines: Where, source: str, overrides: list[str] 
                     f"{at('stages', i, key)}: stage {name}: unknown key {key!r} "
                     f"(known keys: {', '.join(sorted(known)) or 'none'})"
                 )
+        origins = {
+            key: f"{at('stages', i, key)}: stage {name}"
+            for key in params
+            if ("stages", i, key) in overridden
+        }
         if kind == "filter":
             if "filters" not in params:
                 raise ConfigError(f"{what}: missing required key 'filters'")
             filter_src = filter_where.get(i, at("stages", i, "filters"))
-            filters = build_filters(params.pop("filters"), filter_src)
-            stage = build(STAGES[kind], params, what, skip=("filters",))
+            filter_origins = {
+                (path[3], path[4]): f"--set {text}"
+                for path, text in overridden.items()
+                if len(path) == 5 and path[:3] == ("stages", i, "filters")
+            }
+            filters = build_filters(params.pop("filters"), filter_src, filter_origins)
+            stage = build(STAGES[kind], params, what, skip=("filters",), origins=origins)
             stage.filters = filters
         else:
-            stage = build(STAGES[kind], params, what)
+            stage = build(STAGES[kind], params, what, origins=origins)
         stage.name = name
         stages.append(stage)
-    if stages[0].kind != "ingest":
-        raise ConfigError(f"{at('stages', 0)}: the first stage must be 'ingest'")
     seed = data.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**31:
         # numpy takes no negative seed, FAISS's k-means none of 2**31 or more
         raise ConfigError(f"{at('seed')}: seed must be an integer from 0 to 2**31 - 1: {seed!r}")
+    for key in ("name", "description"):
+        if isinstance(data.get(key), list | dict):
+            raise ConfigError(f"{at(key)}: {key} must be text, got {data[key]!r}")
     return Recipe(
         name=str(data.get("name") or Path(source).stem),
         description=str(data.get("description") or ""),

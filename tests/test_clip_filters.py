@@ -256,7 +256,7 @@ def test_null_scores_do_not_crash_any_filter(tmp_path):
 def test_parameters_are_validated():
     for fraction in (0, 0.0, -0.1, 1.0000001, 2, NAN):
         with pytest.raises(ValueError, match=r"fraction must be in \(0, 1\]"):
-            ClipScoreTopFraction(fraction=fraction)
+            build(ClipScoreTopFraction, {"fraction": fraction}, "f")
     with pytest.raises(ConfigError, match="fraction must be in"):
         build(FILTERS["clip_score_top_fraction"], {"fraction": 30}, "f")
     with pytest.raises(ConfigError, match="expected a number"):
@@ -264,7 +264,7 @@ def test_parameters_are_validated():
     with pytest.raises(ConfigError, match="missing required key 'min'"):
         build(FILTERS["clip_score"], {}, "f")
     with pytest.raises(ValueError, match="NaN"):
-        ClipScore(min=NAN)
+        build(ClipScore, {"min": NAN}, "f")
     with pytest.raises(ValueError, match="column"):
         ClipScore(min=0.2, column="")
     flt = build(FILTERS["clip_score_top_fraction"], {"fraction": 1}, "f")

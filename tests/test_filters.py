@@ -380,7 +380,7 @@ def test_rare_tokens_case_sensitive_vocabulary(tmp_path):
 
 def test_rare_tokens_rejects_empty_vocabulary_size():
     with pytest.raises(ValueError):
-        RareTokens(vocab_size=0)
+        build(RareTokens, {"vocab_size": 0}, "rare_tokens")
 
 
 # --- boilerplate ------------------------------------------------------------------------

@@ -587,7 +587,7 @@ def test_columns_missing_from_some_files_are_null_there(tmp_path):
 
 def test_bad_parameters_are_config_errors():
     with pytest.raises(ConfigError, match="rows_per_file"):
-        IngestStage(rows_per_file=0)
+        build(IngestStage, {"rows_per_file": 0}, "stages[0]")
     with pytest.raises(ConfigError, match="url_column"):
         IngestStage(url_column="")
     with pytest.raises(ConfigError, match="compression"):

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from curate.config import Count
 from curate.operators import Filter, register_filter
 
 
@@ -23,7 +24,7 @@ from curate.operators import Filter, register_filter
 class AltTextFrequency(Filter):
     """Keep rows whose caption occurs at most ``max_count`` times in the pool."""
 
-    max_count: int = 10
+    max_count: Count = 10  # 0 would drop every row: a caption counts itself
 
     needs = ("text_count",)
 

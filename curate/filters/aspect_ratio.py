@@ -11,10 +11,12 @@ has no ratio and drops.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated
 
 import numpy as np
 import pyarrow as pa
 
+from curate.config import Range
 from curate.operators import Filter, register_filter
 
 
@@ -28,8 +30,12 @@ def _sides(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
 class AspectRatio(Filter):
     """Keep ``max(w, h) / min(w, h) <= max_ratio`` (``<`` when not ``inclusive``)."""
 
-    max_ratio: float = 3.0
+    max_ratio: Annotated[float, Range(1, why="the longer side over the shorter")] = 3.0
     inclusive: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_ratio == 1 and not self.inclusive:
+            raise ValueError("max_ratio 1 with inclusive: false would drop every row")
 
     needs = ("original_width", "original_height")
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from curate.config import Count, NonNegative
 from curate.operators import Filter, register_filter
 
 
@@ -25,10 +26,10 @@ from curate.operators import Filter, register_filter
 class CaptionWords(Filter):
     """Keep ``min_words <= n_words <= max_words`` and ``min_chars <= len(caption) <= max_chars``."""
 
-    min_words: int = 0
-    max_words: int | None = None
-    min_chars: int = 0
-    max_chars: int | None = None
+    min_words: NonNegative = 0
+    max_words: Count | None = None  # 0 would keep only captions without a word
+    min_chars: NonNegative = 0
+    max_chars: Count | None = None
 
     def __post_init__(self) -> None:
         if self.max_words is not None and self.max_words < self.min_words:

@@ -52,10 +52,10 @@ lookup of the alive uids); ``keep`` only sees alive rows.
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import pyarrow as pa
@@ -69,7 +69,7 @@ from curate.clip_model import (
     resolve_model,
     tokenizer_for,
 )
-from curate.config import ConfigError
+from curate.config import ConfigError, Range
 from curate.operators import Filter, FitContext, register_filter
 from curate.stages.clip import EMBEDDINGS_DIR, MODEL_FILE
 
@@ -185,7 +185,8 @@ class ClipConcepts(Filter):
 
     unwanted: list[str]
     reference: list[str] = field(default_factory=lambda: list(DEFAULT_REFERENCE))
-    margin: float = 0.0
+    # A difference of two cosines, so in [-2, 2]: -2 would drop every row, 2 none.
+    margin: Annotated[float, Range(-2, 2, low_open=True, high_open=True)] = 0.0
 
     needs = ("uid",)
 
@@ -202,8 +203,6 @@ class ClipConcepts(Filter):
         if isinstance(self.margin, bool) or not isinstance(self.margin, int | float):
             raise ValueError(f"margin must be a number, got {self.margin!r}")
         self.margin = float(self.margin)
-        if math.isnan(self.margin):
-            raise ValueError("margin is NaN")
 
     def fit(self, ctx: FitContext) -> None:
         described = read_model_description(ctx.run_dir)

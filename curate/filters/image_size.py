@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from curate.config import NonNegative
 from curate.operators import Filter, register_filter
 
 
@@ -22,7 +23,7 @@ from curate.operators import Filter, register_filter
 class ImageSize(Filter):
     """Keep ``min(original_width, original_height) >= min_side``; an unknown size drops."""
 
-    min_side: int = 200
+    min_side: NonNegative = 200  # 0 keeps every image whose size is known
 
     needs = ("original_width", "original_height")
 

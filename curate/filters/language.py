@@ -13,10 +13,12 @@ would shadow the ``Filter.keep`` method.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Annotated
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from curate.config import Range
 from curate.operators import Filter, register_filter
 
 
@@ -26,7 +28,7 @@ class Language(Filter):
     """Keep ``lang in languages`` and ``lang_score >= min_score``."""
 
     languages: list[str] = field(default_factory=lambda: ["en"])
-    min_score: float = 0.0
+    min_score: Annotated[float, Range(0, 1, why="the probability of the top label")] = 0.0
 
     needs = ("lang", "lang_score")
 

@@ -13,10 +13,12 @@ min: -.inf``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated
 
 import numpy as np
 import pyarrow as pa
 
+from curate.config import Range
 from curate.operators import Filter, register_filter
 
 
@@ -26,8 +28,9 @@ class ScoreThreshold(Filter):
     """Keep ``min <= column <= max`` (a missing bound is open); null/NaN drops."""
 
     column: str
-    min: float | None = None
-    max: float | None = None
+    # Any column, so any bound; an infinite one only where it keeps rows (min: -.inf).
+    min: Annotated[float, Range(high=float("inf"), high_open=True, finite=False)] | None = None
+    max: Annotated[float, Range(low=float("-inf"), low_open=True, finite=False)] | None = None
 
     def __post_init__(self) -> None:
         if not self.column:

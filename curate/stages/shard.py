@@ -34,7 +34,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curate.clip_embed import read_image_bytes
-from curate.config import ConfigError
+from curate.config import ConfigError, Count
 from curate.progress import Progress
 from curate.stages.base import Stage, StageContext, register_stage
 from curate.stages.clip import IMAGE_COLUMNS
@@ -54,15 +54,11 @@ HF_METADATA = json.dumps({"info": {"features": {"image": {"_type": "Image"}}}})
 @register_stage("shard")
 @dataclass
 class ShardStage(Stage):
-    rows_per_shard: int = 10_000
+    rows_per_shard: Count = 10_000
     format: Literal["parquet", "webdataset"] = "parquet"
 
     produces_ledger: ClassVar[bool] = False
     output_dir: ClassVar[str] = "shards"
-
-    def __post_init__(self):
-        if self.rows_per_shard < 1:
-            raise ValueError("rows_per_shard must be at least 1")
 
     def columns_after(self, columns: set[str]) -> set[str]:
         if self.format == "webdataset" and "status" not in columns:
