@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 from pathlib import Path
 
 from curate.config import ConfigError
 from curate.readers import IngestError
+from curate.runfolder import RunFolderError
 
 
 def _run(args: argparse.Namespace) -> int:
     from curate.recipe import load_recipe
     from curate.report import download_table, funnel_table, write_report
+    from curate.runfolder import claim
     from curate.runner import StageResult, run_recipe
     from curate.submission import UIDS_FILE, kept_uids, write_uids
 
@@ -25,8 +28,6 @@ def _run(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, overrides)
     if not Path(args.input).exists():
         raise ConfigError(f"--input {args.input}: no such file or folder")
-    if Path(args.output).exists() and not Path(args.output).is_dir():
-        raise ConfigError(f"--output {args.output}: exists and is not a folder")
 
     def show(result: StageResult) -> None:
         if args.quiet:
@@ -43,20 +44,22 @@ def _run(args: argparse.Namespace) -> int:
                 flush=True,
             )
 
-    if not args.quiet:
-        print(f"curate run {recipe.name} → {args.output}", flush=True)
-    result = run_recipe(
-        recipe,
-        Path(args.input),
-        Path(args.output),
-        engine=args.engine,
-        address=args.address,
-        verbose=args.verbose,
-        on_stage=show,
-        progress=False if args.quiet else None,  # None: a line per stage on a terminal
-    )
-    report = write_report(recipe, result)
-    kept = write_uids(kept_uids(result.ledger_files), result.run_dir / UIDS_FILE)
+    # Held from the first stage to the last file: the report and uids.npy describe this run.
+    with claim(Path(args.output), "run", Path(args.input)):
+        if not args.quiet:
+            print(f"curate run {recipe.name} → {args.output}", flush=True)
+        result = run_recipe(
+            recipe,
+            Path(args.input),
+            Path(args.output),
+            engine=args.engine,
+            address=args.address,
+            verbose=args.verbose,
+            on_stage=show,
+            progress=False if args.quiet else None,  # None: a line per stage on a terminal
+        )
+        report = write_report(recipe, result)
+        kept = write_uids(kept_uids(result.ledger_files), result.run_dir / UIDS_FILE)
     if not args.quiet:
         print()
         print(funnel_table(report))
@@ -69,6 +72,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _export_uids(args: argparse.Namespace) -> int:
+    from curate.runfolder import claim
     from curate.runner import ledger_files
     from curate.submission import UIDS_FILE, kept_uids, write_uids
 
@@ -77,7 +81,8 @@ def _export_uids(args: argparse.Namespace) -> int:
     if not files:
         raise ConfigError(f"{args.run}: no ledger/ (is it a run folder?)")
     out = Path(args.output) if args.output else Path(args.run) / UIDS_FILE
-    kept = write_uids(kept_uids(files), out)
+    with claim(Path(args.run), "run"):  # not while a run rewrites its ledger
+        kept = write_uids(kept_uids(files), out)
     print(f"{kept:,} kept uids → {out}")
     return 0
 
@@ -393,13 +398,48 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: What to do about an OS error, by errno; the message always names the path.
+OS_ADVICE = {
+    errno.ENOSPC: "the disk is full: free some space, then run the same command to resume",
+    errno.EDQUOT: "the disk quota is used up: free some space, then run the same command",
+    errno.EROFS: "that file system is read-only: choose another folder",
+    errno.EACCES: "permission denied: check the folder's permissions or choose another",
+    errno.EPERM: "not permitted: check the folder's permissions or choose another",
+    errno.ENOTDIR: "a part of that path is a file where a folder is expected",
+    errno.EISDIR: "that path is a folder where a file is expected",
+    errno.EEXIST: "already exists, where curate expected nothing or a folder",
+    errno.ELOOP: "that path is a loop of symbolic links",
+}
+
+
+def _original(exc: BaseException) -> BaseException:
+    """The error a worker raised: Ray re-raises it as a subclass whose message is the worker's
+    traceback, with the original in ``cause``."""
+    cause = getattr(exc, "cause", None)
+    return cause if isinstance(cause, Exception) else exc
+
+
+def error_line(exc: BaseException) -> str:
+    """One line for the user: the path and what to do for OS errors, the message otherwise."""
+    exc = _original(exc)
+    if isinstance(exc, OSError) and exc.errno is not None:
+        path = exc.filename or ""
+        where = f"{path}: " if path else ""
+        advice = OS_ADVICE.get(exc.errno, exc.strerror or str(exc))
+        return f"{where}{advice}"
+    return str(exc)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, IngestError, FileNotFoundError, FileExistsError) as exc:
-        print(f"curate: error: {exc}", file=sys.stderr)
+    except (ConfigError, IngestError, RunFolderError, OSError) as exc:
+        print(f"curate: error: {error_line(exc)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("\ncurate: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ it is larger than the seed-to-seed spread.
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -28,6 +27,7 @@ import yaml
 from curate.config import ConfigError
 from curate.demo.vocab import VOCABULARY
 from curate.evaluate import evaluate, read_labels
+from curate.runfolder import claim, remove_tree
 from curate.runner import count_rows, ledger_files
 
 if TYPE_CHECKING:
@@ -101,12 +101,12 @@ def _summarise(info: dict, seeds: list[int], per_seed: list[dict]) -> dict:
 
 
 def _train_and_evaluate(
-    run: Path, ckpt: Path, eval_set: Path, config: TrainConfig, progress: bool
+    run: Path, out: Path, ckpt: Path, eval_set: Path, config: TrainConfig, progress: bool
 ) -> dict:
     from curate.trainer import train
 
     # The trainer refuses to overwrite a checkpoint; a comparison run again trains afresh.
-    shutil.rmtree(ckpt, ignore_errors=True)
+    remove_tree(ckpt, out)
     ckpt.parent.mkdir(parents=True, exist_ok=True)
     metrics = train(run / "shards", ckpt, config, progress=progress)
     result = evaluate(ckpt, eval_set, device=config.device)
@@ -156,23 +156,25 @@ def compare(
     if twice:
         raise ConfigError(f"runs named {', '.join(twice)} twice: their checkpoints would collide")
 
-    out.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for run, info in zip(runs, infos):
-        per_seed = []
-        for seed in seeds:
-            folder = out / info["run"] if len(seeds) == 1 else out / info["run"] / f"seed-{seed}"
-            if progress:
-                print(f"compare: {info['run']}, seed {seed}", file=sys.stderr, flush=True)
-            per_seed.append(
-                _train_and_evaluate(
-                    run, folder / "ckpt", eval_set, replace(config, seed=seed), progress
+    with claim(out, "compare"):  # created and marked: its checkpoints are curate's to replace
+        rows = []
+        for run, info in zip(runs, infos):
+            per_seed = []
+            for seed in seeds:
+                folder = (
+                    out / info["run"] if len(seeds) == 1 else out / info["run"] / f"seed-{seed}"
                 )
-            )
-        rows.append(_summarise(info, seeds, per_seed))
+                if progress:
+                    print(f"compare: {info['run']}, seed {seed}", file=sys.stderr, flush=True)
+                per_seed.append(
+                    _train_and_evaluate(
+                        run, out, folder / "ckpt", eval_set, replace(config, seed=seed), progress
+                    )
+                )
+            rows.append(_summarise(info, seeds, per_seed))
 
-    (out / "compare.json").write_text(json.dumps(rows, indent=1) + "\n")
-    (out / "compare.md").write_text(compare_table(rows) + "\n")
+        (out / "compare.json").write_text(json.dumps(rows, indent=1) + "\n")
+        (out / "compare.md").write_text(compare_table(rows) + "\n")
     return rows
 
 

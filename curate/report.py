@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from dataclasses import asdict
 from pathlib import Path
 
@@ -45,6 +44,7 @@ from curate.report_plots import (
     score_figure,
 )
 from curate.report_render import Section, Table, markdown_table, render_html, render_markdown
+from curate.runfolder import claim, remove_tree
 from curate.runner import RunResult, StageResult, read_manifest
 from curate.stages import STAGES
 
@@ -281,8 +281,14 @@ def _sections(run_dir: Path, report: dict) -> tuple[list[Section], dict[str, byt
 def _write(run_dir: Path, recipe: dict, source: str, stages: list[StageResult]) -> dict:
     """Compute the report of a run folder and write report.json, report.md, report/, report.html.
 
-    ``recipe`` is the resolved recipe as data (name, description, stages).
+    ``recipe`` is the resolved recipe as data (name, description, stages). The run
+    folder is claimed meanwhile: a report is not written beside a running stage.
     """
+    with claim(run_dir, "run"):
+        return _write_claimed(run_dir, recipe, source, stages)
+
+
+def _write_claimed(run_dir: Path, recipe: dict, source: str, stages: list[StageResult]) -> dict:
     summary = funnel(run_dir, drop_order(recipe["stages"]))
     download = download_summary(run_dir)
     report = {
@@ -306,7 +312,7 @@ def _write(run_dir: Path, recipe: dict, source: str, stages: list[StageResult]) 
     more, figures = _sections(run_dir, report)
     figures["funnel.png"] = png_bytes(funnel_figure(summary))
     folder = run_dir / FIGURES_DIR
-    shutil.rmtree(folder, ignore_errors=True)
+    remove_tree(folder, run_dir)
     folder.mkdir()
     for name, data in figures.items():
         (folder / name).write_bytes(data)

@@ -38,6 +38,7 @@ import yaml
 
 from curate.progress import FinishedRows, Progress
 from curate.recipe import Recipe, stage_params
+from curate.runfolder import check_name, claim, remove_tree
 from curate.stages import MapStage, Stage, StageContext
 
 Engine = Literal["ray", "local"]
@@ -53,6 +54,7 @@ class StageResult:
     rows_out: int
     skipped: bool
     counters: dict = field(default_factory=dict)
+    rerun_reason: str | None = None  # why a stage that had finished ran again
 
 
 @dataclass
@@ -206,6 +208,9 @@ def _configure_ray_data(verbose: bool) -> None:
 
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True
+    # A worker's error reaches the driver as itself (an OSError stays one, with its path),
+    # not as Ray Data's UserCodeException holding only its text.
+    ctx.raise_original_map_exception = True
     # One bar per operator, redrawn several lines high: only with --verbose. The runner
     # draws its own line per stage (curate.progress).
     ctx.enable_progress_bars = verbose
@@ -278,7 +283,9 @@ def run_ray(stage: MapStage, files: list[Path], out_dir: Path) -> None:
 def stage_folder(run_dir: Path, index: int, name: str, output_dir: str | None = None) -> Path:
     """Where stage ``index`` of a run is written: ``stages/NN_NAME``, or the folder its
     class names (``output_dir``: the shard stage's ``shards/``)."""
-    return run_dir / output_dir if output_dir else run_dir / "stages" / f"{index:02d}_{name}"
+    if output_dir:
+        return run_dir / output_dir
+    return run_dir / "stages" / f"{index:02d}_{check_name(name, 'stage name')}"
 
 
 def read_manifest(stage_dir: Path) -> dict:
@@ -289,17 +296,82 @@ def read_manifest(stage_dir: Path) -> dict:
         return {}
 
 
+def _stage_outputs(stage: Stage, run_dir: Path, stage_dir: Path) -> list[Path]:
+    """Every folder a stage writes: its own and those beside it (images/, embeddings/ …)."""
+    return [stage_dir, *(run_dir / o for o in stage.outputs())]
+
+
+def file_records(run_dir: Path, folders: list[Path]) -> dict[str, list[int]]:
+    """What a stage's manifest records of its files: the size, and rows for Parquet, of
+    every file in ``folders``, by path inside the run."""
+    records = {}
+    for folder in folders:
+        files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != SUCCESS)
+        for f in files:
+            entry = [f.stat().st_size]
+            if f.suffix == ".parquet":
+                entry.append(pq.ParquetFile(f).metadata.num_rows)
+            records[f.relative_to(run_dir).as_posix()] = entry
+    return records
+
+
+def _damaged(run_dir: Path, folders: list[Path], manifest: dict) -> list[tuple[str, str]]:
+    """The files of a finished stage (``folders``: its own first) that are no longer those
+    it wrote, each with why.
+
+    Sizes first (a stat per file), Parquet row counts (a footer read) only for files
+    whose size still matches: a truncated file is caught without being parsed.
+    """
+    recorded = manifest.get("files")
+    if not isinstance(recorded, dict):
+        manifest_file = (folders[0] / SUCCESS).relative_to(run_dir).as_posix()
+        return [(manifest_file, "does not list the stage's files")]
+    present = {
+        f.relative_to(run_dir).as_posix(): f
+        for folder in folders
+        for f in folder.rglob("*")
+        if f.is_file() and f.name != SUCCESS
+    }
+    damaged = []
+    for name in sorted(recorded.keys() | present.keys()):
+        if name not in present:
+            why = "is missing"
+        elif name not in recorded:
+            why = "appeared after the stage finished"
+        else:
+            why = _problem(present[name], recorded[name])
+        if why:
+            damaged.append((name, why))
+    return damaged
+
+
+def _problem(path: Path, record: list[int]) -> str | None:
+    """Why ``path`` is not the file recorded as [size] or [size, Parquet rows]; None if it is."""
+    size, *rows = record
+    now = path.stat().st_size
+    if now != size:
+        return f"changed after the stage finished ({size:,} bytes, now {now:,})"
+    if rows:
+        try:
+            now = pq.ParquetFile(path).metadata.num_rows
+        except (OSError, pa.ArrowException) as exc:
+            return f"cannot be read ({exc})"
+        if now != rows[0]:
+            return f"changed after the stage finished ({rows[0]:,} rows, now {now:,})"
+    return None
+
+
 def _link_ledger(src: Path, dst: Path) -> list[Path]:
     """Expose the final ledger as ``run_dir/ledger`` (hard links: no copy of the data)."""
     tmp = dst.with_name(dst.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    remove_tree(tmp, dst.parent)
     tmp.mkdir(parents=True)
     for f in ledger_files(src):
         try:
             os.link(f, tmp / f.name)
         except OSError:
             shutil.copy2(f, tmp / f.name)
-    shutil.rmtree(dst, ignore_errors=True)
+    remove_tree(dst, dst.parent)
     tmp.rename(dst)
     return ledger_files(dst)
 
@@ -319,6 +391,10 @@ def _plan_digests(recipe: Recipe, input_path: Path) -> list[str]:
     return digests
 
 
+def _say(text: str) -> None:
+    print(f"curate: {text}", file=sys.stderr, flush=True)
+
+
 def run_recipe(
     recipe: Recipe,
     input_path: Path,
@@ -331,6 +407,8 @@ def run_recipe(
 ) -> RunResult:
     """Run every stage of ``recipe`` on ``input_path`` into ``run_dir``, resuming where possible.
 
+    The run folder is claimed first (``curate.runfolder``): created and marked, or
+    refused when it holds someone else's files or another run is writing it.
     ``verbose`` shows Ray's logs and Ray Data's progress bars. ``progress`` draws one
     progress line per stage on stderr (``curate.progress``); None: when stderr is a
     terminal, or with ``verbose``. It is decided here once, so every stage agrees.
@@ -338,7 +416,21 @@ def run_recipe(
     if progress is None:
         progress = verbose or sys.stderr.isatty()
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    with claim(run_dir, "run", input_path):
+        return _run_claimed(recipe, Path(input_path), run_dir, engine, address, verbose,
+                            on_stage, progress)  # fmt: skip
+
+
+def _run_claimed(
+    recipe: Recipe,
+    input_path: Path,
+    run_dir: Path,
+    engine: Engine,
+    address: str | None,
+    verbose: bool,
+    on_stage: Callable[[StageResult], None] | None,
+    progress: bool,
+) -> RunResult:
     (run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe.resolved(), sort_keys=False))
     digests = _plan_digests(recipe, input_path)
     stage_dirs = [
@@ -350,12 +442,51 @@ def run_recipe(
     # A stage that re-runs invalidates everything after it, whatever is on disk.
     for i in range(1, len(done)):
         done[i] = done[i] and done[i - 1]
+    # A finished stage is trusted only while its files are those it wrote. Damaged files
+    # beside its own folder (images/ …) are removed, so the stage makes them again.
+    reasons: list[str | None] = [None] * len(done)
+    for i, (stage, stage_dir) in enumerate(zip(recipe.stages, stage_dirs)):
+        if not done[i]:
+            break
+        damaged = _damaged(run_dir, _stage_outputs(stage, run_dir, stage_dir), manifests[i])
+        if damaged:
+            (name, why), more = damaged[0], len(damaged) - 1
+            reasons[i] = f"{name} {why}" + (f" (and {more} more files)" if more else "")
+            _say(f"stage {stage.name}: {reasons[i]}; running it again from its input")
+            for name, _ in damaged:
+                if not (run_dir / name).is_relative_to(stage_dir):
+                    remove_tree(run_dir / name, run_dir)
+            done[i:] = [False] * (len(done) - i)
+            break
     for stage, skip in zip(recipe.stages, done):
         if not skip:
             stage.preflight()
+
+    def context(i: int, files: list[Path], schema: pa.Schema | None, name: str) -> StageContext:
+        return StageContext(
+            run_dir=run_dir,
+            out_dir=stage_dirs[i].with_name(stage_dirs[i].name + ".tmp"),
+            input_files=files,
+            input_schema=schema,
+            seed=recipe.seed,
+            input_path=input_path,
+            verbose=verbose,
+            progress=progress,
+            engine=name,
+            ingest_dir=stage_dirs[0],
+        )
+
     needs_ray = engine == "ray" and any(
         s.runs_on_cluster and not d for s, d in zip(recipe.stages, done)
     )
+    # Every later stage's columns are checked against what ingest will write before any
+    # stage runs: a bad recipe fails in seconds, not after the download.
+    first = context(0, [], None, "ray" if needs_ray else "local")
+    if done[0]:
+        files = ledger_files(stage_dirs[0])
+        check_columns(recipe.stages[1:], set(pq.read_schema(files[0]).names) if files else set())
+    else:
+        check_columns(recipe.stages[1:], set(recipe.stages[0].plan(first).schema.names))
     mapper = RayEngine(address, verbose) if needs_ray else LocalEngine()
 
     files: list[Path] = []
@@ -363,8 +494,8 @@ def run_recipe(
     ledger_dir: Path | None = None
     results: list[StageResult] = []
     try:
-        for stage, stage_dir, digest, skip, m in zip(
-            recipe.stages, stage_dirs, digests, done, manifests
+        for i, (stage, stage_dir, digest, skip, m) in enumerate(
+            zip(recipe.stages, stage_dirs, digests, done, manifests)
         ):
             if skip:
                 result = StageResult(
@@ -377,19 +508,9 @@ def run_recipe(
                     counters=m.get("counters", {}),
                 )
             else:
-                ctx = StageContext(
-                    run_dir=run_dir,
-                    out_dir=stage_dir.with_name(stage_dir.name + ".tmp"),
-                    input_files=files,
-                    input_schema=schema,
-                    seed=recipe.seed,
-                    input_path=Path(input_path),
-                    verbose=verbose,
-                    progress=progress,
-                    engine=mapper.name,
-                    ingest_dir=stage_dirs[0],
-                )
+                ctx = first if i == 0 else context(i, files, schema, mapper.name)
                 result = _run_stage(stage, ctx, stage_dir, digest, mapper)
+                result.rerun_reason = reasons[i]
             results.append(result)
             if on_stage:
                 on_stage(result)
@@ -397,8 +518,6 @@ def run_recipe(
                 ledger_dir = stage_dir
                 files = ledger_files(stage_dir)
                 schema = pq.read_schema(files[0]) if files else None
-            if stage is recipe.stages[0] and schema is not None:
-                check_columns(recipe.stages[1:], set(schema.names))
     finally:
         mapper.close()
     final = _link_ledger(ledger_dir, run_dir / "ledger") if ledger_dir else []
@@ -409,8 +528,8 @@ def _run_stage(
     stage: Stage, ctx: StageContext, stage_dir: Path, digest: str, mapper: LocalEngine | RayEngine
 ) -> StageResult:
     """Run one stage into a temporary folder, then move it into place and mark it done."""
-    shutil.rmtree(stage_dir, ignore_errors=True)
-    shutil.rmtree(ctx.out_dir, ignore_errors=True)
+    remove_tree(stage_dir, ctx.run_dir)
+    remove_tree(ctx.out_dir, ctx.run_dir)
     ctx.out_dir.mkdir(parents=True)
     start = time.perf_counter()
     rows_in = count_rows(ctx.input_files)
@@ -429,6 +548,7 @@ def _run_stage(
             mapper.wait_ready()
         rows_out = stage.run(ctx)
     seconds = time.perf_counter() - start
+    ctx.out_dir.rename(stage_dir)
     manifest = {
         "stage": stage.name,
         "kind": stage.kind,
@@ -440,7 +560,7 @@ def _run_stage(
         "params": stage_params(stage),
         "counters": ctx.counters,
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "files": file_records(ctx.run_dir, _stage_outputs(stage, ctx.run_dir, stage_dir)),
     }
-    ctx.out_dir.rename(stage_dir)
     (stage_dir / SUCCESS).write_text(json.dumps(manifest, indent=2, default=str))
     return StageResult(stage.name, stage.kind, seconds, rows_in, rows_out, False, ctx.counters)

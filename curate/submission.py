@@ -70,8 +70,11 @@ def write_uids(uids: pa.Array, path: Path) -> int:
     pairs = pairs[np.argsort(_keys(pairs), kind="stable")]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "wb") as f:  # np.save on a name would append ".npy" to any other suffix
-        np.save(f, pairs)
+    try:
+        with open(path, "wb") as f:  # np.save on a name would append ".npy" to any other suffix
+            np.save(f, pairs)
+    except OSError as exc:  # a failed write names no file: name it for the user
+        raise OSError(exc.errno, exc.strerror, str(path)) from exc
     return len(pairs)
 
 

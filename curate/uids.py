@@ -15,7 +15,6 @@ memory) DuckDB does the same GROUP BY over the written ledger, spilling to disk.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +23,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curate.readers import IngestError, as_string, is_text
+from curate.runfolder import scratch
 
 #: Above this many rows the duplicate check runs in DuckDB instead of in memory.
 IN_MEMORY_ROWS = 25_000_000
@@ -155,29 +155,26 @@ def _confirm(parts: list[Path], candidates: np.ndarray) -> tuple[int, list[Dupli
 def _duckdb_duplicates(parts: list[Path], tmp: Path) -> tuple[int, list[Duplicate]]:
     import duckdb  # only pools past IN_MEMORY_ROWS pay for importing it
 
-    spill = tmp / ".duckdb_tmp"
-    con = duckdb.connect(config={"temp_directory": str(spill)})
     files = [str(p) for p in parts]
-    try:
-        repeated = "SELECT uid FROM read_parquet($files) GROUP BY uid HAVING count(*) > 1"
-        total = con.execute(f"SELECT count(*) FROM ({repeated})", {"files": files}).fetchone()[0]
-        if not total:
-            return 0, []
-        shown = [
-            u
-            for (u,) in con.execute(f"{repeated} ORDER BY uid LIMIT 3", {"files": files}).fetchall()
-        ]
-        places = con.execute(
-            "SELECT uid, filename, file_row_number FROM read_parquet($files, filename=true, "
-            "file_row_number=true) WHERE uid IN (SELECT unnest($uids)) "
-            "ORDER BY uid, filename, file_row_number",
-            {"files": files, "uids": shown},
-        ).fetchall()
-    finally:
-        con.close()
-        shutil.rmtree(spill, ignore_errors=True)
+    repeated = "SELECT uid FROM read_parquet($files) GROUP BY uid HAVING count(*) > 1"
+    with scratch(tmp, ".duckdb-") as spill:
+        con = duckdb.connect(config={"temp_directory": str(spill)})
+        try:
+            total = con.execute(f"SELECT count(*) FROM ({repeated})", {"files": files}).fetchone()
+            if not total[0]:
+                return 0, []
+            shown = con.execute(f"{repeated} ORDER BY uid LIMIT 3", {"files": files}).fetchall()
+            shown = [u for (u,) in shown]
+            places = con.execute(
+                "SELECT uid, filename, file_row_number FROM read_parquet($files, filename=true, "
+                "file_row_number=true) WHERE uid IN (SELECT unnest($uids)) "
+                "ORDER BY uid, filename, file_row_number",
+                {"files": files, "uids": shown},
+            ).fetchall()
+        finally:
+            con.close()
     index = {f: i for i, f in enumerate(files)}
-    return total, [(u, [(index[f], r) for v, f, r in places if v == u]) for u in shown]
+    return total[0], [(u, [(index[f], r) for v, f, r in places if v == u]) for u in shown]
 
 
 def is_member(keys: np.ndarray, sorted_keys: np.ndarray) -> np.ndarray:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import NamedTuple
@@ -96,6 +97,20 @@ def bad_pool(tmp_path: Path) -> Path:
     path = tmp_path / "pool.parquet"
     pq.write_table(table, path)
     return path
+
+
+def accept_as_written(run: Path, stage_dir: str, *beside: str) -> None:
+    """Record a finished stage's files as they are now, as if the stage had written them.
+
+    For tests that damage a stage's output on purpose to see what a *later* stage
+    does with it; otherwise the run would find the damage and run the stage again.
+    """
+    from curate.runner import SUCCESS, file_records
+
+    manifest_path = run / stage_dir / SUCCESS
+    manifest = json.loads(manifest_path.read_text())
+    manifest["files"] = file_records(run, [run / stage_dir, *(run / b for b in beside)])
+    manifest_path.write_text(json.dumps(manifest))
 
 
 class ServedPool(NamedTuple):

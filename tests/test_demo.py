@@ -80,7 +80,7 @@ def test_the_table_and_the_reports_are_where_it_says(demo):
         (["--output", "{file}"], "exists and is not a folder"),
         (["--seeds", "0", "1", "0"], "each seed once"),
         (["--seeds", "0", "-1"], "seed -1: expected an integer from 0"),
-        (["--output", "{file}/d"], "cannot create it"),
+        (["--output", "{file}/d"], "a part of that path is a file where a folder is expected"),
     ],
 )
 def test_bad_arguments_stop_before_any_work(args, message, tmp_path, capsys):

@@ -6,6 +6,7 @@ pure decision function, without a request.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import signal
@@ -463,19 +464,161 @@ def test_a_killed_download_resumes_without_refetching_finished_shards(tmp_path):
 
 
 def test_finished_image_shards_are_kept_only_for_the_same_urls_and_settings(tmp_path):
+    from curate.runfolder import claim
+
+    with claim(tmp_path / "run"):  # images/ is deleted only inside a run folder
+        _check_prepare(tmp_path / "run")
+
+
+def _check_prepare(run: Path) -> None:
     from curate.stages.download import DownloadStage
 
-    images = tmp_path / "images"
+    images = run / "images"
     todo = pa.table({"uid": ["a" * 32, "b" * 32], "url": ["http://x.test/1", "http://x.test/2"]})
     stage = DownloadStage(image_size=256)
-    stage._prepare(images, todo)
+    stage._prepare(images, todo, run)
     (images / "00000_stats.json").write_text("{}")  # a finished shard
-    stage._prepare(images, todo)
+    stage._prepare(images, todo, run)
     assert (images / "00000_stats.json").exists()
-    DownloadStage(image_size=256, thread_count=4)._prepare(images, todo)  # speed only: kept
+    DownloadStage(image_size=256, thread_count=4)._prepare(images, todo, run)  # speed only: kept
     assert (images / "00000_stats.json").exists()
-    DownloadStage(image_size=384)._prepare(images, todo)
+    DownloadStage(image_size=384)._prepare(images, todo, run)
     assert not (images / "00000_stats.json").exists()
     (images / "00000_stats.json").write_text("{}")
-    DownloadStage(image_size=384)._prepare(images, todo.slice(0, 1))  # another url list
+    DownloadStage(image_size=384)._prepare(images, todo.slice(0, 1), run)  # another url list
     assert not (images / "00000_stats.json").exists()
+
+
+def _children(pid: int) -> set[int]:
+    """The live child pids of ``pid``, from every one of its threads."""
+    found: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            found.update(int(c) for c in (task / "children").read_text().split())
+        except OSError:  # the thread or the process is gone
+            continue
+    return found
+
+
+def _descendants(pid: int) -> set[int]:
+    found, todo = set(), [pid]
+    while todo:
+        for child in _children(todo.pop()) - found:
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def _started(pid: int) -> str | None:
+    """The start time of a live (not zombie) process, None once it is dead or a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "
+    return None if fields[0] in "ZX" else fields[19]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads the process tree in /proc")
+def test_download_processes_die_with_a_killed_run(tmp_path):
+    root = tmp_path / "site"
+    root.mkdir()
+    body = encode(noise(64, 64), "JPEG")
+    for i in range(80):
+        (root / f"{i}.jpg").write_bytes(body)
+    # Every image answers after 1 s: a 20-url shard takes each process 10 s on 2 threads.
+    slow = {f"/{i}.jpg": Rule(delay=1.0) for i in range(80)}
+    (tmp_path / "recipe.yaml").write_text(
+        "name: orphans\nstages:\n  - stage: ingest\n  - stage: download\n"
+        "    allow_private_networks: true\n    number_sample_per_shard: 20\n"
+        "    processes_count: 2\n    thread_count: 2\n    respect_robots_txt: false\n"
+    )
+    survivors: dict[int, str] = {}
+    with LoopbackServer(root, slow) as server:
+        urls = [f"{server.base_url}/{i}.jpg" for i in range(80)]
+        pq.write_table(pa.table({"url": urls, "caption": [CAPTION] * 80}), tmp_path / "u.parquet")
+        command = [sys.executable, "-m", "curate.cli", "run", str(tmp_path / "recipe.yaml")]
+        command += ["--input", str(tmp_path / "u.parquet"), "--output", str(tmp_path / "run")]
+        proc = subprocess.Popen(
+            [*command, "--engine", "local", "--quiet"],
+            start_new_session=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            # Both download processes at work: requests from each of the first two shards.
+            deadline = time.monotonic() + 120
+            while proc.poll() is None and time.monotonic() < deadline:
+                shards = {int(p[1:-4]) // 20 for p in server.paths_requested() if p.endswith("jpg")}
+                if {0, 1} <= shards:
+                    break
+                time.sleep(0.05)
+            assert proc.poll() is None, "the run ended before it could be killed"
+            tree = {pid: _started(pid) for pid in _descendants(proc.pid)}
+            survivors = {pid: start for pid, start in tree.items() if start}
+            assert len(survivors) >= 2, f"no download processes under the run: {tree}"
+
+            os.kill(proc.pid, signal.SIGKILL)  # the driver only, as the OOM killer would
+            proc.wait()
+            killed = time.monotonic()
+            while survivors and time.monotonic() < killed + 5:
+                survivors = {p: s for p, s in survivors.items() if _started(p) == s}
+                time.sleep(0.05)
+            assert not survivors, f"{len(survivors)} of {len(tree)} processes outlived the run"
+            # Nothing escaped the tree we saw either: the server hears no more requests.
+            time.sleep(0.5)  # a request already on its way when the processes died
+            heard = len(server.requests)
+            time.sleep(2)
+            assert len(server.requests) == heard, "requests after the run was killed"
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            for pid, start in survivors.items():
+                if _started(pid) == start:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+            proc.wait()
+
+
+# Workers retired by maxtasksperchild are replaced by the pool's worker-handler thread, not
+# by the thread that made the pool: the parent-death signal must cover those too.
+REPLACED_WORKERS = """
+import os, sys, time
+from curate.download_pool import dying_pool
+pool = dying_pool(2, maxtasksperchild=1)
+first = {p.pid for p in pool._pool}
+while first & {p.pid for p in pool._pool}:
+    pool.map(abs, range(4), chunksize=1)
+busy = [pool.apply_async(time.sleep, (120,)) for _ in range(2)]
+time.sleep(0.5)
+print(*{p.pid for p in pool._pool} - first, flush=True)
+time.sleep(120)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads the process tree in /proc")
+def test_replacement_pool_workers_die_with_their_parent():
+    proc = subprocess.Popen(
+        [sys.executable, "-c", REPLACED_WORKERS],
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    workers: dict[int, str | None] = {}
+    try:
+        pids = [int(p) for p in proc.stdout.readline().split()]
+        workers = {pid: _started(pid) for pid in pids}
+        assert len(workers) == 2 and all(workers.values())
+        assert set(workers) <= _descendants(proc.pid)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        deadline = time.monotonic() + 5
+        while workers and time.monotonic() < deadline:
+            workers = {p: s for p, s in workers.items() if _started(p) == s}
+            time.sleep(0.05)
+        assert not workers, f"{len(workers)} pool workers outlived their parent"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()

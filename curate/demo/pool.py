@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
@@ -37,6 +36,7 @@ from curate.config import ConfigError
 from curate.demo import draw
 from curate.demo.plan import DEFECTS, DefectRates, Row, plan_eval, plan_pool
 from curate.demo.vocab import HTML_PAGES, VOCABULARY
+from curate.runfolder import staged
 from curate.schema import stable_uid
 from curate.serve import RULES_FILE, LoopbackServer
 
@@ -155,45 +155,43 @@ def generate_pool(
     rows = plan_pool(size, rates, np.random.default_rng(pool_seq))
     evals = plan_eval(eval_size, np.random.default_rng(eval_seq))
 
-    work = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(work, ignore_errors=True)  # a crashed earlier attempt
-    for sub in ("images", "eval/images"):
-        (work / sub).mkdir(parents=True)
-    todo = [(row.path, row.job) for row in rows if row.job is not None]
-    eval_paths = [f"images/{i:06d}.jpg" for i in range(len(evals))]
-    todo += [
-        (f"eval/{p}", ("jpeg", scene, EVAL_QUALITY)) for p, (scene, _) in zip(eval_paths, evals)
-    ]
-    written = iter(_write_files(work, todo, workers or os.cpu_count() or 1, progress))
-    sizes = [None if row.job is None else next(written) for row in rows]
+    with staged(out_dir) as work:
+        for sub in ("images", "eval/images"):
+            (work / sub).mkdir(parents=True)
+        todo = [(row.path, row.job) for row in rows if row.job is not None]
+        eval_paths = [f"images/{i:06d}.jpg" for i in range(len(evals))]
+        todo += [
+            (f"eval/{p}", ("jpeg", scene, EVAL_QUALITY)) for p, (scene, _) in zip(eval_paths, evals)
+        ]
+        written = iter(_write_files(work, todo, workers or os.cpu_count() or 1, progress))
+        sizes = [None if row.job is None else next(written) for row in rows]
 
-    uids = [stable_uid(row.path, row.caption) for row in rows]
-    pairs = {"uid": uids, "path": [r.path for r in rows], "caption": [r.caption for r in rows]}
-    pq.write_table(pa.table(pairs), work / "pairs.parquet")
-    labels = {
-        "path": eval_paths,
-        "shape": [scene.objects[0].shape for scene, _ in evals],
-        "colour": [scene.objects[0].colour for scene, _ in evals],
-        "background": [scene.pattern for scene, _ in evals],
-        "caption": [caption for _, caption in evals],
-    }
-    pq.write_table(pa.table(labels), work / "eval" / "labels.parquet")
-    text = {"Content-Type": "text/plain"}
-    failing = {"status": 500, "body": "Internal Server Error", "headers": text}
-    rules = {f"/{r.path}": failing for r in rows if r.defect == "server_error"}
-    (work / RULES_FILE).write_text(json.dumps(rules, indent=1, sort_keys=True) + "\n")
+        uids = [stable_uid(row.path, row.caption) for row in rows]
+        pairs = {"uid": uids, "path": [r.path for r in rows], "caption": [r.caption for r in rows]}
+        pq.write_table(pa.table(pairs), work / "pairs.parquet")
+        labels = {
+            "path": eval_paths,
+            "shape": [scene.objects[0].shape for scene, _ in evals],
+            "colour": [scene.objects[0].colour for scene, _ in evals],
+            "background": [scene.pattern for scene, _ in evals],
+            "caption": [caption for _, caption in evals],
+        }
+        pq.write_table(pa.table(labels), work / "eval" / "labels.parquet")
+        text = {"Content-Type": "text/plain"}
+        failing = {"status": 500, "body": "Internal Server Error", "headers": text}
+        rules = {f"/{r.path}": failing for r in rows if r.defect == "server_error"}
+        (work / RULES_FILE).write_text(json.dumps(rules, indent=1, sort_keys=True) + "\n")
 
-    meta = {
-        "seed": seed,
-        "size": size,
-        "rates": rates.as_dict(),
-        "defects": list(DEFECTS),
-        "vocabulary": {k: list(v) for k, v in VOCABULARY.items()},
-        "eval_size": eval_size,
-    }
-    entries = [_entry(row, uids, i, s) for i, (row, s) in enumerate(zip(rows, sizes))]
-    _write_manifest(work / "manifest.json", meta, entries)
-    work.rename(out_dir)
+        meta = {
+            "seed": seed,
+            "size": size,
+            "rates": rates.as_dict(),
+            "defects": list(DEFECTS),
+            "vocabulary": {k: list(v) for k, v in VOCABULARY.items()},
+            "eval_size": eval_size,
+        }
+        entries = [_entry(row, uids, i, s) for i, (row, s) in enumerate(zip(rows, sizes))]
+        _write_manifest(work / "manifest.json", meta, entries)
     return out_dir
 
 

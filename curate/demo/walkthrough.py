@@ -32,6 +32,7 @@ from curate.demo.plan import DefectRates
 from curate.demo.pool import generate_pool, load_manifest, serve_pool
 from curate.recipe import load_recipe
 from curate.report import write_report
+from curate.runfolder import claim
 from curate.runner import RunResult, StageResult, init_ray, run_recipe
 from curate.submission import UIDS_FILE, kept_uids, write_uids
 from curate.trainer import TrainConfig
@@ -133,11 +134,19 @@ def run_demo(
     config = TrainConfig(samples_seen=spec.samples_seen)
     # compare checks them too, but only after every run: bad seeds stop the demo here.
     chosen = checked_seeds(seeds or list(spec.seeds), config)
-    try:
-        output.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise ConfigError(f"--output {output}: cannot create it ({error.strerror})") from error
+    with claim(output, "demo"):
+        return _demo(output, spec, seed, chosen, config, engine, quiet)
 
+
+def _demo(
+    output: Path,
+    spec: DemoSize,
+    seed: int,
+    chosen: list[int],
+    config: TrainConfig,
+    engine: str,
+    quiet: bool,
+) -> list[dict]:
     def say(text: str) -> None:
         if not quiet:
             print(text, file=sys.stderr, flush=True)

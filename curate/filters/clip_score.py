@@ -53,18 +53,19 @@ before the filter stage starts (through ``needs``), so nothing is fitted.
 from __future__ import annotations
 
 import json
-import math
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated
 
 import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from curate.config import Cosine, Range
 from curate.operators import Filter, FitContext, register_filter
+from curate.runfolder import scratch
 from curate.stats import sql_paths
 
 ARTIFACT = "threshold.json"
@@ -96,34 +97,35 @@ def _check_numeric(files: list[Path], column: str) -> None:
         raise TypeError(f"column {column!r} holds {kind}, not numeric scores")
 
 
-def top_fraction(files: list[Path], column: str, fraction: float, spill: Path) -> dict:
-    """DataComp's ``get_threshold`` over the alive rows of ``files``, as the artifact's fields."""
+def top_fraction(files: list[Path], column: str, fraction: float, tmp: Path) -> dict:
+    """DataComp's ``get_threshold`` over the alive rows of ``files``, as the artifact's fields
+    (DuckDB spills its sort to a scratch folder in ``tmp``)."""
     alive = scored = n = 0
     threshold = None
     if files:
         _check_numeric(files, column)
         col = _identifier(column)
         source = f"read_parquet({sql_paths(files)})"
-        con = duckdb.connect(config={"temp_directory": str(spill)})
-        try:
-            # Parquet writers (pyarrow included) leave NaN out of a column's min/max, and
-            # DuckDB's optimizer trusts those statistics: with it on, isnan() on a NaN can
-            # fold to false (duckdb/duckdb#7803, #25521). Off, the answers are NumPy's; the
-            # sort still reads one column and spills to ``spill``.
-            con.execute("PRAGMA disable_optimizer")
-            alive, scored = con.execute(
-                f"SELECT count(*), count(*) FILTER (WHERE NOT isnan({col})) "
-                f"FROM {source} WHERE keep"
-            ).fetchone()
-            n = int(alive * fraction)  # DataComp: n = int(len(df) * fraction)
-            if n < scored:  # the n-th largest, 0-based, NaN and null left out
-                (threshold,) = con.execute(
-                    f"SELECT {col} FROM {source} WHERE keep AND NOT isnan({col}) "
-                    f"ORDER BY {col} DESC LIMIT 1 OFFSET {n}"
+        with scratch(tmp, ".duckdb-") as spill:
+            con = duckdb.connect(config={"temp_directory": str(spill)})
+            try:
+                # Parquet writers (pyarrow included) leave NaN out of a column's min/max, and
+                # DuckDB's optimizer trusts those statistics: with it on, isnan() on a NaN can
+                # fold to false (duckdb/duckdb#7803, #25521). Off, the answers are NumPy's; the
+                # sort still reads one column and spills to ``spill``.
+                con.execute("PRAGMA disable_optimizer")
+                alive, scored = con.execute(
+                    f"SELECT count(*), count(*) FILTER (WHERE NOT isnan({col})) "
+                    f"FROM {source} WHERE keep"
                 ).fetchone()
-        finally:
-            con.close()
-            shutil.rmtree(spill, ignore_errors=True)
+                n = int(alive * fraction)  # DataComp: n = int(len(df) * fraction)
+                if n < scored:  # the n-th largest, 0-based, NaN and null left out
+                    (threshold,) = con.execute(
+                        f"SELECT {col} FROM {source} WHERE keep AND NOT isnan({col}) "
+                        f"ORDER BY {col} DESC LIMIT 1 OFFSET {n}"
+                    ).fetchone()
+            finally:
+                con.close()
     if n >= alive:
         decision = KEEP_ALL  # fraction 1.0 (DataComp: IndexError), or an empty pool
     elif threshold is None:
@@ -148,15 +150,13 @@ def top_fraction(files: list[Path], column: str, fraction: float, spill: Path) -
 class ClipScore(Filter):
     """Keep ``column >= min`` (DataComp ``--threshold``, LAION-2B's 0.28); null/NaN drops."""
 
-    min: float
+    min: Cosine  # a CLIP score is a cosine: -1 keeps every scored row (score_threshold: any)
     column: str = "clip_score"
 
     def __post_init__(self) -> None:
         if not self.column:
             raise ValueError("column must name a numeric ledger column")
         self.min = float(self.min)  # a Python float: NumPy compares it in the column's dtype
-        if math.isnan(self.min):
-            raise ValueError("min is NaN: the filter would drop every row")
 
     @property
     def needs(self) -> tuple[str, ...]:
@@ -171,7 +171,7 @@ class ClipScore(Filter):
 class ClipScoreTopFraction(Filter):
     """Keep the top ``fraction`` of the pool by ``column``, ties included (DataComp --fraction)."""
 
-    fraction: float
+    fraction: Annotated[float, Range(0, 1, low_open=True, why="the share of the pool to keep")]
     column: str = "clip_score"
 
     # Set by fit; a path, not the data, so the fitted object pickles small to Ray workers.
@@ -186,10 +186,6 @@ class ClipScoreTopFraction(Filter):
         if isinstance(self.fraction, bool) or not isinstance(self.fraction, int | float):
             raise ValueError(f"fraction must be a number in (0, 1], got {self.fraction!r}")
         self.fraction = float(self.fraction)
-        if not 0.0 < self.fraction <= 1.0:
-            raise ValueError(
-                f"fraction must be in (0, 1] (the share of the pool to keep), got {self.fraction}"
-            )
 
     @property
     def needs(self) -> tuple[str, ...]:
@@ -198,7 +194,7 @@ class ClipScoreTopFraction(Filter):
     def fit(self, ctx: FitContext) -> None:
         stats = Path(ctx.stats_dir)
         fitted = top_fraction(
-            [Path(f) for f in ctx.ledger_files], self.column, self.fraction, stats / ".duckdb_tmp"
+            [Path(f) for f in ctx.ledger_files], self.column, self.fraction, stats
         )
         out = stats / ARTIFACT
         tmp = out.with_name(out.name + ".tmp")

@@ -77,7 +77,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,9 +87,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curate.clip_model import embedding_matrix
-from curate.config import ConfigError
+from curate.config import ConfigError, Count
 from curate.operators import Filter, FitContext, register_filter
 from curate.readers import IngestError
+from curate.runfolder import scratch
 from curate.schema import alive_mask
 from curate.semdedup import assign
 from curate.stages.clip import EMBEDDINGS_DIR, MODEL_FILE, embed_images, prepare_model
@@ -152,10 +152,10 @@ class DataCompImage(Filter):
     """Keep rows whose nearest k-means centroid is nearest to some ``reference`` image."""
 
     reference: str  # folder of images, Parquet of images, or Parquet of vectors
-    clusters: int | None = None  # k (DataComp: 100,000); or give `centroids`
+    clusters: Count | None = None  # k (DataComp: 100,000); or give `centroids`
     centroids: str | None = None  # a (k, D) .npy of precomputed centroids: no k-means
-    iterations: int = 20
-    max_train_rows: int | None = None  # k-means on a seeded sample of this many uids
+    iterations: Count = 20
+    max_train_rows: Count | None = None  # k-means on a seeded sample of this many uids
     embeddings: str = "auto"  # "clip" (RUN/embeddings) or a DataComp .npz prefix (l14, b32)
     # k-means also trains on the rows these filters dropped (the CLIP-score cut, see above)
     kmeans_also_dropped_by: list[str] = field(default_factory=list)
@@ -173,10 +173,11 @@ class DataCompImage(Filter):
             raise ValueError("reference must name a folder or Parquet file of reference images")
         if (self.clusters is None) == (self.centroids is None):
             raise ValueError("give exactly one of clusters (k-means here) and centroids (a .npy)")
-        for name in ("clusters", "iterations", "max_train_rows"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ValueError(f"{name} must be at least 1, got {value}")
+        if None not in (self.clusters, self.max_train_rows) and self.max_train_rows < self.clusters:
+            raise ValueError(
+                f"max_train_rows {self.max_train_rows} < clusters {self.clusters}: k-means needs "
+                "at least one training row per cluster"
+            )
         if not self.embeddings:
             raise ValueError("embeddings must be auto, clip, or a DataComp .npz prefix (l14, b32)")
 
@@ -187,7 +188,7 @@ class DataCompImage(Filter):
         stats.mkdir(parents=True, exist_ok=True)
         alive, extra, also = _pool(ctx.ledger_files, self.kmeans_also_dropped_by)
         source, batches = self._vectors(ctx)
-        names, ref = self._reference(ctx, stats / "_embed")
+        names, ref = self._reference(ctx, stats)
         about = {"embeddings": source, "alive": len(alive), "also_dropped_by": also}
         if not len(alive):  # every row was dropped before this stage: nothing to judge
             pq.write_table(ASSIGNMENTS_SCHEMA.empty_table(), stats / ASSIGNMENTS)
@@ -297,8 +298,9 @@ class DataCompImage(Filter):
             raise ConfigError(f"filter {self.name}: centroids {path}: expected finite (k, D)")
         return np.ascontiguousarray(centroids, np.float32)
 
-    def _reference(self, ctx: FitContext, work: Path) -> tuple[list[str], np.ndarray]:
-        """The reference items' names and float32 vectors (images embedded here first)."""
+    def _reference(self, ctx: FitContext, tmp: Path) -> tuple[list[str], np.ndarray]:
+        """The reference items' names and float32 vectors (images embedded first, in a
+        scratch folder in ``tmp``)."""
         path = self._path(self.reference, "reference", ctx)
         try:
             table = read_image_set(path)
@@ -306,8 +308,8 @@ class DataCompImage(Filter):
             raise ConfigError(f"filter {self.name}: reference: {exc}") from exc
         vector = next((c for c in VECTOR_COLUMNS if c in table.column_names), None)
         if vector is None and table.num_rows:
-            table = embed_images(table, work, self._model(ctx, path))
-            shutil.rmtree(work, ignore_errors=True)
+            with scratch(tmp, "_embed-") as work:
+                table = embed_images(table, work, self._model(ctx, path))
             vector = "image_embedding"
         if vector is not None:
             table = table.filter(pc.is_valid(table[vector]))

@@ -18,7 +18,6 @@ no rare token and passes; the word-count filter is what drops it.
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,7 +26,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from curate.config import Count
 from curate.operators import Filter, FitContext, register_filter
+from curate.runfolder import scratch
 from curate.stats import write_query
 from curate.text import bigrams, words
 
@@ -66,7 +67,7 @@ def _count_file(path: Path, lower: bool, out: Path) -> None:
 class RareTokens(Filter):
     """Keep captions whose unigrams and bigrams are all among the pool's top ``vocab_size``."""
 
-    vocab_size: int = 100_000
+    vocab_size: Count = 100_000
     lowercase: bool = True
 
     needs = ("caption",)
@@ -74,26 +75,21 @@ class RareTokens(Filter):
     artifact: Path | None = field(default=None, init=False, compare=False)
     _vocab: pa.Array | None = field(default=None, init=False, repr=False, compare=False)
 
-    def __post_init__(self) -> None:
-        if self.vocab_size < 1:
-            raise ValueError(f"vocab_size must be positive, got {self.vocab_size}")
-
     def fit(self, ctx: FitContext) -> None:
         stats = Path(ctx.stats_dir)
-        partial = stats / "_counts"
-        partial.mkdir(parents=True, exist_ok=True)
-        files = []
-        for i, path in enumerate(ctx.ledger_files):
-            files.append(partial / f"{i:06d}.parquet")
-            _count_file(Path(path), self.lowercase, files[-1])
-        self.artifact = write_query(
-            "SELECT gram, sum(n)::BIGINT AS n FROM read_parquet({files}) GROUP BY gram "
-            f"ORDER BY n DESC, gram LIMIT {int(self.vocab_size)}",
-            files,
-            stats / ARTIFACT,
-            empty=NO_COUNTS,
-        )
-        shutil.rmtree(partial)
+        stats.mkdir(parents=True, exist_ok=True)
+        with scratch(stats, "_counts-") as partial:
+            files = []
+            for i, path in enumerate(ctx.ledger_files):
+                files.append(partial / f"{i:06d}.parquet")
+                _count_file(Path(path), self.lowercase, files[-1])
+            self.artifact = write_query(
+                "SELECT gram, sum(n)::BIGINT AS n FROM read_parquet({files}) GROUP BY gram "
+                f"ORDER BY n DESC, gram LIMIT {int(self.vocab_size)}",
+                files,
+                stats / ARTIFACT,
+                empty=NO_COUNTS,
+            )
 
     def setup(self) -> None:
         if self.artifact is None:

@@ -22,7 +22,6 @@ decision does not depend on batch boundaries, file order or the engine.
 from __future__ import annotations
 
 import hashlib
-import shutil
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,7 +31,8 @@ import pyarrow.csv
 import pyarrow.parquet as pq
 
 from curate.concepts import Matcher, load_concepts, matchable_captions
-from curate.config import ConfigError
+from curate.config import ConfigError, Count
+from curate.runfolder import scratch
 from curate.schema import alive_mask, set_column
 from curate.stages.base import MapStage, StageContext, register_stage
 
@@ -56,12 +56,10 @@ class BalanceStage(MapStage):
     """Keep a row with probability 1 - ∏(1 - t / max(count, t)) over the concepts it matches."""
 
     concepts: str  # a bundled list (imagenet1k, demo) or the path of a file, one entry per line
-    t: int = 20_000  # MetaCLIP: 20,000 for its 400M-pair set, 170,000 for 2.5B
+    t: Count = 20_000  # MetaCLIP: 20,000 for its 400M-pair set, 170,000 for 2.5B
     lowercase: bool = False  # MetaCLIP matches case-sensitively
 
     def __post_init__(self) -> None:
-        if self.t < 1:
-            raise ValueError(f"t must be at least 1, got {self.t}")
         self._matcher = Matcher(load_concepts(self.concepts), self.lowercase)
         self._p: np.ndarray | None = None  # per concept, set by plan
 
@@ -82,22 +80,21 @@ class BalanceStage(MapStage):
         matches = np.zeros(n_concepts, np.int64)
         kept = np.zeros(n_concepts, np.int64)
         rows = matched = 0
-        work = ctx.out_dir / "_matches"  # this stage's matches, read back once p is known
-        work.mkdir()
-        for i, path in enumerate(ctx.input_files):
-            ledger = pq.read_table(path, columns=["caption", "caption_error", "keep"])
-            offsets, ids, alive = self._match(ledger)
-            np.savez(work / f"{i}.npz", offsets=offsets, ids=ids)
-            matches += np.bincount(ids, minlength=n_concepts)
-            rows += int(alive.sum())
-            matched += int(np.count_nonzero(np.diff(offsets)))
-        self._p = self.t / np.maximum(matches, self.t)
-        for i, path in enumerate(ctx.input_files):
-            with np.load(work / f"{i}.npz") as saved:
-                offsets, ids = saved["offsets"], saved["ids"]
-            keep = self._decide(pq.read_table(path, columns=["uid"])["uid"], offsets, ids)
-            kept += np.bincount(ids[np.repeat(keep, np.diff(offsets))], minlength=n_concepts)
-        shutil.rmtree(work)
+        # this stage's matches, read back once p is known
+        with scratch(ctx.out_dir, "_matches-") as work:
+            for i, path in enumerate(ctx.input_files):
+                ledger = pq.read_table(path, columns=["caption", "caption_error", "keep"])
+                offsets, ids, alive = self._match(ledger)
+                np.savez(work / f"{i}.npz", offsets=offsets, ids=ids)
+                matches += np.bincount(ids, minlength=n_concepts)
+                rows += int(alive.sum())
+                matched += int(np.count_nonzero(np.diff(offsets)))
+            self._p = self.t / np.maximum(matches, self.t)
+            for i, path in enumerate(ctx.input_files):
+                with np.load(work / f"{i}.npz") as saved:
+                    offsets, ids = saved["offsets"], saved["ids"]
+                keep = self._decide(pq.read_table(path, columns=["uid"])["uid"], offsets, ids)
+                kept += np.bincount(ids[np.repeat(keep, np.diff(offsets))], minlength=n_concepts)
         table = pa.table(
             {"concept": self._matcher.names, "matches": matches, "p": self._p, "kept": kept}
         )

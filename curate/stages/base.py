@@ -50,6 +50,14 @@ class Stage:
         hour later when the stage's turn comes.
         """
 
+    def outputs(self) -> tuple[str, ...]:
+        """Folders of the run besides its own that this stage writes (``images`` …).
+
+        The runner records their files in the stage's manifest with its own, and runs
+        the stage again when any of them has changed.
+        """
+        return ()
+
     def plan(self, ctx: StageContext) -> None:
         """Driver-side preparation: validate the input schema, fit global statistics."""
 

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, ClassVar
 import pyarrow.parquet as pq
 
 from curate.config import ConfigError
+from curate.runfolder import remove_tree
 from curate.stages.base import Stage, StageContext, register_stage
 from curate.stages.filter import FilterStage
 from curate.stages.shard import ShardStage
@@ -72,19 +73,22 @@ class BootstrapStage(Stage):
             )
         return columns
 
+    def outputs(self) -> tuple[str, ...]:
+        return (f"{CHECKPOINTS}/{self.name}",)
+
     def run(self, ctx: StageContext) -> int:
         from curate.trainer import train
 
         work = ctx.out_dir / "_train"
         shards, training_rows = self._training_shards(ctx, work)
         config = self.train_config(ctx.seed)
-        checkpoint = ctx.run_dir / CHECKPOINTS / self.name
+        checkpoint = ctx.run_dir / self.outputs()[0]
         staged = checkpoint.with_name(checkpoint.name + ".tmp")
-        shutil.rmtree(staged, ignore_errors=True)
+        remove_tree(staged, ctx.run_dir)
         metrics = train(shards, staged, config, progress=ctx.progress)
-        shutil.rmtree(checkpoint, ignore_errors=True)
+        remove_tree(checkpoint, ctx.run_dir)
         staged.rename(checkpoint)
-        shutil.rmtree(work, ignore_errors=True)
+        remove_tree(work, ctx.run_dir)
         rows = 0
         for path in ctx.input_files:  # the ledger, unchanged (hard links: no copy)
             try:

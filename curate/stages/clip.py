@@ -25,7 +25,6 @@ model time.
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,8 +45,9 @@ from curate.clip_model import (
     resolve_model,
     tokenizer_for,
 )
-from curate.config import ConfigError
+from curate.config import ConfigError, Count
 from curate.progress import FinishedRows, Progress
+from curate.runfolder import remove_tree
 from curate.schema import alive_mask, set_column
 from curate.stages.base import Stage, StageContext, register_stage
 from curate.stages.download import IMAGES_DIR, image_shards
@@ -69,16 +69,10 @@ class ClipStage(Stage):
     precomputed: str | None = None  # DataComp .npz key prefix (b32, l14): no model is run
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"  # autocast on CUDA; CPU is fp32
-    batch_size: int = 256
-    concurrency: int | None = None  # model workers; default one per GPU, else one per CPU
+    batch_size: Count = 256
+    concurrency: Count | None = None  # model workers; default one per GPU, else one per CPU
 
     runs_on_cluster: ClassVar[bool] = True
-
-    def __post_init__(self) -> None:
-        if self.batch_size < 1:
-            raise ValueError("batch_size must be at least 1")
-        if self.concurrency is not None and self.concurrency < 1:
-            raise ValueError("concurrency must be at least 1")
 
     def columns_after(self, columns: set[str]) -> set[str]:
         if self.precomputed is None and "sha256" not in columns:
@@ -98,10 +92,13 @@ class ClipStage(Stage):
             return
         self._resolved, self._preprocess, self._dim = prepare_model(self.model, self.pretrained)
 
+    def outputs(self) -> tuple[str, ...]:
+        return (EMBEDDINGS_DIR,)
+
     def run(self, ctx: StageContext) -> int:
         out = ctx.run_dir / EMBEDDINGS_DIR
         tmp = out.with_name(out.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_tree(tmp, ctx.run_dir)
         tmp.mkdir(parents=True)
         start = time.perf_counter()
         if self.precomputed is not None:
@@ -110,8 +107,8 @@ class ClipStage(Stage):
             described = self._embed_images(ctx, tmp)
         seconds = time.perf_counter() - start
         (tmp / MODEL_FILE).write_text(json.dumps(described, indent=1) + "\n")
-        shutil.rmtree(tmp / "_work", ignore_errors=True)
-        shutil.rmtree(out, ignore_errors=True)
+        remove_tree(tmp / "_work", ctx.run_dir)
+        remove_tree(out, ctx.run_dir)
         tmp.rename(out)
         results = read_scores(out)
         counts = {"embedded": 0, "no_caption": 0, "failed": 0}

@@ -21,9 +21,9 @@ item it matched and their cosine.
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import pyarrow as pa
@@ -31,8 +31,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curate.clip_model import embedding_matrix
-from curate.config import ConfigError
+from curate.config import ConfigError, Range
 from curate.dedup import DECISIONS, alive_scores, read_vectors, unit_rows
+from curate.runfolder import scratch
 from curate.semdedup import SCREEN
 from curate.stages.base import StageContext, register_stage
 from curate.stages.clip import EMBEDDINGS_DIR, MODEL_FILE, embed_images, prepare_model
@@ -49,15 +50,14 @@ MATCHES = pa.schema([("uid", pa.string()), ("eval_index", pa.int64()), ("cosine"
 @dataclass
 class DecontaminateStage(DecidedStage):
     eval_set: str | None = None
-    threshold: float = 0.95  # drop when cosine >= threshold
+    # A cosine: -1 would drop every row, 1 only exact copies of an evaluation image.
+    threshold: Annotated[float, Range(-1, 1, low_open=True, why="drop when cosine >= it")] = 0.95
     model: str | None = None  # default: the model that embedded the pool
     pretrained: str | None = None
 
     def __post_init__(self) -> None:
         if not self.eval_set:
             raise ValueError("eval_set is required: a folder or Parquet file of evaluation images")
-        if not -1 <= self.threshold <= 1:
-            raise ValueError("threshold is a cosine similarity, between -1 and 1")
 
     def columns_after(self, columns: set[str]) -> set[str]:
         if "clip_score" not in columns:
@@ -68,8 +68,10 @@ class DecontaminateStage(DecidedStage):
         return super().columns_after(columns)
 
     def plan(self, ctx: StageContext) -> None:
-        work = ctx.out_dir / "_work"
-        work.mkdir(parents=True)
+        with scratch(ctx.out_dir) as work:
+            self._decide(ctx, work)
+
+    def _decide(self, ctx: StageContext, work: Path) -> None:
         names, vectors = self._eval_vectors(ctx, work)
         np.save(work / "eval.npy", unit_rows(vectors))
         pq.write_table(alive_scores(ctx.input_files).select(["uid"]), work / "alive.parquet")
@@ -95,7 +97,6 @@ class DecontaminateStage(DecidedStage):
         )
         self._save(ctx, eval_images=len(names), eval_items_matched=_distinct(matches))
         pq.write_table(matches, ctx.out_dir / STATS / "contaminated.parquet")
-        shutil.rmtree(work)
 
     def _eval_vectors(self, ctx: StageContext, work: Path) -> tuple[list[str], np.ndarray]:
         """The evaluation set's names and image vectors (embedded here when they are images)."""

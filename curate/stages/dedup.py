@@ -18,10 +18,10 @@ Ray tasks on the ray engine, the same functions in-process otherwise.
 from __future__ import annotations
 
 import math
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
 import duckdb
 import numpy as np
@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from curate.config import ConfigError
+from curate.config import ConfigError, Count, Range
 from curate.dedup import (
     DECISIONS,
     REGROUP,
@@ -39,6 +39,7 @@ from curate.dedup import (
     survivor_order,
     unit_rows,
 )
+from curate.runfolder import scratch
 from curate.semdedup import absorb_on_graph, absorbers, assign, pairs_between, train_centroids
 from curate.stages.base import MapStage, StageContext, register_stage
 from curate.stats import sql_paths
@@ -135,22 +136,14 @@ def _same_sha256(files: list[Path], column: str) -> pa.Table:
 class SemanticDedupStage(DecidedStage):
     """SemDeDup: within k-means clusters of image embeddings, drop rows with cosine > 1 − ε."""
 
-    epsilon: float = 0.05
-    clusters: int | None = None  # k; default: one per 1,000 alive rows
-    sample_per_cluster: int = 100  # k-means trains on up to clusters × this many rows
-    iterations: int = 20
+    epsilon: Annotated[
+        float, Range(0, 2, low_open=True, high_open=True, why="drop when cosine > 1 - epsilon")
+    ] = 0.05
+    clusters: Count | None = None  # k; default: one per 1,000 alive rows
+    sample_per_cluster: Count = 100  # k-means trains on up to clusters × this many rows
+    iterations: Count = 20
     embeddings: str = "auto"  # "clip" (RUN/embeddings), a DataComp .npz prefix (l14, b32)
     score: str = "clip_score"  # survivors rank by it (without clip_score: smallest uid)
-
-    def __post_init__(self) -> None:
-        if not 0 < self.epsilon < 2:
-            raise ValueError(
-                "epsilon must be in (0, 2): rows with cosine > 1 - epsilon are dropped"
-            )
-        for name in ("clusters", "sample_per_cluster", "iterations"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ValueError(f"{name} must be at least 1")
 
     def columns_after(self, columns: set[str]) -> set[str]:
         if self.embeddings == "clip" and "clip_score" not in columns:
@@ -161,8 +154,10 @@ class SemanticDedupStage(DecidedStage):
         return super().columns_after(columns)
 
     def plan(self, ctx: StageContext) -> None:
-        work = ctx.out_dir / "_work"
-        work.mkdir(parents=True)
+        with scratch(ctx.out_dir) as work:
+            self._decide(ctx, work)
+
+    def _decide(self, ctx: StageContext, work: Path) -> None:
         progress = ctx.progress
         clock = _Clock()
         alive = alive_scores(ctx.input_files, self.score)
@@ -184,7 +179,6 @@ class SemanticDedupStage(DecidedStage):
         if not len(sample):  # no alive row has a usable embedding: nothing to compare
             self._decisions, self._regroup = DECISIONS.empty_table(), REGROUP.empty_table()
             self._save(ctx, embeddings=source, clusters=0, embedded=0, no_embedding=alive.num_rows)
-            shutil.rmtree(work)
             return
         centroids = train_centroids(sample, k, self.iterations, ctx.seed)
         np.save(work / "centroids.npy", centroids)
@@ -225,7 +219,6 @@ class SemanticDedupStage(DecidedStage):
         )
         pq.write_table(clusters.sort_by("cluster"), ctx.out_dir / STATS / "clusters.parquet")
         np.save(ctx.out_dir / STATS / "centroids.npy", centroids)
-        shutil.rmtree(work)
 
     def _vector_files(self, ctx: StageContext, work: Path) -> tuple[list[Path], str, str]:
         """Parquet files of (uid, vector) to read, the vector column, and where they came from."""

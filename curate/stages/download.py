@@ -1,7 +1,8 @@
 """The download stage: the ledger's urls through img2dataset, results joined back by uid.
 
 img2dataset does the downloading, resizing, face blurring and writing (its Ray
-distributor on the Ray engine, its multiprocessing distributor otherwise), with
+distributor on the Ray engine, otherwise its multiprocessing distributor as redone
+in ``curate.download_pool``, whose processes die with this one), with
 the crawl policy of ``curate.crawler`` built in: public addresses only unless
 allowed, http(s) only, bounded size and time, robots.txt (fetched once per host
 here, on the driver), decompression bombs refused before decoding. img2dataset
@@ -25,21 +26,21 @@ import hashlib
 import io
 import json
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Annotated, ClassVar, Literal
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curate import robots
-from curate.config import ConfigError
+from curate.config import ConfigError, Count, NonNegative, Positive, Range
 from curate.download_errors import SUCCESS, failure_kind
 from curate.image_guard import DEFAULT_MAX_PIXELS
 from curate.netguard import guarded_opener
 from curate.progress import FinishedRows, Progress
+from curate.runfolder import remove_tree
 from curate.schema import alive_mask, set_column
 from curate.stages.base import Stage, StageContext, register_stage
 
@@ -61,18 +62,18 @@ OPT_OUT_DIRECTIVES = ["noai", "noimageai", "noindex", "noimageindex"]
 @register_stage("download")
 @dataclass
 class DownloadStage(Stage):
-    image_size: int = 512
+    image_size: Count = 512
     resize_mode: Literal["no", "keep_ratio", "keep_ratio_largest", "center_crop", "border"] = (
         "keep_ratio_largest"
     )
     resize_only_if_bigger: bool = True
     encode_format: Literal["jpg", "png", "webp"] = "jpg"
-    encode_quality: int = 95
-    processes_count: int | None = None  # multiprocessing distributor; None: one per CPU
-    thread_count: int = 32
-    timeout: float = 10.0
-    retries: int = 0
-    number_sample_per_shard: int = 10_000
+    encode_quality: Annotated[int, Range(0, 100)] = 95  # png: the compression level, 0 to 9
+    processes_count: Count | None = None  # multiprocessing distributor; None: one per CPU
+    thread_count: Count = 32
+    timeout: Positive = 10.0  # seconds
+    retries: NonNegative = 0
+    number_sample_per_shard: Count = 10_000
     user_agent_token: str = "curate"
     disallowed_header_directives: list[str] = field(
         default_factory=lambda: list(OPT_OUT_DIRECTIVES)
@@ -80,35 +81,27 @@ class DownloadStage(Stage):
     respect_robots_txt: bool = True
     allow_private_networks: bool = False
     blur_faces: bool = True  # when the ledger has face_bboxes (DataComp metadata)
-    max_bytes: int = 32 * 1024 * 1024
-    max_image_pixels: int = DEFAULT_MAX_PIXELS
+    max_bytes: Count = 32 * 1024 * 1024
+    max_image_pixels: Count = DEFAULT_MAX_PIXELS
 
     runs_on_cluster: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
-        for name in ("image_size", "thread_count", "number_sample_per_shard", "max_bytes"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1")
-        if self.timeout <= 0:
-            raise ValueError("timeout must be positive")
-        if self.retries < 0:
-            raise ValueError("retries must be 0 or more")
-        if self.processes_count is not None and self.processes_count < 1:
-            raise ValueError("processes_count must be at least 1")
         if self.encode_format == "png" and not 0 <= self.encode_quality <= 9:
             raise ValueError("for png, encode_quality is the compression level, 0 to 9")
-        if self.encode_format != "png" and not 0 <= self.encode_quality <= 100:
-            raise ValueError("encode_quality must be 0 to 100")
 
     def columns_after(self, columns: set[str]) -> set[str]:
         if "url" not in columns:
             raise ConfigError(f"stage {self.name}: needs a url column")
         return columns | set(RESULT_COLUMNS)
 
+    def outputs(self) -> tuple[str, ...]:
+        return (IMAGES_DIR,)
+
     def run(self, ctx: StageContext) -> int:
         images = ctx.run_dir / IMAGES_DIR
         todo, bbox = self._url_list(ctx.input_files)
-        self._prepare(images, todo)
+        self._prepare(images, todo, ctx.run_dir)
         if todo.num_rows:
             finished = FinishedRows(images, "*_stats.json", _shard_rows)
             # Made before _quiet swaps sys.stderr for a buffer: it draws on the real one.
@@ -139,7 +132,7 @@ class DownloadStage(Stage):
         alive = pc.and_(pc.fill_null(table["keep"], False), pc.is_valid(table["url"]))
         return table.filter(alive).drop_columns(["keep"]), bbox
 
-    def _prepare(self, images: Path, todo: pa.Table) -> None:
+    def _prepare(self, images: Path, todo: pa.Table, run_dir: Path) -> None:
         """Keep finished shards only if they were made from this url list with these settings."""
         digest = hashlib.sha256()
         for uid, url in zip(todo["uid"].to_pylist(), todo["url"].to_pylist()):
@@ -147,7 +140,7 @@ class DownloadStage(Stage):
         stamp = images / "_params.json"
         expected = json.dumps({"digest": digest.hexdigest(), **self._download_params()})
         if not (stamp.exists() and stamp.read_text() == expected):
-            shutil.rmtree(images, ignore_errors=True)
+            remove_tree(images, run_dir)
             images.mkdir(parents=True)
             stamp.write_text(expected)
 
@@ -180,7 +173,13 @@ class DownloadStage(Stage):
             agent=self.user_agent_token,
             robots_file=str(robots_file) if robots_file else None,
         )
-        done = {int(p.name.split("_")[0]) for p in images.glob("*_stats.json")}
+        # A shard is done when img2dataset wrote both its files: one whose Parquet file is
+        # gone (found damaged and removed by a re-run) is fetched again.
+        done = {
+            int(p.name.split("_")[0])
+            for p in images.glob("*_stats.json")
+            if p.with_name(p.name.replace("_stats.json", ".parquet")).is_file()
+        }
         tmp = work / "tmp"
         tmp.mkdir(exist_ok=True)
         extra = ["uid"] + ([bbox] if bbox else [])
@@ -222,11 +221,11 @@ class DownloadStage(Stage):
 
             ray_distributor(None, downloader, reader, None, 1)
         else:
-            from img2dataset.distributor import multiprocessing_distributor
+            from curate.download_pool import distributor
 
             processes = self.processes_count or os.cpu_count() or 1
-            multiprocessing_distributor(processes, downloader, reader, None, 1)
-        shutil.rmtree(tmp, ignore_errors=True)
+            distributor(processes, downloader, reader, 1)  # its processes die with this one
+        remove_tree(tmp, ctx.run_dir)
 
 
 def _blurrer():
