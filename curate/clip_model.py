@@ -13,6 +13,11 @@ A recipe names a model three ways:
   weights), which is what the bundled trainer writes and what a Hugging Face
   open_clip repository looks like once downloaded.
 
+Whichever way, the model holds what the file holds: open_clip builds the
+architecture, then ``load_model`` loads the file checking every key, so a
+missing tensor, a leftover one or a folder whose weights open_clip would skip
+is an error, never a silently random (or half-random) model.
+
 ``pretrained: random`` gives randomly initialised weights, seeded, so every
 worker builds the same model; scores from it are meaningless (tests and
 throughput benchmarks only).
@@ -22,8 +27,10 @@ Workers receive a ``ResolvedModel`` naming only local files; they never download
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,7 +48,7 @@ class ResolvedModel:
     """Everything a worker needs to build the model, with local paths only."""
 
     open_clip_name: str  # an architecture, or "local-dir:/abs/folder"
-    weights: str | None  # a local file; None for a folder (open_clip finds it) or random
+    weights: str | None  # a local file; None only for random
     quick_gelu: bool = False  # OpenAI's weights were trained with QuickGELU
     description: dict = field(default_factory=dict, compare=False)
 
@@ -76,7 +83,8 @@ def resolve_model(model: str, pretrained: str | None) -> ResolvedModel:
             raise ConfigError(
                 f"model {model!r} is a folder with its own weights; leave `pretrained` unset"
             )
-        return ResolvedModel(f"local-dir:{folder.resolve()}", None, False, described)
+        weights = folder_weights(folder)
+        return ResolvedModel(f"local-dir:{folder.resolve()}", weights, False, described)
     if Path(model).suffix in WEIGHT_SUFFIXES:
         raise ConfigError(
             f"model {model!r} looks like a weights file: set `model:` to its architecture "
@@ -106,6 +114,27 @@ def resolve_model(model: str, pretrained: str | None) -> ResolvedModel:
     return _fetch_tag(model, pretrained, described)
 
 
+def folder_weights(folder: Path) -> str:
+    """The weights file open_clip's local-dir loader reads in ``folder``; none is an error.
+
+    open_clip reads only ``*.safetensors``, ``*.bin`` and ``*.pth`` there (its own
+    names first) and, finding none, builds a randomly initialised model with only a
+    logged warning: a folder holding, say, ``model.pt`` would score with random weights.
+    """
+    # The same choice as open_clip.create_model("local-dir:…"), so a folder loads alike in both.
+    from open_clip.factory import _find_checkpoint_in_dir
+
+    found = _find_checkpoint_in_dir(folder)
+    if found is None:
+        skipped = sorted(f.name for f in folder.iterdir() if f.suffix in WEIGHT_SUFFIXES)
+        hint = f"; it skips {', '.join(skipped)}" if skipped else ""
+        raise ConfigError(
+            f"{folder}: no weights file open_clip reads (open_clip_model.safetensors, or "
+            f"another *.safetensors / *.bin / *.pth file){hint}"
+        )
+    return str(Path(found).resolve())
+
+
 def _tags(model: str) -> list[str]:
     import open_clip
 
@@ -133,7 +162,12 @@ def _fetch_tag(model: str, tag: str, described: dict) -> ResolvedModel:
 
 
 def load_model(resolved: ResolvedModel, device: str = "cpu"):
-    """Build the model (eval mode, no gradients) from local files only."""
+    """Build the model (eval mode, no gradients) from local files only.
+
+    open_clip builds the architecture alone (no weights, not even a text tower's
+    base weights, which it would download); the file is then loaded here, every key
+    checked, rather than trusting what ``create_model`` would load or skip.
+    """
     import open_clip
     import torch
 
@@ -143,17 +177,78 @@ def load_model(resolved: ResolvedModel, device: str = "cpu"):
     torch.manual_seed(0)  # `random` weights: the same model in every worker
     kwargs = {"force_quick_gelu": True} if resolved.quick_gelu else {}
     try:
-        model = open_clip.create_model(
-            resolved.open_clip_name,
-            pretrained=resolved.weights,
-            device=device,
-            weights_only=True,
-            **kwargs,
-        )
+        with no_random_init_warning():
+            model = open_clip.create_model(
+                resolved.open_clip_name,
+                load_weights=False,
+                pretrained_text=False,
+                device=device,
+                **kwargs,
+            )
     except Exception as exc:
-        raise ConfigError(f"cannot load the model {resolved.description}: {exc}") from exc
+        raise ConfigError(f"cannot build the model {resolved.description}: {exc}") from exc
+    if resolved.weights is not None:
+        _load_weights(model, resolved)
     model.eval().requires_grad_(False)
     return model
+
+
+@contextlib.contextmanager
+def no_random_init_warning():
+    """Hide open_clip's "No pretrained weights loaded" warning where no weights are wanted
+    from it: ``load_model`` loads them next (or ``pretrained: random`` asked for none), the
+    trainer starts from scratch."""
+
+    def keep(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No pretrained weights loaded")
+
+    root = logging.getLogger()  # open_clip logs with logging.warning(), on the root logger
+    root.addFilter(keep)
+    try:
+        yield
+    finally:
+        root.removeFilter(keep)
+
+
+def _load_weights(model, resolved: ResolvedModel) -> None:
+    """Load the weights file into ``model``: every tensor from the file, and nothing left over.
+
+    open_clip's ``load_checkpoint`` reads safetensors, or torch files with
+    ``weights_only=True``; unwraps ``state_dict`` and ``module.`` and resizes position
+    embeddings. With ``strict=False`` it returns the missing and unexpected keys
+    instead of raising one message that lists them all (hundreds, for a file of
+    another architecture); a shape mismatch still raises. (It does fill a SigLIP
+    ``logit_bias`` the file lacks with zero; no embedding depends on it.)
+    """
+    import open_clip
+
+    path = resolved.weights
+    where = f"cannot load the model {resolved.description} from {path}"
+    try:
+        keys = open_clip.load_checkpoint(model, path, strict=False, weights_only=True)
+    except Exception as exc:  # unreadable, pickled objects, tensors of the wrong shape
+        raise ConfigError(f"{where}: {_first_lines(exc)}") from exc
+    wrong = [
+        f"{len(names)} {kind} key{'s' if len(names) > 1 else ''} ({_some(names)})"
+        for kind, names in (("missing", keys.missing_keys), ("unexpected", keys.unexpected_keys))
+        if names
+    ]
+    if wrong:
+        raise ConfigError(f"{where}: the file does not fit the architecture: {'; '.join(wrong)}")
+
+
+def _some(names: list[str], shown: int = 3) -> str:
+    more = f", and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
+
+
+def _first_lines(exc: Exception, shown: int = 3) -> str:
+    """An exception's message cut to a few lines: torch lists every mismatched tensor."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    more = f" (and {len(lines) - shown} more)" if len(lines) > shown else ""
+    return " ".join(lines[:shown]) + more
 
 
 def tokenizer_for(resolved: ResolvedModel):

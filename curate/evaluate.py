@@ -33,8 +33,8 @@ import pyarrow.parquet as pq
 from curate.clip_embed import DecodeSpec, Embedder, decode_chunk
 from curate.clip_model import (
     CONFIG_FILE,
-    WEIGHT_SUFFIXES,
     embedding_matrix,
+    folder_weights,
     normalize_rows,
     tokenizer_for,
 )
@@ -81,8 +81,9 @@ def prompts(attribute: str, name: str) -> list[str]:
 
 
 def check_checkpoint(checkpoint: Path) -> None:
-    """A checkpoint folder holds open_clip's config and weights; open_clip would otherwise
-    build a randomly initialised model from a folder without weights, with only a warning."""
+    """A checkpoint folder holds open_clip's config and weights it reads, checked before the
+    eval set is read; open_clip would otherwise build a randomly initialised model from a
+    folder without them, with only a warning (``prepare_model`` checks them again)."""
     if not checkpoint.is_dir():
         raise ConfigError(f"checkpoint {checkpoint}: no such folder")
     if not (checkpoint / CONFIG_FILE).is_file():
@@ -90,10 +91,7 @@ def check_checkpoint(checkpoint: Path) -> None:
             f"checkpoint {checkpoint}: not a checkpoint folder (no {CONFIG_FILE}; "
             "`curate train` writes one)"
         )
-    if not any(f.suffix in WEIGHT_SUFFIXES for f in checkpoint.iterdir()):
-        raise ConfigError(
-            f"checkpoint {checkpoint}: no weights file ({' / '.join(WEIGHT_SUFFIXES)})"
-        )
+    folder_weights(checkpoint)
 
 
 def read_labels(eval_set: Path) -> tuple[pa.Table, list[str]]:

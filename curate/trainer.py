@@ -24,10 +24,8 @@ import contextlib
 import dataclasses
 import itertools
 import json
-import logging
 import math
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,14 +35,15 @@ import torch
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 
+from curate.clip_model import CONFIG_FILE, no_random_init_warning
 from curate.config import ConfigError
 from curate.losses import LOSSES
 from curate.model_configs import CONFIG_DIR, register_model_configs
 from curate.progress import Progress
+from curate.runfolder import staged
 from curate.shard_dataset import ShardDataset, crop_steps, find_shards, normalise, row_groups
 
-CONFIG_FILE = "open_clip_config.json"  # what open_clip's local-dir loader and the clip stage read
-WEIGHTS_FILE = "open_clip_model.safetensors"
+WEIGHTS_FILE = "open_clip_model.safetensors"  # the name open_clip's local-dir loader reads first
 MAX_LOGIT_SCALE = math.log(100)  # CLIP: the temperature never goes below 1/100
 CURVE_POINTS = 500  # at most this many (step, mean loss) points in metrics.json
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -123,7 +122,7 @@ def train(shards: Path, out: Path, config: TrainConfig, progress: bool = False) 
     device = _device(config)
     with _fixed_threads(device, config.workers):
         torch.manual_seed(config.seed)
-        with _quiet_random_init():
+        with no_random_init_warning():  # from scratch is the point here
             model = open_clip.create_model(config.model, **LOSSES[config.loss].model_kwargs)
         model.to(device)
         crop = crop_steps(open_clip.get_model_preprocess_cfg(model))
@@ -151,21 +150,6 @@ def _fixed_threads(device: str, workers: int):
         yield
     finally:
         torch.set_num_threads(before)
-
-
-@contextlib.contextmanager
-def _quiet_random_init():
-    """Hide open_clip's "No pretrained weights loaded" warning: from scratch is the point here."""
-
-    def keep(record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith("No pretrained weights loaded")
-
-    root = logging.getLogger()  # open_clip logs with logging.warning(), on the root logger
-    root.addFilter(keep)
-    try:
-        yield
-    finally:
-        root.removeFilter(keep)
 
 
 # --- the loop ------------------------------------------------------------------------------
@@ -300,25 +284,20 @@ def _metrics(config, device, threads, dataset, losses, seconds, model) -> dict:
 
 def _save(model, config: TrainConfig, metrics: dict, out: Path) -> None:
     """The open_clip local-dir layout, written beside ``out`` and renamed into place."""
-    partial = out.with_name(f".{out.name}.partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    # The model's own config plus the loss's logit initialisers: a SigLIP model must be
-    # rebuilt with its logit_bias parameter for its weights to load.
-    model_cfg = {**open_clip.get_model_config(config.model), **LOSSES[config.loss].model_kwargs}
-    open_clip_config = {
-        "model_cfg": model_cfg,
-        "preprocess_cfg": open_clip.get_model_preprocess_cfg(model),
-    }
-    (partial / CONFIG_FILE).write_text(json.dumps(open_clip_config, indent=2) + "\n")
-    # Cloned, contiguous CPU tensors: safetensors refuses tensors that share memory.
-    state = {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, partial / WEIGHTS_FILE)
-    (partial / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
-    _plot(metrics, partial / "loss.png")
-    if out.exists():
-        out.rmdir()  # empty: checked before training
-    partial.rename(out)
+    with staged(out) as partial:  # out: new or empty, checked before training
+        # The model's own config plus the loss's logit initialisers: a SigLIP model must be
+        # rebuilt with its logit_bias parameter for its weights to load.
+        model_cfg = {**open_clip.get_model_config(config.model), **LOSSES[config.loss].model_kwargs}
+        open_clip_config = {
+            "model_cfg": model_cfg,
+            "preprocess_cfg": open_clip.get_model_preprocess_cfg(model),
+        }
+        (partial / CONFIG_FILE).write_text(json.dumps(open_clip_config, indent=2) + "\n")
+        # Cloned, contiguous CPU tensors: safetensors refuses tensors that share memory.
+        state = {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
+        save_file(state, partial / WEIGHTS_FILE)
+        (partial / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
+        _plot(metrics, partial / "loss.png")
 
 
 def _plot(metrics: dict, path: Path) -> None:

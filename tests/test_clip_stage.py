@@ -16,6 +16,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import accept_as_written
 from PIL import Image
 
 from curate.config import ConfigError
@@ -196,6 +197,7 @@ def test_corrupt_bytes_are_recorded_drops(downloaded, tmp_path, served_pool):
     run = tmp_path / "corrupt"
     shutil.copytree(downloaded, run)
     damaged = _corrupt_images(run)
+    accept_as_written(run, "stages/01_download", IMAGES_DIR)  # as if these bytes had come in
     params = {"stage": "clip", "model": "curate-tiny", "pretrained": "random", "batch_size": 16}
     result = run_recipe(_recipe(params), served_pool.urls_path, run, engine="local")
     ledger = pq.read_table(run / "ledger").to_pylist()
@@ -303,6 +305,103 @@ def test_a_torch_file_with_pickled_objects_is_refused(tmp_path, tiny_weights):
     assert torch.equal(model.state_dict()["logit_scale"], state["logit_scale"])
     with pytest.raises(ConfigError, match="cannot load the model"):
         load_model(resolve_model("curate-tiny", str(bad)))
+
+
+# --- checkpoints load what they say: every tensor from the file, or an error -------------------
+
+
+def _tiny_folder(folder: Path, state: dict, name: str = "open_clip_model.safetensors", **cfg):
+    """A local-dir folder: curate-tiny's config (``vision_cfg`` overrides in ``cfg``) + weights."""
+    import json
+
+    import open_clip
+    from safetensors.torch import save_file
+
+    from curate.model_configs import register_model_configs
+
+    register_model_configs()
+    model_cfg = open_clip.get_model_config("curate-tiny")
+    model_cfg["vision_cfg"].update(cfg)
+    folder.mkdir()
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg}))
+    if name.endswith(".safetensors"):
+        save_file(state, folder / name)
+    else:
+        torch.save(state, folder / name)
+    return folder
+
+
+def test_a_folder_whose_weights_open_clip_does_not_read_is_refused(tmp_path, tiny_weights):
+    """open_clip's local-dir loader skips model.pt and would build a random model instead."""
+    from safetensors.torch import load_file
+
+    from curate.clip_model import resolve_model
+    from curate.stages.clip import prepare_model
+
+    folder = _tiny_folder(tmp_path / "ckpt", load_file(str(tiny_weights)), "model.pt")
+    for load in (resolve_model, prepare_model):
+        with pytest.raises(ConfigError) as info:
+            load(str(folder), None)
+        message = str(info.value)
+        assert str(folder) in message and "model.pt" in message
+        assert "open_clip_model.safetensors" in message and "*.bin" in message
+
+
+def test_a_weights_file_missing_a_key_is_refused(tmp_path, tiny_weights):
+    from safetensors.torch import load_file, save_file
+
+    from curate.clip_model import load_model, resolve_model
+    from curate.stages.clip import prepare_model
+
+    state = load_file(str(tiny_weights))
+    del state["text_projection"]
+    path = tmp_path / "partial.safetensors"
+    save_file(state, path)
+    with pytest.raises(ConfigError, match=r"missing key.*text_projection") as info:
+        load_model(resolve_model("curate-tiny", str(path)))
+    assert str(path) in str(info.value)
+    folder = _tiny_folder(tmp_path / "ckpt", state)
+    with pytest.raises(ConfigError, match=r"missing key.*text_projection") as info:
+        prepare_model(str(folder), None)
+    assert str(folder) in str(info.value)
+
+
+def test_a_weights_file_with_unexpected_keys_is_refused(tmp_path, tiny_weights):
+    """Extra keys are an error too, named a few at a time: another architecture never half-loads."""
+    from safetensors.torch import load_file, save_file
+
+    from curate.clip_model import load_model, resolve_model
+    from curate.stages.clip import prepare_model
+
+    state = load_file(str(tiny_weights))
+    path = tmp_path / "extra.safetensors"
+    save_file({**state, "extra_head.weight": torch.zeros(2)}, path)
+    with pytest.raises(ConfigError, match=r"unexpected key.*extra_head\.weight"):
+        load_model(resolve_model("curate-tiny", str(path)))
+    # A 2-layer vision tower given the 3-layer file: the third block's 12 tensors are left over.
+    folder = _tiny_folder(tmp_path / "ckpt", state, layers=2)
+    with pytest.raises(ConfigError, match=r"12 unexpected keys") as info:
+        prepare_model(str(folder), None)
+    message = str(info.value)
+    assert "visual.transformer.resblocks.2." in message and "and 9 more" in message
+    assert len(message) < 600
+
+
+def test_full_weights_load_every_tensor_from_the_file(tmp_path, tiny_weights, caplog):
+    from safetensors.torch import load_file
+
+    from curate.clip_model import load_model, resolve_model
+
+    state = load_file(str(tiny_weights))
+    folder = _tiny_folder(tmp_path / "ckpt", state)
+    for model, pretrained in (("curate-tiny", str(tiny_weights)), (str(folder), None)):
+        loaded = load_model(resolve_model(model, pretrained)).state_dict()
+        assert loaded.keys() == state.keys()
+        assert all(torch.equal(loaded[k], v) for k, v in state.items())
+    assert "initialized randomly" not in caplog.text  # open_clip's warning would be false here
+    random = [load_model(resolve_model("curate-tiny", "random")).state_dict() for _ in range(2)]
+    assert torch.equal(random[0]["text_projection"], random[1]["text_projection"])
+    assert not torch.equal(random[0]["text_projection"], state["text_projection"])
 
 
 # --- decode and embed, unit level ---------------------------------------------------------------

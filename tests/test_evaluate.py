@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from clip_fixture import MODEL, save_local_dir
+from safetensors.torch import load_file, save_file
 
 from curate.cli import main
 from curate.clip_model import embedding_matrix
@@ -165,3 +166,29 @@ def test_errors_name_what_is_wrong(fixture_model, demo_pool, tmp_path, capsys):
 
     assert main(["eval", "--ckpt", str(tmp_path), "--eval-set", str(eval_set)]) == 2
     assert "not a checkpoint folder" in capsys.readouterr().err
+
+
+def test_cli_refuses_a_checkpoint_open_clip_would_load_randomly(
+    random_model, demo_pool, tmp_path, capsys
+):
+    """Weights under a name open_clip's loader skips: an error, never a table of a random model."""
+    renamed = tmp_path / "renamed"
+    shutil.copytree(random_model, renamed)
+    (renamed / "open_clip_model.safetensors").rename(renamed / "model.pt")
+    argv = ["eval", "--ckpt", str(renamed), "--eval-set", str(demo_pool / "eval")]
+    assert main(argv) == 2
+    printed = capsys.readouterr()
+    assert printed.out == ""
+    assert str(renamed) in printed.err and "model.pt" in printed.err
+    assert "open_clip_model.safetensors" in printed.err
+
+
+def test_a_checkpoint_missing_a_tensor_is_refused(random_model, demo_pool, tmp_path):
+    partial = tmp_path / "partial"
+    shutil.copytree(random_model, partial)
+    weights = partial / "open_clip_model.safetensors"
+    state = load_file(weights)
+    del state["visual.proj"]
+    save_file(state, weights)
+    with pytest.raises(ConfigError, match=r"missing key.*visual\.proj"):
+        evaluate(partial, demo_pool / "eval")
