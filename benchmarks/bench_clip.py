@@ -35,6 +35,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from curate.engine import open_engine
 from curate.stages.base import StageContext
 from curate.stages.clip import ClipStage
 
@@ -180,19 +181,17 @@ def main() -> None:
                       batch_size=args.batch_size)  # fmt: skip
     stage.name = "clip"
     stage.preflight()
-    if args.engine == "ray":
-        from curate.runner import init_ray
-
-        init_ray()
+    engine = open_engine(args.engine)
     out_dir = args.work / "stage_out"
     out_dir.mkdir()
     ctx = StageContext(args.work, out_dir, [args.work / "ledger_in" / "part-00000.parquet"], None,
-                       engine=args.engine)  # fmt: skip
-    device = stage._device(args.engine)
+                       engine=engine)  # fmt: skip
+    device = stage._device(engine)
     with GpuSampler() if device == "cuda" else contextlib.nullcontext() as sampler:
         start = time.perf_counter()
         stage.run(ctx)
         seconds = time.perf_counter() - start
+    engine.close()
     cpus = os.cpu_count() or 1
     decode_processes = max(1, cpus - 1) if device == "cuda" else cpus
     result = {

@@ -412,16 +412,8 @@ OS_ADVICE = {
 }
 
 
-def _original(exc: BaseException) -> BaseException:
-    """The error a worker raised: Ray re-raises it as a subclass whose message is the worker's
-    traceback, with the original in ``cause``."""
-    cause = getattr(exc, "cause", None)
-    return cause if isinstance(cause, Exception) else exc
-
-
 def error_line(exc: BaseException) -> str:
     """One line for the user: the path and what to do for OS errors, the message otherwise."""
-    exc = _original(exc)
     if isinstance(exc, OSError) and exc.errno is not None:
         path = exc.filename or ""
         where = f"{path}: " if path else ""

@@ -19,12 +19,15 @@ import pkgutil
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import ClassVar, TypeVar
+from typing import TYPE_CHECKING, ClassVar, TypeVar
 
 import numpy as np
 import pyarrow as pa
 
 from curate.registry import registrar
+
+if TYPE_CHECKING:
+    from curate.engine import Engine
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,7 @@ class FitContext:
     run_dir: Path | None = None  # the run folder (embeddings/ and images/ sit there)
     ingest_dir: Path | None = None  # the ingest stage's output (DataComp .npz manifest)
     input_path: Path | None = None  # the user's --input (relative paths are looked up beside it)
+    engine: Engine | None = None  # where the fit's work runs (curate.engine)
 
 
 class Operator:

@@ -1,47 +1,37 @@
-"""Run a recipe: stages in order, each resumable, on Ray Data or in-process.
+"""Run a recipe: stages in order, each resumable, on an engine (``curate.engine``).
 
-This module starts and stops Ray. A stage's output goes to a temporary
-folder, is renamed into place, then gets a ``_SUCCESS`` manifest (rows, params
-hash, timings); a re-run skips every stage whose manifest hash matches. The
-hash chains each stage's resolved parameters with its upstream hash, so
-changing a parameter re-runs that stage and everything after it.
-
-Two engines run the same ``MapStage.__call__``:
-
-* ``ray`` (default): ledger files → ``map_batches(batch_format="pyarrow") →
-  write_parquet`` on a local cluster started on demand, or the cluster named by
-  ``--address`` / ``RAY_ADDRESS``. CPU stages run as tasks, so read, map and
-  write fuse into one task per ledger file; GPU stages run on an actor pool.
-* ``local``: the same function over the same files in this process (unit
-  tests, debugging).
+The driver plans: it claims the run folder, checks the whole recipe against the
+columns ingest will write, decides which finished stages it can trust, and hands
+each stage's work to the engine. A stage's output goes to a temporary folder, is
+renamed into place, then gets a ``_SUCCESS`` manifest (rows, params hash,
+timings, its files); a re-run skips every stage whose manifest hash matches and
+whose files are intact. The hash chains each stage's resolved parameters with
+its upstream hash, so changing a parameter re-runs that stage and everything
+after it.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import logging
 import os
 import shutil
 import sys
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
-from curate.progress import FinishedRows, Progress
+from curate.engine import Engine, Kind, open_engine
+from curate.progress import Progress
 from curate.recipe import Recipe, stage_params
 from curate.runfolder import check_name, claim, remove_tree
 from curate.stages import MapStage, Stage, StageContext
 
-Engine = Literal["ray", "local"]
 SUCCESS = "_SUCCESS"
 
 
@@ -85,196 +75,6 @@ def input_fingerprint(path: Path) -> list:
     return [str(path)] + [
         (str(f.relative_to(path.parent)), f.stat().st_size, f.stat().st_mtime_ns) for f in files
     ]
-
-
-# --- engines -------------------------------------------------------------------------------
-
-
-def _apply(batch: pa.Table, stage: MapStage) -> pa.Table:
-    return stage(batch)
-
-
-def _read_ledger_file(batch: pa.Table) -> pa.Table:
-    """One ledger file per call (the batch holds its path)."""
-    (path,) = batch["path"].to_pylist()
-    return pq.read_table(path)
-
-
-class _StageActor:
-    """Actor-pool wrapper: one set-up stage (e.g. one model) per actor."""
-
-    def __init__(self, stage: MapStage):
-        stage.setup()
-        self.stage = stage
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        return self.stage(batch)
-
-
-class LocalEngine:
-    """The batch functions in this process, one output file per ledger file."""
-
-    name = "local"
-
-    def map(
-        self, stage: MapStage, files: list[Path], out_dir: Path, progress: Progress | None = None
-    ) -> None:
-        stage.setup()
-        for f in files:
-            table = stage(pq.read_table(f))
-            pq.write_table(table, out_dir / f.name)
-            if progress:
-                progress.add(table.num_rows)
-
-    def wait_ready(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-class RayEngine:
-    """Ray Data on a local or remote cluster, started before the first stage.
-
-    Workers are warmed (imports, operator registry, Ray Data's actors) by a tiny
-    dataset that runs in a thread while the driver ingests. Ray itself is started
-    in the main thread on purpose: its child processes die with the thread that
-    spawned them (PR_SET_PDEATHSIG).
-    """
-
-    name = "ray"
-
-    def __init__(self, address: str | None = None, verbose: bool = False):
-        import ray
-
-        self.verbose = verbose
-        self._owns_ray = not ray.is_initialized()  # else a caller's session: leave it up
-        init_ray(address, verbose)
-        _configure_ray_data(verbose)
-        # A first, empty dataset creates Ray Data's helper actors and warms the workers.
-        self._warming = threading.Thread(target=_warm_up, daemon=True)
-        self._warming.start()
-
-    def wait_ready(self) -> None:
-        """Block until the warm-up dataset is done, so a stage has the cluster to itself."""
-        self._warming.join()
-
-    def map(
-        self, stage: MapStage, files: list[Path], out_dir: Path, progress: Progress | None = None
-    ) -> None:
-        """``run_ray``; ``progress`` counts the rows of the Parquet files it has finished
-        (their footers: cheap, and nothing to add to the Ray Data pipeline)."""
-        self._warming.join()
-        with progress.poll(FinishedRows(out_dir)) if progress else contextlib.nullcontext():
-            run_ray(stage, files, out_dir)
-
-    def close(self) -> None:
-        """Stop what this engine started, without waiting for the processes to exit."""
-        import ray
-
-        self._warming.join()
-        if self._owns_ray:
-            ray.shutdown()
-
-
-def init_ray(address: str | None = None, verbose: bool = False) -> None:
-    """Join ``address`` (or RAY_ADDRESS), or start a local cluster; quiet unless verbose."""
-    # Usage statistics would be sent to a remote server; never from this tool.
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    address = address or os.environ.get("RAY_ADDRESS") or None
-    # albumentations (imported by img2dataset in the workers) phones home on import.
-    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-    kwargs = {"runtime_env": {"env_vars": {"NO_ALBUMENTATIONS_UPDATE": "1"}}}
-    if address is None:
-        # The embedded cluster binds to loopback only (Ray reads this when imported).
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-        # "local" always starts a new cluster, even when another one runs on this machine.
-        kwargs = {"include_dashboard": False, "num_cpus": os.cpu_count()}  # env: inherited
-        address = "local"
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(
-            address=address,
-            log_to_driver=verbose,
-            logging_level=logging.INFO if verbose else logging.WARNING,
-            configure_logging=True,
-            **kwargs,
-        )
-
-
-def _configure_ray_data(verbose: bool) -> None:
-    import ray.data
-
-    ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True
-    # A worker's error reaches the driver as itself (an OSError stays one, with its path),
-    # not as Ray Data's UserCodeException holding only its text.
-    ctx.raise_original_map_exception = True
-    # One bar per operator, redrawn several lines high: only with --verbose. The runner
-    # draws its own line per stage (curate.progress).
-    ctx.enable_progress_bars = verbose
-    ctx.print_on_execution_start = verbose
-    # Metrics polling that cost the driver ~2 CPU-s per 10^6-row stage on 2 cores.
-    ctx.enable_per_node_metrics = False
-    ctx.enable_get_object_locations_for_metrics = False
-    ctx.memory_usage_poll_interval_s = None
-    logging.getLogger("ray.data").setLevel(logging.INFO if verbose else logging.WARNING)
-    # Without bars its only news is a warning that they are off: they are, on purpose.
-    progress_log = logging.getLogger("ray.data._internal.progress")
-    progress_log.setLevel(logging.INFO if verbose else logging.ERROR)
-
-
-def _warm_up() -> None:
-    import ray.data
-
-    ray.data.from_items([{"n": i} for i in range(8)], override_num_blocks=8).map_batches(
-        _import_operators, batch_format="pyarrow"
-    ).materialize()
-
-
-def _import_operators(batch: pa.Table) -> pa.Table:
-    from curate.operators import load_registry
-
-    load_registry()
-    return batch
-
-
-def run_ray(stage: MapStage, files: list[Path], out_dir: Path) -> None:
-    import ray
-    from ray.data.datasource import FilenameProvider
-
-    class PartNames(FilenameProvider):
-        def get_filename_for_block(self, block, write_uuid, task_index, block_index):
-            return f"part-{task_index:05d}-{block_index:03d}.parquet"
-
-    # Each task reads one ledger file itself: ray.data.read_parquet spends seconds per
-    # dataset listing and sampling files, which dominated small runs on 2 cores.
-    paths = [{"path": str(f)} for f in files]
-    ds = ray.data.from_items(paths, override_num_blocks=max(1, len(paths)))
-    ds = ds.map_batches(_read_ledger_file, batch_format="pyarrow", batch_size=1)
-    if stage.actors or stage.num_gpus:
-        resources = ray.cluster_resources()
-        share = stage.num_gpus or stage.num_cpus
-        available = resources.get("GPU" if stage.num_gpus else "CPU", 0)
-        ds = ds.map_batches(
-            _StageActor,
-            fn_constructor_args=(stage,),
-            batch_format="pyarrow",
-            batch_size=stage.batch_size,
-            num_cpus=stage.num_cpus,
-            num_gpus=stage.num_gpus,
-            concurrency=max(1, int(available // share)),
-        )
-    else:
-        ds = ds.map_batches(
-            _apply,
-            fn_kwargs={"stage": stage},
-            batch_format="pyarrow",
-            batch_size=None,
-            num_cpus=stage.num_cpus,
-        )
-    ds.write_parquet(str(out_dir), filename_provider=PartNames())
 
 
 # --- the run -------------------------------------------------------------------------------
@@ -399,7 +199,7 @@ def run_recipe(
     recipe: Recipe,
     input_path: Path,
     run_dir: Path,
-    engine: Engine = "ray",
+    engine: Kind = "ray",
     address: str | None = None,
     verbose: bool = False,
     on_stage: Callable[[StageResult], None] | None = None,
@@ -425,7 +225,7 @@ def _run_claimed(
     recipe: Recipe,
     input_path: Path,
     run_dir: Path,
-    engine: Engine,
+    engine: Kind,
     address: str | None,
     verbose: bool,
     on_stage: Callable[[StageResult], None] | None,
@@ -462,7 +262,9 @@ def _run_claimed(
         if not skip:
             stage.preflight()
 
-    def context(i: int, files: list[Path], schema: pa.Schema | None, name: str) -> StageContext:
+    def context(
+        i: int, files: list[Path], schema: pa.Schema | None, on: Engine | None
+    ) -> StageContext:
         return StageContext(
             run_dir=run_dir,
             out_dir=stage_dirs[i].with_name(stage_dirs[i].name + ".tmp"),
@@ -472,7 +274,7 @@ def _run_claimed(
             input_path=input_path,
             verbose=verbose,
             progress=progress,
-            engine=name,
+            engine=on,
             ingest_dir=stage_dirs[0],
         )
 
@@ -481,13 +283,13 @@ def _run_claimed(
     )
     # Every later stage's columns are checked against what ingest will write before any
     # stage runs: a bad recipe fails in seconds, not after the download.
-    first = context(0, [], None, "ray" if needs_ray else "local")
+    first = context(0, [], None, None)  # its engine is set once it is started, below
     if done[0]:
         files = ledger_files(stage_dirs[0])
         check_columns(recipe.stages[1:], set(pq.read_schema(files[0]).names) if files else set())
     else:
         check_columns(recipe.stages[1:], set(recipe.stages[0].plan(first).schema.names))
-    mapper = RayEngine(address, verbose) if needs_ray else LocalEngine()
+    first.engine = engine = open_engine("ray" if needs_ray else "local", address, verbose)
 
     files: list[Path] = []
     schema: pa.Schema | None = None
@@ -508,8 +310,8 @@ def _run_claimed(
                     counters=m.get("counters", {}),
                 )
             else:
-                ctx = first if i == 0 else context(i, files, schema, mapper.name)
-                result = _run_stage(stage, ctx, stage_dir, digest, mapper)
+                ctx = first if i == 0 else context(i, files, schema, engine)
+                result = _run_stage(stage, ctx, stage_dir, digest)
                 result.rerun_reason = reasons[i]
             results.append(result)
             if on_stage:
@@ -519,14 +321,12 @@ def _run_claimed(
                 files = ledger_files(stage_dir)
                 schema = pq.read_schema(files[0]) if files else None
     finally:
-        mapper.close()
+        engine.close()
     final = _link_ledger(ledger_dir, run_dir / "ledger") if ledger_dir else []
     return RunResult(run_dir, results, final)
 
 
-def _run_stage(
-    stage: Stage, ctx: StageContext, stage_dir: Path, digest: str, mapper: LocalEngine | RayEngine
-) -> StageResult:
+def _run_stage(stage: Stage, ctx: StageContext, stage_dir: Path, digest: str) -> StageResult:
     """Run one stage into a temporary folder, then move it into place and mark it done."""
     remove_tree(stage_dir, ctx.run_dir)
     remove_tree(ctx.out_dir, ctx.run_dir)
@@ -536,7 +336,7 @@ def _run_stage(
     stage.plan(ctx)
     if isinstance(stage, MapStage):
         with Progress(stage.name, rows_in, enabled=ctx.progress) as shown:
-            mapper.map(stage, ctx.input_files, ctx.out_dir, shown)
+            ctx.engine.map_files(stage, ctx.input_files, ctx.out_dir, shown)
         rows_out = count_rows(ledger_files(ctx.out_dir))
         if rows_out != rows_in:
             raise RuntimeError(
@@ -545,7 +345,7 @@ def _run_stage(
             )
     else:
         if stage.runs_on_cluster:
-            mapper.wait_ready()
+            ctx.engine.wait_ready()
         rows_out = stage.run(ctx)
     seconds = time.perf_counter() - start
     ctx.out_dir.rename(stage_dir)
@@ -556,7 +356,7 @@ def _run_stage(
         "rows_in": rows_in,
         "rows_out": rows_out,
         "seconds": round(seconds, 3),
-        "engine": mapper.name,
+        "engine": ctx.engine.name,
         "params": stage_params(stage),
         "counters": ctx.counters,
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -99,6 +99,7 @@ def write_bytes(path: Path, data: bytes) -> Path:
 
 def run_ingest(input_path: Path, tmp_path: Path, **params):
     """Run the ingest stage in-process; return (ledger table, rows returned, context)."""
+    from curate.engine.local import LocalEngine
     from curate.stages.base import StageContext
     from curate.stages.ingest import IngestStage
 
@@ -106,7 +107,12 @@ def run_ingest(input_path: Path, tmp_path: Path, **params):
     shutil.rmtree(out, ignore_errors=True)  # a fresh stage folder, as the runner gives
     out.mkdir(parents=True)
     ctx = StageContext(
-        run_dir=tmp_path, out_dir=out, input_files=[], input_schema=None, input_path=input_path
+        run_dir=tmp_path,
+        out_dir=out,
+        input_files=[],
+        input_schema=None,
+        input_path=input_path,
+        engine=LocalEngine(),
     )
     rows = IngestStage(**params).run(ctx)
     parts = sorted(out.glob("part-*.parquet"))

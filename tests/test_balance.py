@@ -18,6 +18,7 @@ import pytest
 from curate.cli import main
 from curate.demo import load_manifest
 from curate.demo.vocab import SHAPES
+from curate.engine.local import LocalEngine
 from curate.recipe import recipe_from_data
 from curate.runner import ledger_files, run_recipe
 from curate.stages.balance import COUNTS_FILE
@@ -156,7 +157,9 @@ def test_decisions_do_not_depend_on_batch_boundaries(tmp_path, concept_list):
     stage = recipe.stages[1]
     out = tmp_path / "plan"
     out.mkdir()
-    stage.plan(StageContext(tmp_path, out, ingested, pq.read_schema(ingested[0])))
+    stage.plan(
+        StageContext(tmp_path, out, ingested, pq.read_schema(ingested[0]), engine=LocalEngine())
+    )
     whole = pq.read_table(ingested[0])
     in_one = stage(whole)
     sliced = pa.concat_tables(stage(whole.slice(i, 777)) for i in range(0, whole.num_rows, 777))

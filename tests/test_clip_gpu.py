@@ -22,17 +22,17 @@ pytestmark = [
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
 
-def _scores(run: Path, engine: str, device: str) -> dict[str, float]:
+def _scores(run: Path, engine, device: str) -> dict[str, float]:
     from curate.stages.base import StageContext
     from curate.stages.clip import ClipStage
 
     stage = ClipStage(model="ViT-B-32", pretrained="random", device=device, batch_size=64)
     stage.name = "clip"
     stage.preflight()
-    out = run / f"out_{engine}_{device}"
+    out = run / f"out_{engine.name}_{device}"
     out.mkdir()
     ledger = [run / "ledger_in" / "part-00000.parquet"]
-    counters = StageContext(run, out, ledger, None, engine=engine)
+    counters = StageContext(run, out, ledger, None, engine=engine)  # a started engine
     stage.run(counters)
     table = pq.read_table(run / "embeddings", columns=["uid", "clip_score"])
     shutil.rmtree(run / "embeddings")
@@ -43,12 +43,15 @@ def _scores(run: Path, engine: str, device: str) -> dict[str, float]:
 def test_gpu_actors_match_cpu_float32(tmp_path):
     from bench_clip import write_run
 
-    from curate.runner import init_ray
+    from curate.engine import open_engine
 
     write_run(tmp_path, 300, per_shard=128)
-    cpu = _scores(tmp_path, "local", "cpu")
-    init_ray()
-    gpu = _scores(tmp_path, "ray", "cuda")
+    cpu = _scores(tmp_path, open_engine("local"), "cpu")
+    on_ray = open_engine("ray")
+    try:
+        gpu = _scores(tmp_path, on_ray, "cuda")
+    finally:
+        on_ray.close()
     assert gpu.keys() == cpu.keys() and len(gpu) == 300
     diff = np.array([abs(gpu[u] - cpu[u]) for u in cpu])
     print(f"bf16 GPU vs fp32 CPU: max |Δscore| {diff.max():.2e}, mean {diff.mean():.2e}")

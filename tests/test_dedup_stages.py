@@ -179,6 +179,7 @@ def test_clusters_and_epsilon_come_from_the_recipe(pool, tmp_path):
 
 def ledger_stage(tmp_path: Path, rows: list[dict]):
     """A hand-made ledger file and a StageContext over it."""
+    from curate.engine.local import LocalEngine
     from curate.stages.base import StageContext
 
     path = tmp_path / "in" / "part-00000.parquet"
@@ -186,7 +187,7 @@ def ledger_stage(tmp_path: Path, rows: list[dict]):
     pq.write_table(pa.Table.from_pylist(rows), path)
     out = tmp_path / "out"
     out.mkdir()
-    return path, StageContext(tmp_path, out, [path], pq.read_schema(path))
+    return path, StageContext(tmp_path, out, [path], pq.read_schema(path), engine=LocalEngine())
 
 
 def test_exact_dedup_ties_nan_and_earlier_drops(tmp_path):

@@ -585,7 +585,7 @@ def test_download_processes_die_with_a_killed_run(tmp_path):
 # by the thread that made the pool: the parent-death signal must cover those too.
 REPLACED_WORKERS = """
 import os, sys, time
-from curate.download_pool import dying_pool
+from curate.engine.processes import dying_pool
 pool = dying_pool(2, maxtasksperchild=1)
 first = {p.pid for p in pool._pool}
 while first & {p.pid for p in pool._pool}:

@@ -14,10 +14,12 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
+from curate.engine.local import LocalEngine
+from curate.engine.ray_cluster import RayEngine
 from curate.progress import Progress
 from curate.recipe import load_recipe
 from curate.report import write_report
-from curate.runner import LocalEngine, RayEngine, ledger_files, run_recipe
+from curate.runner import ledger_files, run_recipe
 from curate.stages import MapStage
 
 
@@ -167,7 +169,7 @@ def test_actor_stages_set_up_once_per_actor_and_match_in_process(bad_pool, tmp_p
         (tmp_path / name).mkdir()
         shown = io.StringIO()  # the ray engine counts rows from the files Ray Data has written
         with Progress(name, 3 * result.stages[0].rows_out, stream=shown) as progress:
-            engine.map(CaptionLength(), files, tmp_path / name, progress)
+            engine.map_files(CaptionLength(), files, tmp_path / name, progress)
         engine.close()
         assert f"  {name:<16}  {3 * result.stages[0].rows_out:,} rows in" in shown.getvalue()
     local = pq.ParquetDataset(ledger_files(tmp_path / "local")).read()

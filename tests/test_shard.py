@@ -192,6 +192,7 @@ def test_webdataset_samples_group_as_in_open_clip(downloaded, served_pool, tmp_p
 def test_a_kept_row_without_its_image_is_an_error_naming_it(downloaded, tmp_path):
     """The stage given a ledger whose images are gone. (A run never gets there: it finds
     images/ changed since the download finished and downloads again, test_run_folder.)"""
+    from curate.engine.local import LocalEngine
     from curate.runner import ledger_files
     from curate.stages import StageContext
 
@@ -205,7 +206,7 @@ def test_a_kept_row_without_its_image_is_an_error_naming_it(downloaded, tmp_path
     stage = shard_stage.ShardStage()
     stage.name = "shard"
     with pytest.raises(FileNotFoundError, match=f"kept row {first} has no image"):
-        stage.run(StageContext(run, out, ledger, pq.read_schema(ledger[0])))
+        stage.run(StageContext(run, out, ledger, pq.read_schema(ledger[0]), engine=LocalEngine()))
 
 
 def test_runs_without_a_download_write_shards_without_images(served_pool, tmp_path):

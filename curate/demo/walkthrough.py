@@ -30,10 +30,11 @@ from curate.compare import checked_seeds, compare, compare_table
 from curate.config import ConfigError
 from curate.demo.plan import DefectRates
 from curate.demo.pool import generate_pool, load_manifest, serve_pool
+from curate.engine import cluster
 from curate.recipe import load_recipe
 from curate.report import write_report
 from curate.runfolder import claim
-from curate.runner import RunResult, StageResult, init_ray, run_recipe
+from curate.runner import RunResult, StageResult, run_recipe
 from curate.submission import UIDS_FILE, kept_uids, write_uids
 from curate.trainer import TrainConfig
 
@@ -156,24 +157,18 @@ def _demo(
 
     server, urls = serve_pool(pool)
     say(f"serving the pool at {server.base_url}")
-    import ray
-
-    owns_ray = engine == "ray" and not ray.is_initialized()  # else a caller's: leave it up
     try:
-        if owns_ray:
-            say("starting a local Ray cluster")
-            init_ray()
-        runs = []
-        progress = False if quiet else None  # None: on when stderr is a terminal
-        for (name, _, what), recipe in zip(RECIPES, recipes):
-            say(f"\nrun {name}: {what}")
-            result = _run(recipe, urls, output / "runs" / name, engine, say, progress)
-            say(f"  kept {result.stages[-1].rows_out:,} of {result.stages[0].rows_out:,} rows")
-            runs.append(result.run_dir)
+        say("starting a local Ray cluster" if engine == "ray" else "running in this process")
+        with cluster(engine):  # one cluster for the four runs (a caller's is left up)
+            runs = []
+            progress = False if quiet else None  # None: on when stderr is a terminal
+            for (name, _, what), recipe in zip(RECIPES, recipes):
+                say(f"\nrun {name}: {what}")
+                result = _run(recipe, urls, output / "runs" / name, engine, say, progress)
+                say(f"  kept {result.stages[-1].rows_out:,} of {result.stages[0].rows_out:,} rows")
+                runs.append(result.run_dir)
     finally:
         server.stop()
-        if owns_ray:
-            ray.shutdown()
 
     say(
         f"\ncompare: curate-tiny, {spec.samples_seen:,} samples seen per model, "

@@ -309,7 +309,7 @@ class DataCompImage(Filter):
         vector = next((c for c in VECTOR_COLUMNS if c in table.column_names), None)
         if vector is None and table.num_rows:
             with scratch(tmp, "_embed-") as work:
-                table = embed_images(table, work, self._model(ctx, path))
+                table = embed_images(table, work, self._model(ctx, path), ctx.engine)
             vector = "image_embedding"
         if vector is not None:
             table = table.filter(pc.is_valid(table[vector]))

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import pyarrow as pa
 
 from curate.registry import registrar
+
+if TYPE_CHECKING:
+    from curate.engine import Engine
 
 
 @dataclass
@@ -30,7 +33,7 @@ class StageContext:
     ingest_dir: Path | None = None  # the ingest stage's output (DataComp .npz manifest)
     verbose: bool = False  # Ray's and img2dataset's own logs
     progress: bool = False  # draw progress lines on stderr (curate.progress); decided per run
-    engine: str = "local"  # "ray" when the stage may use the Ray cluster
+    engine: Engine | None = None  # where the row work runs (curate.engine); set by the runner
     counters: dict = field(default_factory=dict)  # stage-specific numbers for the manifest
 
 

@@ -28,14 +28,13 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from curate.clip_embed import DecodeSpec
 from curate.clip_model import (
     Preprocess,
     ResolvedModel,
@@ -46,11 +45,14 @@ from curate.clip_model import (
     tokenizer_for,
 )
 from curate.config import ConfigError, Count
-from curate.progress import FinishedRows, Progress
+from curate.progress import Progress
 from curate.runfolder import remove_tree
 from curate.schema import alive_mask, set_column
 from curate.stages.base import Stage, StageContext, register_stage
 from curate.stages.download import IMAGES_DIR, image_shards
+
+if TYPE_CHECKING:
+    from curate.engine import Engine
 
 EMBEDDINGS_DIR = "embeddings"
 MODEL_FILE = "_model.json"
@@ -133,16 +135,19 @@ class ClipStage(Stage):
         elif not hasattr(self, "_resolved"):
             self.preflight()
         work = _chunks(ctx, out / "_work", self.batch_size)
-        spec = DecodeSpec(self._resolved, self._preprocess)
         device = self._device(ctx.engine)
-        args = (self._resolved, self._preprocess, self._dim, device, self.precision)
         images = sum(item["stop"] - item["start"] for item in work)
         with Progress(self.name, images, unit="images", enabled=ctx.progress) as progress:
-            if work and ctx.engine == "ray":
-                with progress.poll(FinishedRows(out)):
-                    _embed_on_ray(work, spec, args, self._ray_workers(device), out)
-            elif work:
-                _embed_here(work, spec, args, out, progress)
+            if work:
+                have = ctx.engine.resources()["GPU" if device == "cuda" else "CPU"]
+                _embed(
+                    ctx.engine,
+                    work,
+                    (self._resolved, self._preprocess, self._dim, device, self.precision),
+                    self.concurrency or max(1, int(have)),
+                    out,
+                    progress,
+                )
         return {
             **self._resolved.description,
             "embed_dim": self._dim,
@@ -151,26 +156,10 @@ class ClipStage(Stage):
             "precision": self.precision if device == "cuda" else "fp32",
         }
 
-    def _device(self, engine: str) -> str:
+    def _device(self, engine: Engine) -> str:
         if self.device != "auto":
             return self.device
-        if engine == "ray":
-            import ray
-
-            return "cuda" if ray.cluster_resources().get("GPU", 0) >= 1 else "cpu"
-        import torch
-
-        return "cuda" if torch.cuda.is_available() else "cpu"
-
-    def _ray_workers(self, device: str) -> dict:
-        """Actor-pool resources. On GPUs, decode tasks run apart on the other CPUs; on CPUs,
-        Ray Data fuses decode into the actors (same resources), one actor per CPU."""
-        import ray
-
-        resources = ray.cluster_resources()
-        key = "GPU" if device == "cuda" else "CPU"
-        count = self.concurrency or max(1, int(resources.get(key, 1)))
-        return {"num_gpus": 1 if device == "cuda" else 0, "num_cpus": 1, "size": count}
+        return "cuda" if engine.resources()["GPU"] >= 1 else "cpu"
 
     # --- DataComp's vectors ---------------------------------------------------------------
 
@@ -216,16 +205,15 @@ def prepare_model(model: str, pretrained: str | None) -> tuple[ResolvedModel, Pr
 
 
 def embed_images(
-    images: pa.Table, work: Path, prepared: tuple[ResolvedModel, Preprocess, int]
+    images: pa.Table, work: Path, prepared: tuple[ResolvedModel, Preprocess, int], engine: Engine
 ) -> pa.Table:
-    """Embed a small table of (uid, image bytes) in this process: evaluation or reference sets.
+    """Embed a small table of (uid, image bytes) with one model worker: evaluation or
+    reference sets.
 
     The same decode and model code as the pool's, so a pool row and a set image
     holding the same picture get the same vector. Returns uid, image_embedding
     (null where the image could not be decoded) and clip_error.
     """
-    import torch
-
     work.mkdir(parents=True, exist_ok=True)
     n = images.num_rows
     source = work / "images.parquet"
@@ -245,12 +233,10 @@ def embed_images(
         {"chunk": k, "todo": str(work / "todo.parquet"), "start": s, "stop": min(s + batch, n)}
         for k, s in enumerate(range(0, n, batch))
     ]
-    resolved, preprocess, _ = prepared
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = "cuda" if engine.resources()["GPU"] >= 1 else "cpu"
     out = work / "embedded"
     out.mkdir(exist_ok=True)
-    quiet = Progress("embed", n, unit="images", enabled=False)
-    _embed_here(items, DecodeSpec(resolved, preprocess), (*prepared, device, "bf16"), out, quiet)
+    _embed(engine, items, (*prepared, device, "bf16"), 1, out)
     columns = ["uid", "image_embedding", "clip_error"]
     parts = sorted(out.glob("*.parquet"))
     return pa.concat_tables(pq.read_table(f, columns=columns) for f in parts)
@@ -308,46 +294,31 @@ def _chunks(ctx: StageContext, work: Path, batch_size: int) -> list[dict]:
     ]  # fmt: skip
 
 
-def _embed_here(work: list[dict], spec, args: tuple, out: Path, progress: Progress) -> None:
-    """The same decode and embed functions, in this process, chunk after chunk."""
-    from curate.clip_embed import Embedder, decode_chunk
+def _embed(
+    engine: Engine,
+    chunks: list[dict],
+    model_args: tuple,
+    workers: int,
+    out: Path,
+    progress: Progress | None = None,
+) -> None:
+    """Chunks decoded on CPU workers, embedded by ``workers`` model workers (a GPU each on
+    CUDA), written to ``out`` as Parquet parts of about ``ROWS_PER_FILE`` rows."""
+    from curate.clip_embed import DecodeSpec, Embedder, decode_chunk
 
-    embedder = Embedder(*args)
-    pending, rows, part = [], 0, 0
-    for i, item in enumerate(work):
-        pending.append(embedder(decode_chunk(pa.Table.from_pylist([item]), spec)))
-        rows += pending[-1].num_rows
-        if rows >= ROWS_PER_FILE or i == len(work) - 1:
-            pq.write_table(pa.concat_tables(pending), out / f"part-{part:05d}.parquet")
-            pending, rows, part = [], 0, part + 1
-        progress.add(item["stop"] - item["start"])
-
-
-def _embed_on_ray(work: list[dict], spec, args: tuple, workers: dict, out: Path) -> None:
-    """Decode tasks feeding an actor pool of models; Ray Data streams between them."""
-    import ray.data
-    from ray.data.datasource import FilenameProvider
-
-    from curate.clip_embed import Embedder, decode_chunk
-
-    class PartNames(FilenameProvider):
-        def get_filename_for_block(self, block, write_uuid, task_index, block_index):
-            return f"part-{task_index:05d}-{block_index:03d}.parquet"
-
-    ds = ray.data.from_items(work, override_num_blocks=len(work))
-    ds = ds.map_batches(
-        decode_chunk, fn_kwargs={"spec": spec}, batch_size=1, batch_format="pyarrow", num_cpus=1
-    )
-    ds = ds.map_batches(
+    resolved, preprocess, _, device, _ = model_args
+    engine.map_with_models(
+        chunks,
+        decode_chunk,
+        {"spec": DecodeSpec(resolved, preprocess)},
         Embedder,
-        fn_constructor_args=args,
-        batch_size=1,  # one decoded chunk
-        batch_format="pyarrow",
-        num_cpus=workers["num_cpus"],
-        num_gpus=workers["num_gpus"],
-        compute=ray.data.ActorPoolStrategy(size=workers["size"]),
+        model_args,
+        workers,
+        1 if device == "cuda" else 0,
+        out,
+        ROWS_PER_FILE,
+        progress,
     )
-    ds.write_parquet(str(out), filename_provider=PartNames(), min_rows_per_file=ROWS_PER_FILE)
 
 
 def read_scores(embeddings: Path) -> pa.Table:

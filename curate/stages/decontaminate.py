@@ -38,7 +38,6 @@ from curate.semdedup import SCREEN
 from curate.stages.base import StageContext, register_stage
 from curate.stages.clip import EMBEDDINGS_DIR, MODEL_FILE, embed_images, prepare_model
 from curate.stages.dedup import STATS, DecidedStage
-from curate.tasks import map_items
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 IMAGE_COLUMNS = ("image", "jpg", "png", "webp")
@@ -81,7 +80,7 @@ class DecontaminateStage(DecidedStage):
              "threshold": self.threshold}
             for f in files
         ]  # fmt: skip
-        found = map_items(_match_task, jobs, ctx.engine, f"{self.name}: match", ctx.progress)
+        found = ctx.engine.map_items(_match_task, jobs, f"{self.name}: match", ctx.progress)
         matches = pa.concat_tables(found or [MATCHES.empty_table()])
         matches = pa.table(
             {
@@ -109,7 +108,7 @@ class DecontaminateStage(DecidedStage):
             raise ConfigError(f"eval_set {path}: it holds no rows")
         vector = next((c for c in VECTOR_COLUMNS if c in table.column_names), None)
         if vector is None:  # images: undecodable ones come back with a null vector
-            table = embed_images(table, work / "embed", self._prepared(ctx))
+            table = embed_images(table, work / "embed", self._prepared(ctx), ctx.engine)
             vector = "image_embedding"
         usable = table.filter(pc.is_valid(table[vector]))
         ctx.counters["eval_unusable"] = table.num_rows - usable.num_rows

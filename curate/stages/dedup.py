@@ -43,7 +43,6 @@ from curate.runfolder import scratch
 from curate.semdedup import absorb_on_graph, absorbers, assign, pairs_between, train_centroids
 from curate.stages.base import MapStage, StageContext, register_stage
 from curate.stats import sql_paths
-from curate.tasks import map_items
 from curate.uids import uid_keys
 
 #: Rows of the pool per bucket of clusters deduplicated by one task.
@@ -174,7 +173,7 @@ class SemanticDedupStage(DecidedStage):
                 for i, f in enumerate(files)]  # fmt: skip
         (work / "vectors").mkdir()
         sample = _sorted_sample(
-            map_items(_stage_task, jobs, ctx.engine, f"{self.name}: read", progress)
+            ctx.engine.map_items(_stage_task, jobs, f"{self.name}: read", progress)
         )
         if not len(sample):  # no alive row has a usable embedding: nothing to compare
             self._decisions, self._regroup = DECISIONS.empty_table(), REGROUP.empty_table()
@@ -189,19 +188,19 @@ class SemanticDedupStage(DecidedStage):
              "out": str(work / "buckets"), "part": i}
             for i, job in enumerate(jobs)
         ]  # fmt: skip
-        embedded = sum(map_items(_assign_task, jobs, ctx.engine, f"{self.name}: assign", progress))
+        embedded = sum(ctx.engine.map_items(_assign_task, jobs, f"{self.name}: assign", progress))
         clock.lap("assign")
         threshold = 1.0 - self.epsilon
         folders = sorted((work / "buckets").glob("*")) if embedded else []
         jobs = [{"dir": str(d), "threshold": threshold, "buckets": buckets,
                  "out": str(work / "survivors")} for d in folders]  # fmt: skip
-        done = map_items(_bucket_task, jobs, ctx.engine, f"{self.name}: within clusters", progress)
+        done = ctx.engine.map_items(_bucket_task, jobs, f"{self.name}: within clusters", progress)
         parents = pa.concat_tables([p for p, _ in done] or [_PARENTS.empty_table()])
         clusters = pa.concat_tables([c for _, c in done] or [_CLUSTERS.empty_table()])
         clock.lap("within_clusters")
         folders = sorted((work / "survivors").glob("*")) if len(centroids) > 1 else []
         jobs = [{"dir": str(d), "threshold": threshold} for d in folders]
-        edges = map_items(_cross_task, jobs, ctx.engine, f"{self.name}: across clusters", progress)
+        edges = ctx.engine.map_items(_cross_task, jobs, f"{self.name}: across clusters", progress)
         crossed = _absorb_across(pa.concat_tables(edges or [_EDGES.empty_table()]), alive)
         self._decisions, self._regroup = _final_decisions(parents, crossed)
         clock.lap("across_clusters")

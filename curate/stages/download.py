@@ -1,8 +1,8 @@
 """The download stage: the ledger's urls through img2dataset, results joined back by uid.
 
-img2dataset does the downloading, resizing, face blurring and writing (its Ray
-distributor on the Ray engine, otherwise its multiprocessing distributor as redone
-in ``curate.download_pool``, whose processes die with this one), with
+img2dataset does the downloading, resizing, face blurring and writing (one engine
+task per shard of urls: a Ray task, or on the local engine a process that dies
+with this one), with
 the crawl policy of ``curate.crawler`` built in: public addresses only unless
 allowed, http(s) only, bounded size and time, robots.txt (fetched once per host
 here, on the driver), decompression bombs refused before decoding. img2dataset
@@ -216,15 +216,15 @@ class DownloadStage(Stage):
             disallowed_header_directives=self.disallowed_header_directives or None,
             blurring_bbox_col=bbox,
         )
-        if ctx.engine == "ray":
-            from img2dataset.distributor import ray_distributor
-
-            ray_distributor(None, downloader, reader, None, 1)
-        else:
-            from curate.download_pool import distributor
-
-            processes = self.processes_count or os.cpu_count() or 1
-            distributor(processes, downloader, reader, 1)  # its processes die with this one
+        # One task per shard (a process each on the local engine, which die with this one).
+        # A shard that fails is tried once more, as img2dataset's distributors do.
+        processes = self.processes_count or os.cpu_count() or 1
+        shards = list(reader)
+        for _ in range(2):
+            done = ctx.engine.map_items(downloader, shards, self.name, processes=processes)
+            shards = [shard for ok, shard in done if ok is False]
+            if not shards:
+                break
         remove_tree(tmp, ctx.run_dir)
 
 

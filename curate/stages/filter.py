@@ -129,10 +129,10 @@ class FilterStage(MapStage):
                     ctx.run_dir,
                     ctx.ingest_dir,
                     ctx.input_path,
+                    ctx.engine,
                 )
             )
         self._fitted_annotators = annotators
-        self._ready = None  # set up again, per worker, with these fitted statistics
 
     def setup(self) -> None:
         annotators = getattr(self, "_fitted_annotators", None) or self._annotators()
@@ -141,6 +141,4 @@ class FilterStage(MapStage):
         self._ready = {c: a for a in annotators for c in a.provides}
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        if getattr(self, "_ready", None) is None:
-            self.setup()
         return apply_filters(batch, self.filters, self._ready)

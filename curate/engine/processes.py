@@ -1,12 +1,11 @@
-"""img2dataset's multiprocessing distributor, with download processes that die with their parent.
+"""A process pool whose workers die with their parent: the local engine's downloads.
 
 img2dataset's ``multiprocessing_distributor`` starts a spawn ``Pool`` whose
 workers are never told when the process that started them dies: after a
 SIGKILL (or SIGTERM, which Python does not catch by default) of a local run,
-each went on downloading until its shard was done, tens of seconds later.
-``distributor`` here does the same work (``imap_unordered`` over the reader's
-shards, failed shards retried with img2dataset's ``retrier``, the pool
-terminated and joined at the end), with a pool whose workers die with us.
+each went on downloading until its shard was done, tens of seconds later. The
+local engine runs work that asks for processes (``map_items(processes=n)``) on
+``dying_pool`` instead.
 
 On Linux each worker asks the kernel, as it starts, for SIGKILL when its
 parent goes (``prctl(PR_SET_PDEATHSIG)``), then checks that the parent has not
@@ -57,22 +56,3 @@ def dying_pool(processes: int, maxtasksperchild: int | None = MAX_TASKS_PER_CHIL
         initargs=(os.getpid(),),
         maxtasksperchild=maxtasksperchild,
     )
-
-
-def distributor(processes: int, downloader, reader, max_shard_retry: int) -> None:
-    """img2dataset's ``multiprocessing_distributor``, on a ``dying_pool``."""
-    from img2dataset.distributor import retrier
-    from tqdm import tqdm
-
-    with dying_pool(processes) as pool:
-
-        def run(shards) -> list:
-            failed = []
-            for status, row in tqdm(pool.imap_unordered(downloader, shards)):
-                if status is False:
-                    failed.append(row)
-            return failed
-
-        retrier(run, run(reader), max_shard_retry)
-        pool.terminate()
-        pool.join()

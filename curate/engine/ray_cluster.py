@@ -1,0 +1,306 @@
+"""The Ray engine: a run's row work as Ray tasks and actors, on a local or remote cluster.
+
+* ``map_files``: ledger files → ``map_batches(batch_format="pyarrow")`` →
+  ``write_parquet``; read, map and write fuse into one task per file. A stage
+  whose setup is a model runs on a pool of actors instead. Either way its
+  ``setup`` runs once per worker process.
+* ``map_items``: one task of one CPU per item; results come back in order.
+* ``map_with_models``: Ray Data streams CPU tasks into an actor pool (one model per
+  actor, a GPU each when ``num_gpus``).
+
+A worker's exception reaches the driver as itself (an ``OSError`` with its path,
+a ``ConfigError`` with its message), not wrapped in Ray's own errors.
+
+Ray is started in the main thread on purpose: its child processes die with the
+thread that started them (PR_SET_PDEATHSIG).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from curate.engine import Engine, Item, Result
+from curate.progress import FinishedRows, Progress
+
+if TYPE_CHECKING:
+    from curate.stages import MapStage
+
+
+class RayEngine(Engine):
+    """Ray Data on a local or remote cluster, started before the first stage.
+
+    Workers are warmed (imports, operator registry, Ray Data's actors) by a tiny
+    dataset that runs in a thread while the driver plans.
+    """
+
+    name = "ray"
+
+    def __init__(self, address: str | None = None, verbose: bool = False):
+        import ray
+
+        self._owns_ray = not ray.is_initialized()  # else a caller's session: leave it up
+        init_ray(address, verbose)
+        _configure_ray_data(verbose)
+        self._warming = threading.Thread(target=_warm_up, daemon=True)
+        self._warming.start()
+
+    def wait_ready(self) -> None:
+        self._warming.join()
+
+    def map_files(
+        self, stage: MapStage, files: list[Path], out_dir: Path, progress: Progress | None = None
+    ) -> None:
+        """``progress`` counts the rows of the Parquet files written so far (their footers:
+        cheap, and nothing added to the pipeline)."""
+        self.wait_ready()
+        polled = progress.poll(FinishedRows(out_dir)) if progress else contextlib.nullcontext()
+        with polled, worker_errors():
+            _map_files(stage, files, out_dir, self.resources())
+
+    def map_items(
+        self,
+        fn: Callable[[Item], Result],
+        items: Sequence[Item],
+        label: str,
+        progress: bool = False,
+        processes: int | None = None,
+    ) -> list[Result]:
+        import ray
+
+        with Progress(label, len(items), unit="tasks", enabled=progress and bool(items)) as shown:
+            remote = ray.remote(num_cpus=1, max_retries=1)(fn)
+            refs = [remote.remote(item) for item in items]
+            pending = list(refs)
+            with worker_errors():
+                while pending:
+                    _, pending = ray.wait(pending, num_returns=len(pending), timeout=1.0)
+                    shown.update(len(refs) - len(pending))
+                return ray.get(refs)
+
+    def map_with_models(
+        self,
+        items: list[dict],
+        prepare: Callable[..., pa.Table],
+        prepare_args: dict,
+        model: type,
+        model_args: tuple,
+        workers: int,
+        gpus: float,
+        out_dir: Path,
+        rows_per_file: int,
+        progress: Progress | None = None,
+    ) -> None:
+        import ray.data
+
+        self.wait_ready()
+        ds = ray.data.from_items(items, override_num_blocks=len(items))
+        ds = ds.map_batches(
+            prepare, fn_kwargs=prepare_args, batch_size=1, batch_format="pyarrow", num_cpus=1
+        )
+        ds = ds.map_batches(
+            model,
+            fn_constructor_args=model_args,
+            batch_size=1,  # one prepared item
+            batch_format="pyarrow",
+            num_cpus=1,
+            num_gpus=gpus,
+            compute=ray.data.ActorPoolStrategy(size=workers),
+        )
+        polled = progress.poll(FinishedRows(out_dir)) if progress else contextlib.nullcontext()
+        with polled, worker_errors():
+            ds.write_parquet(
+                str(out_dir), filename_provider=_part_names(), min_rows_per_file=rows_per_file
+            )
+
+    def resources(self) -> dict[str, float]:
+        import ray
+
+        have = ray.cluster_resources()
+        return {"CPU": float(have.get("CPU", 0)), "GPU": float(have.get("GPU", 0))}
+
+    def close(self) -> None:
+        """Stop what this engine started, without waiting for the processes to exit."""
+        import ray
+
+        self._warming.join()
+        if self._owns_ray:
+            ray.shutdown()
+
+
+@contextlib.contextmanager
+def worker_errors() -> Iterator[None]:
+    """Re-raise a worker's exception as itself: Ray wraps it in a subclass whose message is
+    the worker's traceback, with the original in ``cause``."""
+    import ray.exceptions
+
+    try:
+        yield
+    except ray.exceptions.RayTaskError as exc:
+        cause = exc.cause
+        if isinstance(cause, Exception):
+            raise cause from None
+        raise
+
+
+def init_ray(address: str | None = None, verbose: bool = False) -> None:
+    """Join ``address`` (or RAY_ADDRESS), or start a local cluster; quiet unless verbose."""
+    # Usage statistics would be sent to a remote server; never from this tool.
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    # albumentations (imported by img2dataset in the workers) phones home on import.
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    kwargs = {"runtime_env": {"env_vars": {"NO_ALBUMENTATIONS_UPDATE": "1"}}}
+    if address is None:
+        # The embedded cluster binds to loopback only (Ray reads this when imported).
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        # "local" always starts a new cluster, even when another one runs on this machine.
+        kwargs = {"include_dashboard": False, "num_cpus": os.cpu_count()}  # env: inherited
+        address = "local"
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(
+            address=address,
+            log_to_driver=verbose,
+            logging_level=logging.INFO if verbose else logging.WARNING,
+            configure_logging=True,
+            **kwargs,
+        )
+
+
+@contextlib.contextmanager
+def shared_cluster(start: bool, verbose: bool = False) -> Iterator[None]:
+    """A local cluster for several runs (they join it); stopped at the end if started here."""
+    if not start:
+        yield
+        return
+    import ray
+
+    owns = not ray.is_initialized()
+    init_ray(None, verbose)
+    try:
+        yield
+    finally:
+        if owns:
+            ray.shutdown()
+
+
+def _configure_ray_data(verbose: bool) -> None:
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True
+    # A worker's error reaches the driver as itself (an OSError stays one, with its path),
+    # not as Ray Data's UserCodeException holding only its text.
+    ctx.raise_original_map_exception = True
+    # One bar per operator, redrawn several lines high: only with --verbose. The runner
+    # draws its own line per stage (curate.progress).
+    ctx.enable_progress_bars = verbose
+    ctx.print_on_execution_start = verbose
+    # Metrics polling that cost the driver ~2 CPU-s per 10^6-row stage on 2 cores.
+    ctx.enable_per_node_metrics = False
+    ctx.enable_get_object_locations_for_metrics = False
+    ctx.memory_usage_poll_interval_s = None
+    logging.getLogger("ray.data").setLevel(logging.INFO if verbose else logging.WARNING)
+    # Without bars its only news is a warning that they are off: they are, on purpose.
+    progress_log = logging.getLogger("ray.data._internal.progress")
+    progress_log.setLevel(logging.INFO if verbose else logging.ERROR)
+
+
+def _warm_up() -> None:
+    import ray.data
+
+    ray.data.from_items([{"n": i} for i in range(8)], override_num_blocks=8).map_batches(
+        _import_operators, batch_format="pyarrow"
+    ).materialize()
+
+
+def _import_operators(batch: pa.Table) -> pa.Table:
+    from curate.operators import load_registry
+
+    load_registry()
+    return batch
+
+
+# --- map_files -----------------------------------------------------------------------------
+
+#: The stage set up in this worker process, by the key of the map_files call it serves.
+_READY: dict[str, MapStage] = {}
+
+
+def _apply(batch: pa.Table, stage: MapStage, key: str) -> pa.Table:
+    """One ledger file through ``stage``, set up once per worker process and call."""
+    ready = _READY.get(key)
+    if ready is None:
+        _READY.clear()  # an earlier stage's model or tables: not needed any more
+        stage.setup()
+        _READY[key] = ready = stage
+    return ready(batch)
+
+
+class _StageActor:
+    """Actor-pool wrapper: one set-up stage (e.g. one model) per actor."""
+
+    def __init__(self, stage: MapStage):
+        stage.setup()
+        self.stage = stage
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return self.stage(batch)
+
+
+def _read_ledger_file(batch: pa.Table) -> pa.Table:
+    """One ledger file per call (the batch holds its path)."""
+    (path,) = batch["path"].to_pylist()
+    return pq.read_table(path)
+
+
+def _part_names():
+    from ray.data.datasource import FilenameProvider
+
+    class PartNames(FilenameProvider):
+        def get_filename_for_block(self, block, write_uuid, task_index, block_index):
+            return f"part-{task_index:05d}-{block_index:03d}.parquet"
+
+    return PartNames()
+
+
+def _map_files(stage: MapStage, files: list[Path], out_dir: Path, have: dict) -> None:
+    import ray.data
+
+    # Each task reads one ledger file itself: ray.data.read_parquet spends seconds per
+    # dataset listing and sampling files, which dominated small runs on 2 cores.
+    paths = [{"path": str(f)} for f in files]
+    ds = ray.data.from_items(paths, override_num_blocks=max(1, len(paths)))
+    ds = ds.map_batches(_read_ledger_file, batch_format="pyarrow", batch_size=1)
+    if stage.actors or stage.num_gpus:
+        share = stage.num_gpus or stage.num_cpus
+        available = have["GPU" if stage.num_gpus else "CPU"]
+        ds = ds.map_batches(
+            _StageActor,
+            fn_constructor_args=(stage,),
+            batch_format="pyarrow",
+            batch_size=stage.batch_size,
+            num_cpus=stage.num_cpus,
+            num_gpus=stage.num_gpus,
+            concurrency=max(1, int(available // share)),
+        )
+    else:
+        ds = ds.map_batches(
+            _apply,
+            fn_kwargs={"stage": stage, "key": uuid.uuid4().hex},
+            batch_format="pyarrow",
+            batch_size=None,
+            num_cpus=stage.num_cpus,
+        )
+    ds.write_parquet(str(out_dir), filename_provider=_part_names())
