@@ -92,10 +92,16 @@ def open_source(path: Path, fmt: str) -> Source:
     raise IngestError(f"{path}: unknown format {fmt!r}")
 
 
-def iter_batches(source: Source, batch_rows: int) -> Iterator[pa.RecordBatch]:
-    """The file's rows in order, at most ``batch_rows`` per batch (CSV: per parse block)."""
-    readers = {"parquet": _parquet_batches, "csv": _csv_batches, "jsonl": _jsonl_batches}
-    yield from readers[source.format](source, batch_rows)
+def iter_batches(
+    source: Source, batch_rows: int, row_groups: list[int] | None = None
+) -> Iterator[pa.RecordBatch]:
+    """The file's rows in order, at most ``batch_rows`` per batch (CSV: per parse block);
+    of a Parquet file, only ``row_groups`` when given."""
+    if source.format == "parquet":
+        yield from _parquet_batches(source, batch_rows, row_groups)
+    else:
+        readers = {"csv": _csv_batches, "jsonl": _jsonl_batches}
+        yield from readers[source.format](source, batch_rows)
 
 
 def check_unique_names(path: Path, names: list[str]) -> None:
@@ -109,14 +115,17 @@ def check_unique_names(path: Path, names: list[str]) -> None:
 # --- Parquet
 
 
-def _parquet_batches(source: Source, batch_rows: int) -> Iterator[pa.RecordBatch]:
+def _parquet_batches(
+    source: Source, batch_rows: int, row_groups: list[int] | None
+) -> Iterator[pa.RecordBatch]:
     with reading(source.path, "Parquet"), pq.ParquetFile(source.path) as pf:
         # Rows are not a bound on memory when captions are 1 MB each: size batches by bytes.
         meta = pf.metadata
-        groups = [meta.row_group(i) for i in range(meta.num_row_groups)]
+        wanted = range(meta.num_row_groups) if row_groups is None else row_groups
+        groups = [meta.row_group(i) for i in wanted]
         widest = max((g.total_byte_size / max(g.num_rows, 1) for g in groups), default=1)
         rows = max(1024, min(batch_rows, int(BATCH_BYTES // max(widest, 1))))
-        yield from pf.iter_batches(batch_size=rows)
+        yield from pf.iter_batches(batch_size=rows, row_groups=row_groups)
 
 
 # --- CSV

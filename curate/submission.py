@@ -78,8 +78,8 @@ def write_uids(uids: pa.Array, path: Path) -> int:
     return len(pairs)
 
 
-def load_pairs(path: Path) -> np.ndarray:
-    """A DataComp uid file, checked and sorted: the subset a run is restricted to."""
+def open_pairs(path: Path) -> np.ndarray:
+    """A DataComp uid file, mapped (not read) once its header is checked: cheap to open."""
     try:
         pairs = np.load(path, allow_pickle=False, mmap_mode="r")
     except (OSError, ValueError) as exc:
@@ -89,7 +89,12 @@ def load_pairs(path: Path) -> np.ndarray:
             f"{path}: expected a 1-d array of dtype ('u8,u8') as DataComp writes, "
             f"got shape {pairs.shape} and dtype {pairs.dtype}"
         )
-    pairs = np.asarray(pairs).astype(UID_DTYPE)
+    return pairs
+
+
+def load_pairs(path: Path) -> np.ndarray:
+    """A DataComp uid file, checked and sorted: the subset a run is restricted to."""
+    pairs = np.asarray(open_pairs(path)).astype(UID_DTYPE)
     keys = _keys(pairs)
     if len(keys) > 1 and not (keys[1:] >= keys[:-1]).all():
         pairs = pairs[np.argsort(keys, kind="stable")]

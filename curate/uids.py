@@ -1,16 +1,11 @@
-"""Ledger uids: normalising input uids, and an exact check that no uid occurs twice.
+"""Ledger uids: normalising input uids, 64-bit keys, membership in a sorted key set.
 
-Both run on every row of a pool and sit on ingest's critical path, so both work
+All run on every row of a pool and sit on ingest's critical path, so they work
 on the raw Arrow buffers with numpy (a uid is 32 ASCII bytes) instead of a
-Python loop per row.
-
-Uniqueness is global. Up to ``IN_MEMORY_ROWS`` rows, each uid is reduced to a
-64-bit key (a mix of its 32 bytes read as four 64-bit words, bijective in each
-word, so uids that share a prefix, like sequential ones, still get distinct
-keys) and the keys are sorted;
-equal keys are only candidates, confirmed or dismissed by comparing the full
-uids, so the check is exact. Past that size (8 bytes a row would be too much
-memory) DuckDB does the same GROUP BY over the written ledger, spilling to disk.
+Python loop per row. A key mixes a uid's 32 bytes read as four 64-bit words,
+bijectively in each word, so uids that share a prefix (sequential ones) still
+get distinct keys: ingest partitions uids by key for its duplicate check, and
+samples are drawn by a seeded key hash.
 """
 
 from __future__ import annotations
@@ -20,15 +15,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from curate.readers import IngestError, as_string, is_text
-from curate.runfolder import scratch
-
-#: Above this many rows the duplicate check runs in DuckDB instead of in memory.
-IN_MEMORY_ROWS = 25_000_000
-#: (uid, [(ledger part index, row in the part), ...]) for a uid that occurs more than once.
-Duplicate = tuple[str, list[tuple[int, int]]]
 
 _MIX = np.uint64(0x9E3779B97F4A7C15)  # odd, so multiplying by it is a bijection mod 2^64
 
@@ -96,85 +84,6 @@ def uid_keys(uids: pa.Array) -> np.ndarray:
         if i < 3:
             keys *= _MIX
     return keys
-
-
-class UidCheck:
-    """Collects uid keys batch by batch during ingest; ``duplicates`` answers at the end."""
-
-    def __init__(self, in_memory_rows: int | None = None):
-        self.in_memory_rows = IN_MEMORY_ROWS if in_memory_rows is None else in_memory_rows
-        self._keys: list[np.ndarray] | None = []
-        self._rows = 0
-
-    def add(self, uids: pa.Array) -> None:
-        self._rows += len(uids)
-        if self._keys is not None and self._rows <= self.in_memory_rows:
-            self._keys.append(uid_keys(uids))
-        else:
-            self._keys = None  # too many: DuckDB over the written ledger instead
-
-    def duplicates(self, parts: list[Path], tmp: Path) -> tuple[int, list[Duplicate]]:
-        """How many uids occur more than once, and up to three of them with their places."""
-        if self._keys is None:
-            return _duckdb_duplicates(parts, tmp)
-        keys = np.sort(np.concatenate(self._keys)) if self._keys else np.empty(0, np.uint64)
-        same = keys[1:] == keys[:-1]
-        if not same.any():
-            return 0, []
-        return _confirm(parts, np.unique(keys[1:][same]))
-
-
-def _confirm(parts: list[Path], candidates: np.ndarray) -> tuple[int, list[Duplicate]]:
-    """Compare full uids of the rows whose keys collided."""
-    found = []
-    for i, part in enumerate(parts):
-        row = 0
-        for batch in pq.ParquetFile(part).iter_batches(columns=["uid"]):
-            uids = batch.column(0)
-            hits = np.flatnonzero(np.isin(uid_keys(uids), candidates))
-            found.append(
-                pa.table(
-                    {
-                        "uid": uids.take(pa.array(hits)),
-                        "part": pa.array(np.full(len(hits), i, np.int64)),
-                        "row": pa.array(hits + row, pa.int64()),
-                    }
-                )
-            )
-            row += len(uids)
-    rows = pa.concat_tables(found).sort_by(
-        [("uid", "ascending"), ("part", "ascending"), ("row", "ascending")]
-    )
-    counts = rows.group_by("uid").aggregate([("row", "count")])
-    dup = counts.filter(pc.greater(counts["row_count"], 1))["uid"]
-    shown = sorted(dup.to_pylist())[:3]
-    places = rows.filter(pc.is_in(rows["uid"], pa.array(shown, pa.string()))).to_pylist()
-    return len(dup), [(u, [(r["part"], r["row"]) for r in places if r["uid"] == u]) for u in shown]
-
-
-def _duckdb_duplicates(parts: list[Path], tmp: Path) -> tuple[int, list[Duplicate]]:
-    import duckdb  # only pools past IN_MEMORY_ROWS pay for importing it
-
-    files = [str(p) for p in parts]
-    repeated = "SELECT uid FROM read_parquet($files) GROUP BY uid HAVING count(*) > 1"
-    with scratch(tmp, ".duckdb-") as spill:
-        con = duckdb.connect(config={"temp_directory": str(spill)})
-        try:
-            total = con.execute(f"SELECT count(*) FROM ({repeated})", {"files": files}).fetchone()
-            if not total[0]:
-                return 0, []
-            shown = con.execute(f"{repeated} ORDER BY uid LIMIT 3", {"files": files}).fetchall()
-            shown = [u for (u,) in shown]
-            places = con.execute(
-                "SELECT uid, filename, file_row_number FROM read_parquet($files, filename=true, "
-                "file_row_number=true) WHERE uid IN (SELECT unnest($uids)) "
-                "ORDER BY uid, filename, file_row_number",
-                {"files": files, "uids": shown},
-            ).fetchall()
-        finally:
-            con.close()
-    index = {f: i for i, f in enumerate(files)}
-    return total[0], [(u, [(index[f], r) for v, f, r in places if v == u]) for u in shown]
 
 
 def is_member(keys: np.ndarray, sorted_keys: np.ndarray) -> np.ndarray:

@@ -17,8 +17,9 @@ import pytest
 from pools import random_hex, run_ingest, write_bytes
 
 import curate.readers
-import curate.uids
+import curate.stages.ingest
 from curate.config import ConfigError, build
+from curate.engine.local import LocalEngine
 from curate.schema import LEDGER_SCHEMA, stable_uid
 from curate.stages.base import StageContext
 from curate.stages.ingest import IngestError, IngestStage
@@ -303,6 +304,27 @@ def test_surrogates_and_raw_bytes_in_jsonl_are_flagged(tmp_path):
 # --- rows in == rows out, parts, order, determinism
 
 
+def test_a_large_file_is_read_in_pieces_of_row_groups(tmp_path):
+    """Each piece (whole row groups, about rows_per_file rows) is a task of its own; rows,
+    order, errors and duplicates come out as from one reader."""
+    n = 30
+    uids = [f"{i:032x}" for i in range(n)]
+    table = pa.table({"uid": uids, "url": [f"u{i}" for i in range(n)], "caption": ["c"] * n})
+    src = tmp_path / "big.parquet"
+    pq.write_table(table, src, row_group_size=3)  # 10 row groups
+    got, rows, _ = run_ingest(src, tmp_path, rows_per_file=7)
+    assert rows == n and got["uid"].to_pylist() == uids
+    parts = sorted((tmp_path / "out").glob("part-*.parquet"))
+    assert len(parts) == 5  # pieces of two row groups (6 rows): 10 groups, 5 tasks
+    bad = table.set_column(0, "uid", pa.array(uids[:25] + ["nope"] + uids[26:]))
+    pq.write_table(bad, src, row_group_size=3)
+    assert f"{src}: row 25: malformed uid 'nope'" in ingest_error(src, tmp_path, rows_per_file=7)
+    twice = table.set_column(0, "uid", pa.array(uids[:28] + [uids[2], uids[29]]))
+    pq.write_table(twice, src, row_group_size=3)
+    message = ingest_error(src, tmp_path, rows_per_file=7)
+    assert f"{uids[2]} at {src} row 2, {src} row 28" in message
+
+
 def test_rows_in_equal_rows_written_across_files_and_parts(tmp_path):
     folder = tmp_path / "pool"
     sizes = [7, 0, 13, 1]
@@ -318,13 +340,21 @@ def test_rows_in_equal_rows_written_across_files_and_parts(tmp_path):
     table, rows, ctx = run_ingest(folder, tmp_path, rows_per_file=5)
     assert rows == sum(sizes) == table.num_rows
     assert table["url"].to_pylist() == expected  # sorted files, input row order
+    # Parts of at most rows_per_file rows, each from one input file (a task's), in input order.
     parts = sorted((tmp_path / "out").glob("part-*.parquet"))
-    assert [p.name for p in parts] == [f"part-{i:05d}.parquet" for i in range(5)]
-    assert [pq.ParquetFile(p).metadata.num_rows for p in parts] == [5, 5, 5, 5, 1]
+    assert [p.name for p in parts] == [
+        "part-00000-00000-000.parquet",
+        "part-00000-00000-001.parquet",
+        "part-00002-00000-000.parquet",
+        "part-00002-00000-001.parquet",
+        "part-00002-00000-002.parquet",
+        "part-00003-00000-000.parquet",
+    ]
+    assert [pq.ParquetFile(p).metadata.num_rows for p in parts] == [5, 2, 5, 5, 3, 1]
     assert ctx.counters["input_files"] == 4
     squeezed, _, _ = run_ingest(folder, tmp_path / "zstd", rows_per_file=5, compression="zstd")
     assert squeezed.equals(table)
-    codec = pq.ParquetFile(tmp_path / "zstd" / "out" / "part-00000.parquet").metadata
+    codec = pq.ParquetFile(tmp_path / "zstd" / "out" / parts[0].name).metadata
     assert codec.row_group(0).column(2).compression == "ZSTD"  # caption; uid stays plain
     assert codec.row_group(0).column(0).compression == "UNCOMPRESSED"
     first = [p.read_bytes() for p in parts]
@@ -355,7 +385,7 @@ def test_plan_validates_before_anything_is_written(tmp_path):
     src = parquet(tmp_path / "in.parquet", {"link": ["a"], "caption": ["b"]})
     out = tmp_path / "out"
     out.mkdir()
-    ctx = StageContext(tmp_path, out, [], None, input_path=src)
+    ctx = StageContext(tmp_path, out, [], None, input_path=src, engine=LocalEngine())
     with pytest.raises(IngestError, match="no url column 'url'"):
         IngestStage().plan(ctx)
     assert list(out.iterdir()) == []
@@ -392,11 +422,10 @@ def test_url_column_that_is_not_text(tmp_path):
     assert "caption column 'caption' must hold text" in ingest_error(js2, tmp_path)
 
 
-@pytest.fixture(params=["in memory", "duckdb"])
+@pytest.fixture(params=[1, 7])
 def uid_check(request, monkeypatch):
-    """Run duplicate tests through both the in-memory check and the DuckDB one (large pools)."""
-    if request.param == "duckdb":
-        monkeypatch.setattr(curate.uids, "IN_MEMORY_ROWS", 0)
+    """Run duplicate tests with every uid in one partition, and spread over seven."""
+    monkeypatch.setattr(curate.stages.ingest, "uid_partitions", lambda pieces: request.param)
     return request.param
 
 

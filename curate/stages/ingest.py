@@ -17,12 +17,12 @@ Row numbers in error messages count a file's data rows from 0.
 
 from __future__ import annotations
 
-import bisect
+import dataclasses
+import functools
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 
 from curate import datacomp
 from curate.config import ConfigError, Count
-from curate.progress import Progress
+from curate.progress import FinishedRows, Progress
 from curate.readers import (
     IngestError,
     Source,
@@ -41,17 +41,22 @@ from curate.readers import (
     is_text,
     iter_batches,
     open_source,
+    reading,
     repair_utf8,
 )
+from curate.runfolder import scratch
 from curate.schema import LEDGER_SCHEMA, ledger_type, uids_for
 from curate.stages.base import Stage, StageContext, register_stage
-from curate.submission import load_subset, uids_in
-from curate.uids import UidCheck, normalise_uids
+from curate.submission import load_subset, open_pairs, uids_in
+from curate.uids import normalise_uids, uid_keys
 
 __all__ = ["IngestError", "IngestStage"]
 
 RESERVED = ("keep", "dropped_by", "caption_error")  # decisions only the pipeline may write
 BATCH_ROWS = 1 << 16
+#: The duplicate-uid check reads one partition (of the uids' hash) per task.
+MAX_UID_PARTITIONS = 256
+UID_PLACES = pa.schema([("uid", pa.string()), ("source", pa.int32()), ("row", pa.int64())])
 FORMATS = ("auto", "parquet", "csv", "jsonl", "datacomp")
 COMPRESSIONS = ("none", "snappy", "zstd")
 
@@ -68,7 +73,8 @@ class IngestPlan:
     schema: pa.Schema  # of the ledger parts: core columns, pass-through columns, decisions
     passthrough: list[pa.Field]  # the other input columns, typed once for all files
     npz: list[dict] = field(default_factory=list)  # DataComp: one manifest entry per source
-    subset: np.ndarray | None = None  # search keys of the uids a run is restricted to
+    subset: str | None = None  # a DataComp uid file the run is restricted to
+    subset_size: int = 0  # how many uids it lists
 
 
 @register_stage("ingest")
@@ -88,6 +94,8 @@ class IngestStage(Stage):
     # dropped here, with dropped_by "input_uids".
     uids: str | None = None
     _plan: tuple | None = field(default=None, init=False, repr=False, compare=False)
+
+    runs_on_cluster: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
@@ -111,57 +119,48 @@ class IngestStage(Stage):
     def run(self, ctx: StageContext) -> int:
         plan = self.plan(ctx)
         started = time.perf_counter()
-        writer = PartWriter(Path(ctx.out_dir), plan.schema, self.rows_per_file, self.compression)
-        first_rows, total, caption_errors, outside = [], 0, 0, 0
-        uid_check = UidCheck()
-        known = [s.rows for s in plan.sources]  # CSV and JSONL: rows unknown until read
-        total_rows = sum(known) if None not in known else None
+        out = Path(ctx.out_dir)
+        jobs = _jobs(plan, self.rows_per_file, self.compression, out)
+        known = [src.rows for src in plan.sources]  # CSV and JSONL: rows unknown until read
+        total = sum(known) if None not in known else None
         label = getattr(self, "name", self.kind)  # built outside a recipe: no name
-        progress = Progress(label, total_rows, enabled=ctx.progress)
-        # One batch is written (in C++, without the GIL) while the next is read and
-        # converted; waiting for it before submitting another keeps memory bounded.
-        with progress, ThreadPoolExecutor(1) as background:
-            pending = None
-            try:
-                for source in plan.sources:
-                    first_rows.append(total)
-                    for batch in iter_batches(source, BATCH_ROWS):
-                        out, bad = _to_ledger(batch, source, plan, total - first_rows[-1])
-                        outside += out.num_rows - int(pc.sum(out.column("keep")).as_py() or 0)
-                        caption_errors += bad
-                        uid_check.add(out.column(0))
-                        total += batch.num_rows
-                        if pending is not None:
-                            pending.result()
-                        pending = background.submit(writer.write, out)
-                        progress.add(batch.num_rows)
-                if pending is not None:
-                    pending.result()
-            finally:
-                background.shutdown(wait=True)
-                writer.close()
-        writer.ensure_one_part()
-        repeated, shown = uid_check.duplicates(writer.files, Path(ctx.out_dir))
+        with Progress(label, total, enabled=ctx.progress) as shown, scratch(out, "_uids-") as tmp:
+            for job in jobs:
+                job.uids = tmp
+            with shown.poll(FinishedRows(out, "part-*.parquet")):
+                done = ctx.engine.map_items(_ingest_piece, jobs, f"{label}: read")
+            partitions = sorted(tmp.iterdir())
+            found = ctx.engine.map_items(_duplicates_in, partitions, f"{label}: uids")
+        repeated = sum(n for n, _ in found)
         if repeated:
-            raise duplicate_error(plan, first_rows, self.rows_per_file, repeated, shown)
+            shown_uids = sorted((u for _, some in found for u in some), key=lambda u: u[0])[:3]
+            raise duplicate_error(plan, repeated, shown_uids)
+        rows = sum(d["rows"] for d in done)
+        if not rows:  # an input with no rows still gets one (empty) part: the ledger's schema
+            pq.write_table(plan.schema.empty_table(), out / "part-00000-00000-000.parquet")
         if plan.format == "datacomp":
-            datacomp.write_manifest(Path(ctx.out_dir), plan.npz, first_rows)
+            per_source = [0] * len(plan.sources)
+            for job, d in zip(jobs, done):
+                per_source[job.index] += d["rows"]
+            first_rows = np.concatenate([[0], np.cumsum(per_source)[:-1]]).tolist()
+            datacomp.write_manifest(out, plan.npz, first_rows)
+        outside = sum(d["outside"] for d in done)
         ctx.counters.update(
-            rows=writer.rows,
+            rows=rows,
             input_files=len(plan.sources),
             format=plan.format,
             uids="input" if plan.uid else "computed",
-            invalid_utf8_captions=caption_errors,
-            **self._subset_counters(plan, writer.rows, outside),
+            invalid_utf8_captions=sum(d["caption_errors"] for d in done),
+            **self._subset_counters(plan, rows, outside),
             seconds=round(time.perf_counter() - started, 3),
         )
-        return writer.rows
+        return rows
 
     def _subset_counters(self, plan: IngestPlan, rows: int, outside: int) -> dict:
         if plan.subset is None:
             return {}
         inside = rows - outside
-        return {"outside_input_uids": outside, "input_uids_not_in_pool": len(plan.subset) - inside}
+        return {"outside_input_uids": outside, "input_uids_not_in_pool": plan.subset_size - inside}
 
     # --- planning
 
@@ -181,9 +180,9 @@ class IngestStage(Stage):
             + [LEDGER_SCHEMA.field(n) for n in ("keep", "dropped_by")]
         )
         npz = [datacomp.npz_entry(s.path, s.rows) for s in sources] if fmt == "datacomp" else []
-        subset = None if self.uids is None else load_subset(Path(self.uids))
+        size = 0 if self.uids is None else len(open_pairs(Path(self.uids)))
         return IngestPlan(
-            fmt, sources, self.url_column, caption, uid, schema, passthrough, npz, subset
+            fmt, sources, self.url_column, caption, uid, schema, passthrough, npz, self.uids, size
         )
 
 
@@ -307,7 +306,7 @@ def _to_ledger(
     if plan.subset is None:
         arrays += [pa.array(np.ones(n, dtype=bool)), pa.nulls(n, pa.string())]
     else:
-        keep = uids_in(uid, plan.subset)
+        keep = uids_in(uid, _subset(plan.subset))
         arrays += [pa.array(keep), pc.if_else(pa.array(keep), None, "input_uids")]
     errors = 0 if bad is None else pc.sum(bad).as_py()
     return pa.RecordBatch.from_arrays(arrays, schema=plan.schema), errors
@@ -336,16 +335,140 @@ def _cast(values: pa.Array, f: pa.Field, path: Path, row0: int) -> pa.Array:
         ) from exc
 
 
-# --- writing and the global uid check
+# --- the work of one task: a piece of an input file
+
+
+@dataclass
+class PieceJob:
+    """One task's share of the input: row groups ``groups`` of a Parquet file (all of a CSV
+    or JSONL file: None), written as ``part-SSSSS-PPPPP-KKK.parquet``, in input order."""
+
+    plan: IngestPlan  # without its list of sources: a task needs its own only
+    source: Source
+    index: int  # the source's index in the input
+    piece: int  # the piece's index among the source's pieces
+    groups: list[int] | None
+    row0: int  # the piece's first row in its file (error messages count from it)
+    rows_per_file: int
+    compression: str
+    out: Path
+    uids: Path | None = None  # where each uid goes, into one of ``partitions`` folders
+    partitions: int = 1
+
+
+def _jobs(plan: IngestPlan, rows_per_file: int, compression: str, out: Path) -> list[PieceJob]:
+    """Pieces of about ``rows_per_file`` rows: whole row groups of Parquet files, whole
+    CSV and JSONL files (their rows are only known by reading them)."""
+    shared = dataclasses.replace(plan, sources=[], npz=[])
+    pieces: list[tuple[int, list[int] | None, int]] = []  # (source, row groups, first row)
+    for s, source in enumerate(plan.sources):
+        if source.format != "parquet":
+            pieces.append((s, None, 0))
+            continue
+        with reading(source.path, "Parquet"), pq.ParquetFile(source.path) as pf:
+            sizes = [pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)]
+        groups, rows, row0 = [], 0, 0
+        for g, size in enumerate(sizes):
+            if groups and rows + size > rows_per_file:
+                pieces.append((s, groups, row0))
+                groups, row0, rows = [], row0 + rows, 0
+            groups.append(g)
+            rows += size
+        if groups or not sizes:
+            pieces.append((s, groups, row0))
+    partitions = uid_partitions(len(pieces))
+    jobs, count = [], {}
+    for s, groups, row0 in pieces:
+        count[s] = count.get(s, -1) + 1
+        jobs.append(PieceJob(shared, plan.sources[s], s, count[s], groups, row0, rows_per_file,
+                             compression, out, partitions=partitions))  # fmt: skip
+    return jobs
+
+
+def uid_partitions(pieces: int) -> int:
+    """How many partitions the uids are checked in: about one per piece, at most 256."""
+    return max(1, min(MAX_UID_PARTITIONS, pieces))
+
+
+def _ingest_piece(job: PieceJob) -> dict:
+    """Read, check, uid-hash and write one piece; send its uids to their partitions."""
+    plan, source = job.plan, job.source
+    name = f"part-{job.index:05d}-{job.piece:05d}"
+    writer = PartWriter(job.out, plan.schema, job.rows_per_file, job.compression, name)
+    uids = _UidPartitions(job.uids, job.partitions, name)
+    done = {"rows": 0, "caption_errors": 0, "outside": 0}
+    try:
+        for batch in iter_batches(source, BATCH_ROWS, job.groups):
+            row0 = job.row0 + done["rows"]
+            out, bad = _to_ledger(batch, source, plan, row0)
+            done["outside"] += out.num_rows - int(pc.sum(out.column("keep")).as_py() or 0)
+            done["caption_errors"] += bad
+            uids.add(out.column(0), job.index, row0)
+            writer.write(out)
+            done["rows"] += batch.num_rows
+    finally:
+        writer.close()
+        uids.close()
+    return done
+
+
+class _UidPartitions:
+    """Each uid, with its file and row, to the partition of its hash: the duplicate check
+    then reads one partition at a time, wherever its uids came from."""
+
+    def __init__(self, folder: Path | None, partitions: int, name: str):
+        self.folder, self.partitions, self.name = folder, partitions, name
+        self._writers: dict[int, pq.ParquetWriter] = {}
+
+    def add(self, uids: pa.Array, source: int, row0: int) -> None:
+        if self.folder is None or not len(uids):
+            return
+        partition = uid_keys(uids) % np.uint64(self.partitions)
+        rows = np.arange(row0, row0 + len(uids), dtype=np.int64)
+        for p in np.unique(partition).tolist():
+            at = np.flatnonzero(partition == p)
+            places = [uids.take(pa.array(at)), pa.array(np.full(len(at), source, np.int32)),
+                      pa.array(rows[at])]  # fmt: skip
+            self._writer(p).write_table(pa.Table.from_arrays(places, schema=UID_PLACES))
+
+    def _writer(self, p: int) -> pq.ParquetWriter:
+        if p not in self._writers:
+            folder = self.folder / f"p-{p:04d}"
+            folder.mkdir(exist_ok=True)
+            self._writers[p] = pq.ParquetWriter(folder / f"{self.name}.parquet", UID_PLACES)
+        return self._writers[p]
+
+    def close(self) -> None:
+        for writer in self._writers.values():
+            writer.close()
+
+
+def _duplicates_in(folder: Path) -> tuple[int, list[tuple[str, list[tuple[int, int]]]]]:
+    """How many uids of one partition occur more than once, and the three smallest with
+    their places (source, row)."""
+    table = pq.read_table(folder, schema=UID_PLACES)
+    counts = table.group_by("uid").aggregate([("row", "count")])
+    shown = sorted(counts.filter(pc.greater(counts["row_count"], 1))["uid"].to_pylist())
+    places = table.filter(pc.is_in(table["uid"], value_set=pa.array(shown[:3], pa.string())))
+    rows = places.sort_by([("uid", "ascending"), ("source", "ascending"), ("row", "ascending")])
+    listed = [(u, [(r["source"], r["row"]) for r in rows.to_pylist() if r["uid"] == u])
+              for u in shown[:3]]  # fmt: skip
+    return len(shown), listed
 
 
 class PartWriter:
-    """Writes ``part-00000.parquet``, … of at most ``rows_per_file`` rows each."""
+    """Writes ``NAME-000.parquet``, ``NAME-001.parquet``, … of at most ``rows_per_file`` rows."""
 
     def __init__(
-        self, out_dir: Path, schema: pa.Schema, rows_per_file: int, compression: str = "none"
+        self,
+        out_dir: Path,
+        schema: pa.Schema,
+        rows_per_file: int,
+        compression: str = "none",
+        name: str = "part",
     ):
         self.out_dir, self.schema, self.rows_per_file = out_dir, schema, rows_per_file
+        self.name = name
         self.files: list[Path] = []
         self.rows = 0
         self._writer: pq.ParquetWriter | None = None
@@ -362,7 +485,7 @@ class PartWriter:
         }
 
     def _open(self) -> None:
-        self.files.append(self.out_dir / f"part-{len(self.files):05d}.parquet")
+        self.files.append(self.out_dir / f"{self.name}-{len(self.files):03d}.parquet")
         self._writer = pq.ParquetWriter(self.files[-1], self.schema, **self._options)
         self._in_file = 0
 
@@ -384,24 +507,14 @@ class PartWriter:
             self._writer.close()
             self._writer = None
 
-    def ensure_one_part(self) -> None:
-        """An input with no rows still gets one (empty) part: the ledger's schema."""
-        if not self.files:
-            self._open()
-            self.close()
-
 
 def duplicate_error(
-    plan: IngestPlan, first_rows: list[int], rows_per_file: int, repeated: int, shown: list
+    plan: IngestPlan, repeated: int, shown: list[tuple[str, list[tuple[int, int]]]]
 ) -> IngestError:
     """Name each shown duplicate uid with the input files and rows it comes from."""
     described = []
     for uid, places in shown:
-        where = []
-        for part, row in places[:3]:
-            at = part * rows_per_file + row  # ledger row = input row, in input order
-            s = bisect.bisect_right(first_rows, at) - 1
-            where.append(f"{plan.sources[s].path} row {at - first_rows[s]}")
+        where = [f"{plan.sources[s].path} row {row}" for s, row in places[:3]]
         more = f" and {len(places) - 3} more rows" if len(places) > 3 else ""
         described.append(f"{uid} at {', '.join(where)}{more}")
     hint = ""
@@ -413,3 +526,9 @@ def duplicate_error(
     return IngestError(
         f"duplicate uids: {repeated} uid(s) occur more than once: {'; '.join(described)}{hint}"
     )
+
+
+@functools.lru_cache(maxsize=1)
+def _subset(path: str) -> np.ndarray:
+    """The uid file a run is restricted to, loaded once per worker process."""
+    return load_subset(Path(path))
