@@ -19,6 +19,7 @@ from test_clip_stage import downloaded, run_clip  # noqa: F401  (a module fixtur
 
 from curate.config import ConfigError, build
 from curate.demo import VOCABULARY, load_manifest
+from curate.engine.local import LocalEngine
 from curate.filters.clip_concepts import (
     ARTIFACT,
     DEFAULT_REFERENCE,
@@ -106,7 +107,7 @@ def hand_run(tmp_path, tiny) -> tuple[Path, Path, dict[str, np.ndarray]]:
 def fitted(run: Path, ledger_file: Path, stats: Path, **params) -> ClipConcepts:
     flt = build(FILTERS["clip_concepts"], params, "test")
     stats.mkdir(parents=True)
-    flt.fit(FitContext([ledger_file], stats, 0, run))
+    flt.fit(FitContext([ledger_file], stats, 0, run, engine=LocalEngine()))
     flt = pickle.loads(pickle.dumps(flt))  # as shipped to a Ray worker
     flt.setup()
     return flt
@@ -152,9 +153,11 @@ def test_exact_decisions_concepts_and_margins(hand_run, tiny, tmp_path):
     # the rows it cannot judge.
     loose = ClipConcepts(UNWANTED, margin=max(margins[:4]))
     loose.artifact = flt.artifact
+    loose.setup()
     assert loose.keep(batch).tolist() == [True, True, True, True, False, False]
     just_below = ClipConcepts(UNWANTED, margin=float(np.nextafter(np.float32(margins[1]), -1)))
     just_below.artifact = flt.artifact
+    just_below.setup()
     assert just_below.keep(batch).tolist()[:4] == [margins[0] < margins[1], False, True, True]
 
 

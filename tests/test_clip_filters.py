@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from curate.config import ConfigError, build
+from curate.engine.local import LocalEngine
 from curate.filters.clip_score import ClipScore, ClipScoreTopFraction
 from curate.operators import FILTERS, FitContext, load_registry
 from curate.recipe import load_recipe
@@ -100,7 +101,7 @@ def write_parts(folder: Path, table: pa.Table, parts: int = 1) -> list[Path]:
 def fitted(flt, files: list[Path], tmp_path: Path):
     stats = tmp_path / "stats"
     stats.mkdir(parents=True, exist_ok=True)
-    flt.fit(FitContext(files, stats))
+    flt.fit(FitContext(files, stats, engine=LocalEngine()))
     flt.setup()
     return flt
 
@@ -164,6 +165,23 @@ def test_top_fraction_boundaries_match_datacomp(name, dtype, tmp_path):
     got, _ = top_fraction(scores, fraction, tmp_path, dtype)
     assert got == expected
     assert got == oracle_top_fraction(scores, fraction, dtype.to_pandas_dtype())
+
+
+@pytest.mark.parametrize(
+    "dtype", [pa.float32(), pa.float64(), pa.int64(), pa.int16(), pa.uint32()], ids=str
+)
+def test_top_fraction_over_signs_infinities_and_integers(dtype, tmp_path):
+    """The radix select orders every value of the column's type as a sort would: negative
+    and positive, -0.0 and 0.0, the infinities, integers of any width and signedness."""
+    rng = np.random.default_rng(7)
+    if pa.types.is_floating(dtype):
+        scores = [*rng.normal(0, 3, 997).tolist(), -0.0, 0.0, math.inf, -math.inf, NAN, None]
+    else:
+        low = 0 if pa.types.is_unsigned_integer(dtype) else -(2 ** (dtype.bit_width - 1))
+        scores = rng.integers(low, 2 ** (dtype.bit_width - 1) - 1, 1000).tolist()
+    for i, fraction in enumerate((0.001, 0.1, 0.37, 0.5, 0.999)):
+        got, _ = top_fraction(scores, fraction, tmp_path / str(i), dtype, parts=3)
+        assert got == oracle_top_fraction(scores, fraction, dtype.to_pandas_dtype()), fraction
 
 
 def test_top_fraction_artifact_records_the_decision(tmp_path):

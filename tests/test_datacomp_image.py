@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from curate.config import ConfigError, build
+from curate.engine.local import LocalEngine
 from curate.filters.datacomp_image import ASSIGNMENTS, CENTROIDS, FIT_JSON, REFERENCE
 from curate.operators import FILTERS, FitContext, load_registry
 from curate.recipe import load_recipe
@@ -262,8 +263,10 @@ def hand_run(tmp_path: Path, vectors: np.ndarray, alive: list[bool]) -> tuple[Pa
 def fit(run: Path, ledger_file: Path, stats_dir: Path, **params):
     flt = build(FILTERS["datacomp_image"], params, "test")
     stats_dir.mkdir(parents=True)
-    flt.fit(FitContext([ledger_file], stats_dir, 0, run))
-    return pickle.loads(pickle.dumps(flt))  # as shipped to a Ray worker
+    flt.fit(FitContext([ledger_file], stats_dir, 0, run, engine=LocalEngine()))
+    flt = pickle.loads(pickle.dumps(flt))  # as shipped to a Ray worker
+    flt.setup()  # as the worker does, once
+    return flt
 
 
 def test_reference_images_are_embedded_with_the_pools_model(tmp_path):
@@ -289,7 +292,7 @@ def test_reference_images_are_embedded_with_the_pools_model(tmp_path):
     files = sorted(images.glob("*.png"))
     table = pa.table({"name": [p.name for p in files], "image": [p.read_bytes() for p in files]})
     prepared = prepare_model("curate-tiny", str(weights))
-    seen = embed_images(table, tmp_path / "work", prepared)["image_embedding"]
+    seen = embed_images(table, tmp_path / "work", prepared, LocalEngine())["image_embedding"]
     mine = np.asarray(seen.to_pylist(), np.float32)
     away = unit(np.random.default_rng(0).normal(size=(12, mine.shape[1]))).astype(np.float32)
     run, ledger_file = hand_run(tmp_path, np.concatenate([mine, -mine, away]), [True] * 18)

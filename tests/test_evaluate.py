@@ -28,6 +28,7 @@ from curate.cli import main
 from curate.clip_model import embedding_matrix
 from curate.config import ConfigError
 from curate.demo.vocab import VOCABULARY
+from curate.engine.local import LocalEngine
 from curate.evaluate import TEMPLATES, evaluate, prompts, recalls
 from curate.model_configs import register_model_configs
 
@@ -96,7 +97,7 @@ def test_eval_images_get_the_clip_stages_vectors(fixture_model, demo_pool, tmp_p
     images, _, _ = _embed_pairs(labels, eval_set, prepared, "cpu", 128)
     paths = labels["path"].to_pylist()
     table = pa.table({"uid": paths, "image": [(eval_set / p).read_bytes() for p in paths]})
-    stage = embed_images(table, tmp_path, prepared)
+    stage = embed_images(table, tmp_path, prepared, LocalEngine())
     np.testing.assert_array_equal(images, embedding_matrix(stage["image_embedding"]))
 
 

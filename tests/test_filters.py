@@ -19,6 +19,7 @@ from curate.annotators.language import LanguageAnnotator
 from curate.annotators.text import TextAnnotator
 from curate.annotators.text_count import TextCountAnnotator
 from curate.config import ConfigError, build
+from curate.engine.local import LocalEngine
 from curate.filters.alt_text_frequency import AltTextFrequency
 from curate.filters.aspect_ratio import AspectRatio
 from curate.filters.boilerplate import PATTERNS, Boilerplate
@@ -239,7 +240,7 @@ def fitted_counter(files: list[Path], tmp_path: Path) -> TextCountAnnotator:
     stats = tmp_path / "stats"
     stats.mkdir()
     annotator = TextCountAnnotator()
-    annotator.fit(FitContext(files, stats))
+    annotator.fit(FitContext(files, stats, engine=LocalEngine()))
     return annotator
 
 
@@ -305,7 +306,7 @@ def fitted_vocab(tmp_path: Path, captions: list, **params) -> RareTokens:
     stats = tmp_path / "vocab"
     stats.mkdir()
     flt = RareTokens(**params)
-    flt.fit(FitContext(files, stats))
+    flt.fit(FitContext(files, stats, engine=LocalEngine()))
     flt = pickle.loads(pickle.dumps(flt))
     flt.setup()
     return flt
@@ -698,7 +699,7 @@ def prepared(filters: list, ledger_file: Path, stats: Path) -> dict:
     for op in [*by_name.values(), *filters]:
         folder = stats / f"{type(op).__name__}"
         folder.mkdir(parents=True)
-        op.fit(FitContext([ledger_file], folder))
+        op.fit(FitContext([ledger_file], folder, engine=LocalEngine()))
         op.setup()
     return {c: a for a in by_name.values() for c in a.provides}
 

@@ -316,10 +316,10 @@ def test_a_large_file_is_read_in_pieces_of_row_groups(tmp_path):
     assert rows == n and got["uid"].to_pylist() == uids
     parts = sorted((tmp_path / "out").glob("part-*.parquet"))
     assert len(parts) == 5  # pieces of two row groups (6 rows): 10 groups, 5 tasks
-    bad = table.set_column(0, "uid", pa.array(uids[:25] + ["nope"] + uids[26:]))
+    bad = table.set_column(0, "uid", pa.array([*uids[:25], "nope", *uids[26:]]))
     pq.write_table(bad, src, row_group_size=3)
     assert f"{src}: row 25: malformed uid 'nope'" in ingest_error(src, tmp_path, rows_per_file=7)
-    twice = table.set_column(0, "uid", pa.array(uids[:28] + [uids[2], uids[29]]))
+    twice = table.set_column(0, "uid", pa.array([*uids[:28], uids[2], uids[29]]))
     pq.write_table(twice, src, row_group_size=3)
     message = ingest_error(src, tmp_path, rows_per_file=7)
     assert f"{uids[2]} at {src} row 2, {src} row 28" in message

@@ -2,10 +2,11 @@
 
 ALIGN drops alt-texts shared by more than 10 images: boilerplate such as
 "image" or a shop's fixed product text. That needs a global view, so ``fit``
-counts exact caption equality over every row of the stage's input ledger with
-DuckDB (which spills to disk at web scale) and keeps only the captions seen
-more than once, usually a small fraction of the pool. ``setup`` loads that
-artifact once per worker; ``annotate`` is then a hash lookup per batch.
+counts exact caption equality over every row of the stage's input ledger on the
+cluster (``curate.stats``: counts per ledger file, split by a hash of the
+caption, summed per partition) and keeps only the captions seen more than once,
+usually a small fraction of the pool. ``setup`` loads that artifact (a file per
+partition) once per worker; ``annotate`` is then a hash lookup per batch.
 """
 
 from __future__ import annotations
@@ -18,9 +19,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curate.operators import Annotator, FitContext, register_annotator
-from curate.stats import write_query
+from curate.runfolder import scratch
+from curate.stats import connect, partition_files, partitions_for, scatter, sql_string, write_query
 
-ARTIFACT = "caption_counts.parquet"
+ARTIFACT = "caption_counts"  # a folder: one Parquet file per partition
+COUNTS = pa.schema([("caption", pa.string()), ("n", pa.int64())])
 
 
 @register_annotator("text_count")
@@ -37,13 +40,18 @@ class TextCountAnnotator(Annotator):
     _counts: pa.Array | None = field(default=None, init=False, repr=False, compare=False)
 
     def fit(self, ctx: FitContext) -> None:
-        self.artifact = write_query(
-            "SELECT caption, count(*) AS n FROM read_parquet({files}, union_by_name = true) "
-            "WHERE caption IS NOT NULL GROUP BY caption HAVING count(*) > 1 ORDER BY caption",
-            ctx.ledger_files,
-            Path(ctx.stats_dir) / ARTIFACT,
-            empty=pa.table({"caption": pa.array([], pa.string()), "n": pa.array([], pa.int64())}),
-        )
+        stats = Path(ctx.stats_dir)
+        out = stats / ARTIFACT
+        out.mkdir(parents=True, exist_ok=True)
+        parts = partitions_for(ctx.ledger_files)
+        with scratch(stats, "_counts-") as work:
+            jobs = [(Path(f), work / f"{i:06d}", parts) for i, f in enumerate(ctx.ledger_files)]
+            ctx.engine.map_items(_count_captions, jobs, "text_count: count")
+            merges = [
+                (partition_files(work, p), out / f"part-{p:04d}.parquet") for p in range(parts)
+            ]
+            ctx.engine.map_items(_merge_counts, merges, "text_count: merge")
+        self.artifact = out
 
     def setup(self) -> None:
         if self.artifact is None:
@@ -53,10 +61,29 @@ class TextCountAnnotator(Annotator):
         self._counts = table["n"].combine_chunks().cast(pa.int32())
 
     def annotate(self, batch: pa.Table) -> dict[str, pa.Array]:
-        if self._captions is None:
-            self.setup()
         captions = batch["caption"]
         where = pc.index_in(captions, value_set=self._captions.cast(captions.type))
         counts = pc.coalesce(self._counts.take(where), pa.scalar(1, pa.int32()))
         counts = pc.if_else(pc.is_null(captions), pa.scalar(None, pa.int32()), counts)
         return {"text_count": counts}
+
+
+def _count_captions(job: tuple[Path, Path, int]) -> None:
+    """One ledger file's caption counts, split by the caption's hash."""
+    path, folder, parts = job
+    sql = (
+        f"SELECT caption, count(*)::BIGINT AS n FROM read_parquet({sql_string(path)}) "
+        "WHERE caption IS NOT NULL GROUP BY caption"
+    )
+    with connect() as con:
+        scatter(con, sql, "caption", folder, parts)
+
+
+def _merge_counts(job: tuple[list[Path], Path]) -> None:
+    """One partition's counts summed over every file; only the captions seen twice or more."""
+    files, out = job
+    query = (
+        "SELECT caption, sum(n)::BIGINT AS n FROM {files} GROUP BY caption HAVING sum(n) > 1 "
+        "ORDER BY caption"
+    )
+    write_query(query, files, out, COUNTS.empty_table())

@@ -78,8 +78,9 @@ class RayEngine(Engine):
         import ray
 
         with Progress(label, len(items), unit="tasks", enabled=progress and bool(items)) as shown:
-            remote = ray.remote(num_cpus=1, max_retries=1)(fn)
-            refs = [remote.remote(item) for item in items]
+            remote = ray.remote(num_cpus=1, max_retries=1)(_call_item)
+            shared = ray.put(fn)  # once, not with every task: it may be a large object
+            refs = [remote.remote(shared, item) for item in items]
             pending = list(refs)
             with worker_errors():
                 while pending:
@@ -135,6 +136,11 @@ class RayEngine(Engine):
         self._warming.join()
         if self._owns_ray:
             ray.shutdown()
+
+
+def _call_item(fn: Callable, item):
+    """One work item: ``fn`` may be a function or any callable object (a downloader)."""
+    return fn(item)
 
 
 @contextlib.contextmanager

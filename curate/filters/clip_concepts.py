@@ -32,11 +32,11 @@ Mechanics (fit → artifact → apply):
 
 * ``fit`` (driver, once) reads ``RUN/embeddings/_model.json``, builds that model
   with ``resolve_model`` + ``load_model`` (on CPU: a few prompts only), embeds
-  the prompts, then streams the embeddings files (uid and image_embedding only,
-  batch by batch, never the whole pool's vectors at once) and writes
-  ``concept_margins.parquet`` (uid, concept_margin float32, concept) in its
-  stats folder, plus ``prompts.json`` and ``prompts.npz`` (the prompts and
-  their embeddings) for inspection. For DataComp's precomputed vectors
+  the prompts; then one task per embeddings file streams it (uid and
+  image_embedding only, batch by batch) and writes its rows of
+  ``concept_margins/`` (uid, concept_margin float32, concept) in the stats
+  folder, beside ``prompts.json`` and ``prompts.npz`` (the prompts and their
+  embeddings) for inspection. For DataComp's precomputed vectors
   (``precomputed: b32``), ``_model.json``'s ``model`` / ``pretrained`` are the
   clip stage's: set them to the model that made the vectors (ViT-B-32 /
   openai for b32) so the prompts land in the same space.
@@ -52,7 +52,6 @@ lookup of the alive uids); ``keep`` only sees alive rows.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated
@@ -73,7 +72,7 @@ from curate.config import ConfigError, Range
 from curate.operators import Filter, FitContext, register_filter
 from curate.stages.clip import EMBEDDINGS_DIR, MODEL_FILE
 
-ARTIFACT = "concept_margins.parquet"
+ARTIFACT = "concept_margins"  # a folder: one Parquet file per embeddings file
 PROMPTS_JSON = "prompts.json"
 PROMPTS_NPZ = "prompts.npz"
 #: Neutral descriptions of ordinary content: an unwanted prompt has to beat all of them.
@@ -214,18 +213,13 @@ class ClipConcepts(Filter):
         stats.mkdir(parents=True, exist_ok=True)
         self._write_prompts(stats, described, unwanted, reference)
 
-        prompts = pa.array(self.unwanted, pa.string())
         files = sorted((Path(ctx.run_dir) / EMBEDDINGS_DIR).glob("*.parquet"))
         out = stats / ARTIFACT
-        tmp = out.with_name(out.name + ".tmp")
-        with pq.ParquetWriter(tmp, ARTIFACT_SCHEMA) as writer:
-            for path in files:  # file by file, batch by batch: bounded memory
-                source = pq.ParquetFile(path)
-                for batch in source.iter_batches(READ_BATCH, columns=["uid", "image_embedding"]):
-                    writer.write_table(score_batch(batch, unwanted, reference, prompts))
-        os.replace(tmp, out)
+        out.mkdir()
+        jobs = [(f, out / f"{i:05d}.parquet", unwanted, reference, self.unwanted)
+                for i, f in enumerate(files)]  # fmt: skip
+        ctx.engine.map_items(_score_file, jobs, f"{self.name}: score")
         self.artifact = out
-        self._kept = None
 
     def _write_prompts(
         self, stats: Path, described: dict, unwanted: np.ndarray, reference: np.ndarray
@@ -252,14 +246,24 @@ class ClipConcepts(Filter):
     def setup(self) -> None:
         if self.artifact is None:
             raise RuntimeError("clip_concepts: fit() must run over the pool before setup()")
-        table = pq.read_table(self.artifact, columns=["uid", "concept_margin"])
+        table = pq.read_table(
+            self.artifact, columns=["uid", "concept_margin"], schema=ARTIFACT_SCHEMA
+        )
         margins = table["concept_margin"]
         passes = pc.less_equal(margins, pa.scalar(np.float32(self.margin), pa.float32()))
         self._kept = table["uid"].filter(pc.fill_null(passes, False)).combine_chunks()
 
     def keep(self, batch: pa.Table) -> np.ndarray:
-        if self._kept is None:
-            self.setup()
         uids = batch["uid"]
         found = pc.index_in(uids, value_set=self._kept.cast(uids.type))
         return found.is_valid().to_numpy(zero_copy_only=False)
+
+
+def _score_file(job: tuple[Path, Path, np.ndarray, np.ndarray, list[str]]) -> None:
+    """One embeddings file's margins, batch by batch (bounded memory), to one artifact file."""
+    path, out, unwanted, reference, names = job
+    prompts = pa.array(names, pa.string())
+    with pq.ParquetWriter(out, ARTIFACT_SCHEMA) as writer:
+        source = pq.ParquetFile(path)
+        for batch in source.iter_batches(READ_BATCH, columns=["uid", "image_embedding"]):
+            writer.write_table(score_batch(batch, unwanted, reference, prompts))

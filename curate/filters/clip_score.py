@@ -17,9 +17,9 @@ fraction into a threshold, which is then applied file by file as above::
     n = int(len(df) * fraction)
     threshold = -np.sort(-df[key].values)[n]
 
-``fit`` computes the same number with DuckDB over the ledger files (an
-out-of-core sort of one column), and ``keep`` applies it per batch. What that
-code does, and therefore what this module does:
+``fit`` computes the same number on the cluster (``top_fraction``: an exact
+radix select, file by file), and ``keep`` applies it per batch. What that code
+does, and therefore what this module does:
 
 * ``len(df)`` counts every row of the pool, including rows whose score is
   null or NaN (pandas reads a null float as NaN). Here the pool is the rows
@@ -28,9 +28,8 @@ code does, and therefore what this module does:
   in a later stage to take a fraction of what they kept.
 * ``n`` is ``int(len * fraction)`` in float64, truncated: ``int(100 * 0.29)``
   is 28, not 29.
-* ``-np.sort(-x)`` is a descending sort with NaN last (DuckDB sorts NaN above
-  every number, so ``fit`` leaves NaN and null out and counts them; DuckDB's
-  optimizer is off for it, see ``top_fraction``). When index
+* ``-np.sort(-x)`` is a descending sort with NaN last (``fit`` leaves NaN and
+  null out and counts them). When index
   ``n`` lands on a NaN, the threshold is NaN, ``x >= NaN`` is False everywhere,
   and DataComp keeps NOTHING; this filter then keeps nothing too, on purpose.
 * Every row tied with the threshold is kept, so ``n + 1`` rows or more survive.
@@ -56,17 +55,18 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
-import duckdb
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curate.config import Cosine, Range
 from curate.operators import Filter, FitContext, register_filter
-from curate.runfolder import scratch
-from curate.stats import sql_paths
+
+if TYPE_CHECKING:
+    from curate.engine import Engine
 
 ARTIFACT = "threshold.json"
 #: The artifact's ``decision``: compare with ``threshold``, keep no row, keep every scored row.
@@ -87,45 +87,40 @@ def _at_least(values: np.ndarray, bound: float) -> np.ndarray:
         return np.asarray(values >= bound, dtype=bool)
 
 
-def _identifier(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
+def top_fraction(files: list[Path], column: str, fraction: float, engine: Engine) -> dict:
+    """DataComp's ``get_threshold`` over the alive rows of ``files``, as the artifact's fields.
 
-
-def _check_numeric(files: list[Path], column: str) -> None:
-    kind = pq.read_schema(files[0]).field(column).type
+    The n-th largest score is found exactly, without sorting the pool in one place: a
+    radix select over the scores' bits in their total order (``order_keys``), 8 bits a
+    round, each round one task per ledger file counting its scores under the prefix
+    found so far in 256 bins (``_histogram``). The driver adds up 256 counts per file
+    and round (4 rounds for 32-bit scores, 8 for 64-bit), never a score.
+    """
+    kind = pq.read_schema(files[0]).field(column).type if files else pa.float32()
     if not (pa.types.is_floating(kind) or pa.types.is_integer(kind)):
         raise TypeError(f"column {column!r} holds {kind}, not numeric scores")
+    bits = 64 if kind.bit_width > 32 else 32
+    label = f"{column}: top {fraction:g}"
 
+    def histograms(shift: int, prefix: int) -> list[dict]:
+        jobs = [(str(f), column, bits, shift, prefix) for f in files]
+        return engine.map_items(_histogram, jobs, label)
 
-def top_fraction(files: list[Path], column: str, fraction: float, tmp: Path) -> dict:
-    """DataComp's ``get_threshold`` over the alive rows of ``files``, as the artifact's fields
-    (DuckDB spills its sort to a scratch folder in ``tmp``)."""
-    alive = scored = n = 0
+    counts = histograms(bits - RADIX_BITS, -1)
+    alive = sum(c["alive"] for c in counts)
+    scored = sum(c["scored"] for c in counts)
+    n = int(alive * fraction)  # DataComp: n = int(len(df) * fraction)
     threshold = None
-    if files:
-        _check_numeric(files, column)
-        col = _identifier(column)
-        source = f"read_parquet({sql_paths(files)})"
-        with scratch(tmp, ".duckdb-") as spill:
-            con = duckdb.connect(config={"temp_directory": str(spill)})
-            try:
-                # Parquet writers (pyarrow included) leave NaN out of a column's min/max, and
-                # DuckDB's optimizer trusts those statistics: with it on, isnan() on a NaN can
-                # fold to false (duckdb/duckdb#7803, #25521). Off, the answers are NumPy's; the
-                # sort still reads one column and spills to ``spill``.
-                con.execute("PRAGMA disable_optimizer")
-                alive, scored = con.execute(
-                    f"SELECT count(*), count(*) FILTER (WHERE NOT isnan({col})) "
-                    f"FROM {source} WHERE keep"
-                ).fetchone()
-                n = int(alive * fraction)  # DataComp: n = int(len(df) * fraction)
-                if n < scored:  # the n-th largest, 0-based, NaN and null left out
-                    (threshold,) = con.execute(
-                        f"SELECT {col} FROM {source} WHERE keep AND NOT isnan({col}) "
-                        f"ORDER BY {col} DESC LIMIT 1 OFFSET {n}"
-                    ).fetchone()
-            finally:
-                con.close()
+    if n < scored:  # the n-th largest, 0-based, NaN and null left out: the k-th smallest
+        k, prefix = scored - 1 - n, 0
+        for shift in range(bits - RADIX_BITS, -1, -RADIX_BITS):
+            if shift < bits - RADIX_BITS:
+                counts = histograms(shift, prefix)
+            below = np.cumsum(np.sum([c["bins"] for c in counts], axis=0))
+            digit = int(np.searchsorted(below, k, side="right"))  # the bin holding the k-th
+            k -= int(below[digit - 1]) if digit else 0
+            prefix = (prefix << RADIX_BITS) | digit
+        threshold = from_order_key(prefix, kind)
     if n >= alive:
         decision = KEEP_ALL  # fraction 1.0 (DataComp: IndexError), or an empty pool
     elif threshold is None:
@@ -143,6 +138,51 @@ def top_fraction(files: list[Path], column: str, fraction: float, tmp: Path) -> 
         "threshold": None if value is None else value.hex(),  # exact
         "threshold_decimal": None if value is None else repr(value),  # for people
     }
+
+
+#: Bits of the score's order key decided per round of the top-fraction select.
+RADIX_BITS = 8
+
+
+def order_keys(values: np.ndarray) -> np.ndarray:
+    """Unsigned keys whose order is the values' order (floats without NaN, or integers)."""
+    width = values.dtype.itemsize * 8
+    unsigned = np.dtype(f"u{values.dtype.itemsize}")
+    raw = values.view(unsigned)
+    sign = unsigned.type(1 << (width - 1))
+    if values.dtype.kind == "f":  # negative floats: all bits flipped; others: the sign bit set
+        return np.where(raw & sign, ~raw, raw | sign)
+    return raw ^ sign if values.dtype.kind == "i" else raw
+
+
+def from_order_key(key: int, kind: pa.DataType) -> float | int:
+    """The score whose order key is ``key`` (``order_keys`` inverted), as a Python number."""
+    dtype = np.dtype(kind.to_pandas_dtype())
+    width = dtype.itemsize * 8
+    unsigned = np.dtype(f"u{dtype.itemsize}")
+    sign = 1 << (width - 1)
+    if dtype.kind == "f":
+        raw = key ^ sign if key & sign else ~key & ((1 << width) - 1)
+    else:
+        raw = key ^ sign if dtype.kind == "i" else key
+    return np.array([raw], unsigned).view(dtype)[0].item()
+
+
+def _histogram(job: tuple[str, str, int, int, int]) -> dict:
+    """One ledger file's alive and scored rows, and its scores' order keys whose bits above
+    ``shift + RADIX_BITS`` are ``prefix`` (-1: all), counted in 256 bins of the next 8 bits."""
+    path, column, bits, shift, prefix = job
+    table = pq.read_table(path, columns=[column, "keep"])
+    scores = table[column].filter(pc.fill_null(table["keep"], False)).combine_chunks()
+    values = pc.drop_null(scores).to_numpy(zero_copy_only=False)
+    if values.dtype.kind == "f":
+        values = values[~np.isnan(values)]
+    keys = order_keys(values).astype(np.uint64 if bits == 64 else np.uint32)
+    if prefix >= 0:
+        keys = keys[(keys >> np.uint64(shift + RADIX_BITS)) == prefix]
+    digits = (keys >> np.uint64(shift)) & 0xFF
+    bins = np.bincount(digits.astype(np.int64), minlength=256)
+    return {"alive": len(scores), "scored": len(values), "bins": bins}
 
 
 @register_filter("clip_score")
@@ -194,14 +234,13 @@ class ClipScoreTopFraction(Filter):
     def fit(self, ctx: FitContext) -> None:
         stats = Path(ctx.stats_dir)
         fitted = top_fraction(
-            [Path(f) for f in ctx.ledger_files], self.column, self.fraction, stats
+            [Path(f) for f in ctx.ledger_files], self.column, self.fraction, ctx.engine
         )
         out = stats / ARTIFACT
         tmp = out.with_name(out.name + ".tmp")
         tmp.write_text(json.dumps(fitted, indent=2) + "\n")
         os.replace(tmp, out)
         self.artifact = out
-        self._rule = None
 
     def setup(self) -> None:
         if self.artifact is None:
@@ -213,8 +252,6 @@ class ClipScoreTopFraction(Filter):
         self._rule = (fitted["decision"], None if hexed is None else float.fromhex(hexed))
 
     def keep(self, batch: pa.Table) -> np.ndarray:
-        if self._rule is None:
-            self.setup()
         decision, threshold = self._rule
         values = score_values(batch[self.column], self.column)
         if decision == KEEP_NONE:

@@ -346,8 +346,6 @@ class DataCompImage(Filter):
         self._kept = np.sort(uid_bytes(table["uid"].filter(table["match"])))
 
     def keep(self, batch: pa.Table) -> np.ndarray:
-        if self._kept is None:
-            self.setup()
         return is_member(uid_bytes(batch["uid"]), self._kept)
 
 

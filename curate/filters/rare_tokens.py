@@ -7,12 +7,13 @@ pairs, the default 100 000 fits pools of a few million. Tokens are
 ``caption.split()`` words (lower-cased by default), bigrams are adjacent pairs
 joined by one space, and unigrams and bigrams compete for the same K slots.
 
-``fit`` streams the captions of the whole input ledger, counts n-grams per
-ledger file with ``pc.value_counts`` (partial counts written beside the
-artifact), merges them with DuckDB (which spills to disk), and keeps the K
-most frequent, ties broken by the n-gram's byte order, so the vocabulary is
-deterministic. ``keep`` tests every n-gram of a batch at once (``pc.is_in``)
-and counts misses per row with ``np.bincount``. A caption with no tokens has
+``fit`` counts n-grams per ledger file with ``pc.value_counts`` in engine
+tasks, split by a hash of the n-gram; merges each partition in a task and keeps
+its K most frequent (a gram lives in one partition, so the pool's top K is among
+the partitions' tops); then one task keeps the K most frequent of those, ties
+broken by the n-gram's byte order, so the vocabulary is deterministic. ``keep``
+tests every n-gram of a batch at once (``pc.is_in``) and counts misses per row
+with ``np.bincount``. A caption with no tokens has
 no rare token and passes; the word-count filter is what drops it.
 """
 
@@ -29,7 +30,7 @@ import pyarrow.parquet as pq
 from curate.config import Count
 from curate.operators import Filter, FitContext, register_filter
 from curate.runfolder import scratch
-from curate.stats import write_query
+from curate.stats import connect, partition_files, partitions_for, scatter, write_query
 from curate.text import bigrams, words
 
 ARTIFACT = "vocabulary.parquet"
@@ -47,19 +48,25 @@ def ngrams(captions: pa.Array | pa.ChunkedArray, lower: bool) -> tuple[pa.Array,
     return grams, rows
 
 
-def _count_file(path: Path, lower: bool, out: Path) -> None:
-    """Write (gram, n) for one ledger file."""
-    parts = []
+def _count_grams(job: tuple[Path, bool, Path, int]) -> None:
+    """One ledger file's (gram, n), split by the gram's hash."""
+    path, lower, folder, parts = job
+    counted = []
     for rb in pq.ParquetFile(path).iter_batches(batch_size=65536, columns=["caption"]):
-        grams, _ = ngrams(rb.column(0), lower)
-        counts = pc.value_counts(grams)
-        parts.append(pa.table({"gram": counts.field("values"), "n": counts.field("counts")}))
-    if parts:
-        merged = pa.concat_tables(parts).group_by("gram").aggregate([("n", "sum")])
-        table = pa.table({"gram": merged["gram"], "n": merged["n_sum"]})
-    else:
-        table = NO_COUNTS
-    pq.write_table(table, out)
+        counts = pc.value_counts(ngrams(rb.column(0), lower)[0])
+        counted.append(pa.table({"gram": counts.field("values"), "n": counts.field("counts")}))
+    with connect() as con:
+        con.register("grams", pa.concat_tables(counted) if counted else NO_COUNTS)
+        sql = "SELECT gram, sum(n)::BIGINT AS n FROM grams GROUP BY gram"
+        scatter(con, sql, "gram", folder, parts)
+
+
+def _top_grams(job: tuple[list[Path], Path, int]) -> None:
+    """The ``k`` most frequent grams of ``files``, ties by the gram's bytes: of one partition
+    (counts summed over every file), then of the partitions' tops (each gram is in one)."""
+    files, out, k = job
+    query = "SELECT gram, sum(n)::BIGINT AS n FROM {files} GROUP BY gram ORDER BY n DESC, gram "
+    write_query(query + f"LIMIT {k}", files, out, NO_COUNTS)
 
 
 @register_filter("rare_tokens")
@@ -78,18 +85,17 @@ class RareTokens(Filter):
     def fit(self, ctx: FitContext) -> None:
         stats = Path(ctx.stats_dir)
         stats.mkdir(parents=True, exist_ok=True)
-        with scratch(stats, "_counts-") as partial:
-            files = []
-            for i, path in enumerate(ctx.ledger_files):
-                files.append(partial / f"{i:06d}.parquet")
-                _count_file(Path(path), self.lowercase, files[-1])
-            self.artifact = write_query(
-                "SELECT gram, sum(n)::BIGINT AS n FROM read_parquet({files}) GROUP BY gram "
-                f"ORDER BY n DESC, gram LIMIT {int(self.vocab_size)}",
-                files,
-                stats / ARTIFACT,
-                empty=NO_COUNTS,
-            )
+        parts = partitions_for(ctx.ledger_files)
+        k = int(self.vocab_size)
+        with scratch(stats, "_counts-") as work:
+            jobs = [(Path(f), self.lowercase, work / f"{i:06d}", parts)
+                    for i, f in enumerate(ctx.ledger_files)]  # fmt: skip
+            ctx.engine.map_items(_count_grams, jobs, f"{self.name}: count")
+            tops = [work / f"top-{p:04d}.parquet" for p in range(parts)]
+            merges = [(partition_files(work, p), top, k) for p, top in enumerate(tops)]
+            ctx.engine.map_items(_top_grams, merges, f"{self.name}: merge")
+            ctx.engine.map_items(_top_grams, [(tops, stats / ARTIFACT, k)], f"{self.name}: top")
+        self.artifact = stats / ARTIFACT
 
     def setup(self) -> None:
         if self.artifact is None:
@@ -97,8 +103,6 @@ class RareTokens(Filter):
         self._vocab = pq.read_table(self.artifact, columns=["gram"])["gram"].combine_chunks()
 
     def keep(self, batch: pa.Table) -> np.ndarray:
-        if self._vocab is None:
-            self.setup()
         captions = batch["caption"]
         grams, rows = ngrams(captions, self.lowercase)
         vocab = self._vocab.cast(grams.type)

@@ -11,9 +11,10 @@ about ``t`` rows by its own draws, plus the rows that a rarer concept in the sam
 caption keeps. A row that matches no concept is dropped (MetaCLIP curates only
 what its metadata describes).
 
-The count is global: ``plan`` matches the alive rows of every input file (one
-file at a time) and writes ``concept_counts.csv`` into the stage folder
-(concept, matches before, p, rows kept after). The per-batch ``__call__``
+The count is global: ``plan`` has the engine match the alive rows of every input
+file (a task each; the driver adds up one count per concept and file) and writes
+``concept_counts.csv`` into the stage folder (concept, matches before, p, rows
+kept after). The per-batch ``__call__``
 matches again and decides. MetaCLIP draws with ``random.random()`` in file
 order; here a row's draw for concept c is a hash of (seed, uid, concept), so the
 decision does not depend on batch boundaries, file order or the engine.
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -77,24 +79,19 @@ class BalanceStage(MapStage):
             [_hash64(name.encode()) for name in self._matcher.names], np.uint64
         )
         n_concepts = len(self._matcher)
-        matches = np.zeros(n_concepts, np.int64)
-        kept = np.zeros(n_concepts, np.int64)
-        rows = matched = 0
-        # this stage's matches, read back once p is known
+        # Two rounds of one task per ledger file: count the matches, then, once p is known,
+        # decide (the matches are kept in scratch files meanwhile) to report what is kept.
         with scratch(ctx.out_dir, "_matches-") as work:
-            for i, path in enumerate(ctx.input_files):
-                ledger = pq.read_table(path, columns=["caption", "caption_error", "keep"])
-                offsets, ids, alive = self._match(ledger)
-                np.savez(work / f"{i}.npz", offsets=offsets, ids=ids)
-                matches += np.bincount(ids, minlength=n_concepts)
-                rows += int(alive.sum())
-                matched += int(np.count_nonzero(np.diff(offsets)))
+            saved = [work / f"{i:06d}.npz" for i in range(len(ctx.input_files))]
+            jobs = [(self, path, keep) for path, keep in zip(ctx.input_files, saved)]
+            counted = ctx.engine.map_items(_count_file, jobs, f"{self.name}: count")
+            matches = np.sum([c for c, _, _ in counted], axis=0, dtype=np.int64)
+            matches = matches if len(counted) else np.zeros(n_concepts, np.int64)
+            rows, matched = sum(r for _, r, _ in counted), sum(m for _, _, m in counted)
             self._p = self.t / np.maximum(matches, self.t)
-            for i, path in enumerate(ctx.input_files):
-                with np.load(work / f"{i}.npz") as saved:
-                    offsets, ids = saved["offsets"], saved["ids"]
-                keep = self._decide(pq.read_table(path, columns=["uid"])["uid"], offsets, ids)
-                kept += np.bincount(ids[np.repeat(keep, np.diff(offsets))], minlength=n_concepts)
+            jobs = [(self, path, keep) for path, keep in zip(ctx.input_files, saved)]
+            decided = ctx.engine.map_items(_kept_in_file, jobs, f"{self.name}: decide")
+            kept = np.sum(decided, axis=0, dtype=np.int64) if decided else np.zeros(n_concepts)
         table = pa.table(
             {"concept": self._matcher.names, "matches": matches, "p": self._p, "kept": kept}
         )
@@ -155,3 +152,23 @@ class BalanceStage(MapStage):
         batch = set_column(batch, "concepts", concepts)
         batch = set_column(batch, "dropped_by", pc.coalesce(batch["dropped_by"], reasons))
         return set_column(batch, "keep", pa.array(alive & ~dropped, pa.bool_()))
+
+
+def _count_file(job: tuple[BalanceStage, Path, Path]) -> tuple[np.ndarray, int, int]:
+    """One ledger file's matches per concept, alive rows and rows matching any; its matches
+    saved for ``_kept_in_file``."""
+    stage, path, saved = job
+    ledger = pq.read_table(path, columns=["caption", "caption_error", "keep"])
+    offsets, ids, alive = stage._match(ledger)
+    np.savez(saved, offsets=offsets, ids=ids)
+    counts = np.bincount(ids, minlength=len(stage._matcher))
+    return counts, int(alive.sum()), int(np.count_nonzero(np.diff(offsets)))
+
+
+def _kept_in_file(job: tuple[BalanceStage, Path, Path]) -> np.ndarray:
+    """Rows of one ledger file kept per concept, once the stage knows p."""
+    stage, path, saved = job
+    with np.load(saved) as matched:
+        offsets, ids = matched["offsets"], matched["ids"]
+    keep = stage._decide(pq.read_table(path, columns=["uid"])["uid"], offsets, ids)
+    return np.bincount(ids[np.repeat(keep, np.diff(offsets))], minlength=len(stage._matcher))
