@@ -278,9 +278,7 @@ def _run_claimed(
             ingest_dir=stage_dirs[0],
         )
 
-    needs_ray = engine == "ray" and any(
-        s.runs_on_cluster and not d for s, d in zip(recipe.stages, done)
-    )
+    needs_ray = engine == "ray" and not all(done)  # nothing to run: no cluster to start
     # Every later stage's columns are checked against what ingest will write before any
     # stage runs: a bad recipe fails in seconds, not after the download.
     first = context(0, [], None, None)  # its engine is set once it is started, below
@@ -332,6 +330,7 @@ def _run_stage(stage: Stage, ctx: StageContext, stage_dir: Path, digest: str) ->
     remove_tree(ctx.out_dir, ctx.run_dir)
     ctx.out_dir.mkdir(parents=True)
     start = time.perf_counter()
+    placed = ctx.engine.tasks_per_node()
     rows_in = count_rows(ctx.input_files)
     stage.plan(ctx)
     if isinstance(stage, MapStage):
@@ -344,8 +343,7 @@ def _run_stage(stage: Stage, ctx: StageContext, stage_dir: Path, digest: str) ->
                 "add or delete ledger rows"
             )
     else:
-        if stage.runs_on_cluster:
-            ctx.engine.wait_ready()
+        ctx.engine.wait_ready()
         rows_out = stage.run(ctx)
     seconds = time.perf_counter() - start
     ctx.out_dir.rename(stage_dir)
@@ -359,8 +357,14 @@ def _run_stage(stage: Stage, ctx: StageContext, stage_dir: Path, digest: str) ->
         "engine": ctx.engine.name,
         "params": stage_params(stage),
         "counters": ctx.counters,
+        "tasks_per_node": _since(placed, ctx.engine.tasks_per_node()),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "files": file_records(ctx.run_dir, _stage_outputs(stage, ctx.run_dir, stage_dir)),
     }
     (stage_dir / SUCCESS).write_text(json.dumps(manifest, indent=2, default=str))
     return StageResult(stage.name, stage.kind, seconds, rows_in, rows_out, False, ctx.counters)
+
+
+def _since(before: dict[str, int], now: dict[str, int]) -> dict[str, int]:
+    """Tasks per node between two counts: where one stage's work ran."""
+    return {node: n - before.get(node, 0) for node, n in now.items() if n > before.get(node, 0)}

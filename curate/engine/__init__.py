@@ -91,6 +91,10 @@ class Engine:
         """What the cluster has: ``{"CPU": n, "GPU": m}``."""
         raise NotImplementedError
 
+    def tasks_per_node(self) -> dict[str, int]:
+        """How many tasks ran on each node so far (by node id; ``local``: this process)."""
+        raise NotImplementedError
+
     def wait_ready(self) -> None:
         """Block until the engine can take work at full speed (workers warmed)."""
 

@@ -25,11 +25,15 @@ if TYPE_CHECKING:
 class LocalEngine(Engine):
     name = "local"
 
+    def __init__(self):
+        self._tasks = 0
+
     def map_files(
         self, stage: MapStage, files: list[Path], out_dir: Path, progress: Progress | None = None
     ) -> None:
         stage.setup()
         for f in files:
+            self._tasks += 1
             table = stage(pq.read_table(f))
             pq.write_table(table, out_dir / f.name)
             if progress:
@@ -43,6 +47,7 @@ class LocalEngine(Engine):
         progress: bool = False,
         processes: int | None = None,
     ) -> list[Result]:
+        self._tasks += len(items)
         with Progress(label, len(items), unit="tasks", enabled=progress and bool(items)) as shown:
             if processes:
                 from curate.engine.processes import dying_pool
@@ -83,6 +88,9 @@ class LocalEngine(Engine):
                 pending, rows, part = [], 0, part + 1
             if progress:
                 progress.add(done.num_rows)
+
+    def tasks_per_node(self) -> dict[str, int]:
+        return {"local": self._tasks} if self._tasks else {}
 
     def resources(self) -> dict[str, float]:
         import torch

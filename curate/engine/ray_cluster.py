@@ -1,10 +1,11 @@
 """The Ray engine: a run's row work as Ray tasks and actors, on a local or remote cluster.
 
-* ``map_files``: ledger files → ``map_batches(batch_format="pyarrow")`` →
-  ``write_parquet``; read, map and write fuse into one task per file. A stage
-  whose setup is a model runs on a pool of actors instead. Either way its
-  ``setup`` runs once per worker process.
-* ``map_items``: one task of one CPU per item; results come back in order.
+* ``map_items``: one task of one CPU per item; results come back in order. Each
+  task also says on which node it ran (``tasks_per_node``: a run's manifests
+  record where each stage's work went).
+* ``map_files``: one such task per ledger file (read, map, write under the same
+  name), the stage set up once per worker process. A stage whose setup is a
+  model runs on a Ray Data pool of actors instead.
 * ``map_with_models``: Ray Data streams CPU tasks into an actor pool (one model per
   actor, a GPU each when ``num_gpus``).
 
@@ -22,6 +23,7 @@ import logging
 import os
 import threading
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -37,10 +39,10 @@ if TYPE_CHECKING:
 
 
 class RayEngine(Engine):
-    """Ray Data on a local or remote cluster, started before the first stage.
+    """Tasks and actors on a local or remote cluster, started before the first stage.
 
-    Workers are warmed (imports, operator registry, Ray Data's actors) by a tiny
-    dataset that runs in a thread while the driver plans.
+    Workers are warmed (imports, operator registry) by one small task per CPU, in a
+    thread, while the driver plans.
     """
 
     name = "ray"
@@ -51,8 +53,11 @@ class RayEngine(Engine):
         self._owns_ray = not ray.is_initialized()  # else a caller's session: leave it up
         init_ray(address, verbose)
         _configure_ray_data(verbose)
-        self._warming = threading.Thread(target=_warm_up, daemon=True)
-        self._warming.start()
+        self._placed: Counter[str] = Counter()
+        cpus = max(1, int(self.resources()["CPU"]))
+        warm = threading.Thread(target=_run_tasks, args=(_warm_up, [None] * cpus), daemon=True)
+        self._warming = warm
+        warm.start()
 
     def wait_ready(self) -> None:
         self._warming.join()
@@ -61,11 +66,16 @@ class RayEngine(Engine):
         self, stage: MapStage, files: list[Path], out_dir: Path, progress: Progress | None = None
     ) -> None:
         """``progress`` counts the rows of the Parquet files written so far (their footers:
-        cheap, and nothing added to the pipeline)."""
+        cheap, and nothing added to the work)."""
         self.wait_ready()
         polled = progress.poll(FinishedRows(out_dir)) if progress else contextlib.nullcontext()
         with polled, worker_errors():
-            _map_files(stage, files, out_dir, self.resources())
+            if stage.actors or stage.num_gpus:
+                _map_files_on_actors(stage, files, out_dir, self.resources())
+            else:
+                key = uuid.uuid4().hex  # this call's stage, set up once per worker process
+                jobs = [(stage, key, f, out_dir / f.name) for f in files]
+                self.map_items(_map_file, jobs, stage.name)
 
     def map_items(
         self,
@@ -75,18 +85,13 @@ class RayEngine(Engine):
         progress: bool = False,
         processes: int | None = None,
     ) -> list[Result]:
-        import ray
-
         with Progress(label, len(items), unit="tasks", enabled=progress and bool(items)) as shown:
-            remote = ray.remote(num_cpus=1, max_retries=1)(_call_item)
-            shared = ray.put(fn)  # once, not with every task: it may be a large object
-            refs = [remote.remote(shared, item) for item in items]
-            pending = list(refs)
-            with worker_errors():
-                while pending:
-                    _, pending = ray.wait(pending, num_returns=len(pending), timeout=1.0)
-                    shown.update(len(refs) - len(pending))
-                return ray.get(refs)
+            done = _run_tasks(fn, items, shown)
+        self._placed.update(node for node, _ in done)
+        return [result for _, result in done]
+
+    def tasks_per_node(self) -> dict[str, int]:
+        return dict(self._placed)
 
     def map_with_models(
         self,
@@ -138,9 +143,28 @@ class RayEngine(Engine):
             ray.shutdown()
 
 
-def _call_item(fn: Callable, item):
-    """One work item: ``fn`` may be a function or any callable object (a downloader)."""
-    return fn(item)
+def _run_tasks(fn: Callable, items: Sequence, shown: Progress | None = None) -> list[tuple]:
+    """(node, fn(item)) for each item, a task each, in order."""
+    import ray
+
+    remote = ray.remote(num_cpus=1, max_retries=1)(_call_item)
+    shared = ray.put(fn)  # once, not with every task: it may be a large object
+    refs = [remote.remote(shared, item) for item in items]
+    pending = list(refs)
+    with worker_errors():
+        while pending:
+            _, pending = ray.wait(pending, num_returns=len(pending), timeout=1.0)
+            if shown:
+                shown.update(len(refs) - len(pending))
+        return ray.get(refs)
+
+
+def _call_item(fn: Callable, item) -> tuple[str, object]:
+    """One work item, and the node it ran on: ``fn`` may be a function or any callable
+    object (a downloader)."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id(), fn(item)
 
 
 @contextlib.contextmanager
@@ -169,6 +193,8 @@ def init_ray(address: str | None = None, verbose: bool = False) -> None:
     if address is None:
         # The embedded cluster binds to loopback only (Ray reads this when imported).
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        # Token authentication, as Ray's default: said explicitly, Ray does not warn about it.
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
         # "local" always starts a new cluster, even when another one runs on this machine.
         kwargs = {"include_dashboard": False, "num_cpus": os.cpu_count()}  # env: inherited
         address = "local"
@@ -223,19 +249,11 @@ def _configure_ray_data(verbose: bool) -> None:
     progress_log.setLevel(logging.INFO if verbose else logging.ERROR)
 
 
-def _warm_up() -> None:
-    import ray.data
-
-    ray.data.from_items([{"n": i} for i in range(8)], override_num_blocks=8).map_batches(
-        _import_operators, batch_format="pyarrow"
-    ).materialize()
-
-
-def _import_operators(batch: pa.Table) -> pa.Table:
+def _warm_up(_) -> None:
+    """A worker's first task: the imports and the operator registry every stage needs."""
     from curate.operators import load_registry
 
     load_registry()
-    return batch
 
 
 # --- map_files -----------------------------------------------------------------------------
@@ -244,14 +262,15 @@ def _import_operators(batch: pa.Table) -> pa.Table:
 _READY: dict[str, MapStage] = {}
 
 
-def _apply(batch: pa.Table, stage: MapStage, key: str) -> pa.Table:
+def _map_file(job: tuple[MapStage, str, Path, Path]) -> None:
     """One ledger file through ``stage``, set up once per worker process and call."""
+    stage, key, path, out = job
     ready = _READY.get(key)
     if ready is None:
         _READY.clear()  # an earlier stage's model or tables: not needed any more
         stage.setup()
         _READY[key] = ready = stage
-    return ready(batch)
+    pq.write_table(ready(pq.read_table(path)), out)
 
 
 class _StageActor:
@@ -281,7 +300,8 @@ def _part_names():
     return PartNames()
 
 
-def _map_files(stage: MapStage, files: list[Path], out_dir: Path, have: dict) -> None:
+def _map_files_on_actors(stage: MapStage, files: list[Path], out_dir: Path, have: dict) -> None:
+    """A model stage: Ray Data feeds the ledger files to a pool of set-up actors."""
     import ray.data
 
     # Each task reads one ledger file itself: ray.data.read_parquet spends seconds per
@@ -289,24 +309,15 @@ def _map_files(stage: MapStage, files: list[Path], out_dir: Path, have: dict) ->
     paths = [{"path": str(f)} for f in files]
     ds = ray.data.from_items(paths, override_num_blocks=max(1, len(paths)))
     ds = ds.map_batches(_read_ledger_file, batch_format="pyarrow", batch_size=1)
-    if stage.actors or stage.num_gpus:
-        share = stage.num_gpus or stage.num_cpus
-        available = have["GPU" if stage.num_gpus else "CPU"]
-        ds = ds.map_batches(
-            _StageActor,
-            fn_constructor_args=(stage,),
-            batch_format="pyarrow",
-            batch_size=stage.batch_size,
-            num_cpus=stage.num_cpus,
-            num_gpus=stage.num_gpus,
-            concurrency=max(1, int(available // share)),
-        )
-    else:
-        ds = ds.map_batches(
-            _apply,
-            fn_kwargs={"stage": stage, "key": uuid.uuid4().hex},
-            batch_format="pyarrow",
-            batch_size=None,
-            num_cpus=stage.num_cpus,
-        )
+    share = stage.num_gpus or stage.num_cpus
+    available = have["GPU" if stage.num_gpus else "CPU"]
+    ds = ds.map_batches(
+        _StageActor,
+        fn_constructor_args=(stage,),
+        batch_format="pyarrow",
+        batch_size=stage.batch_size,
+        num_cpus=stage.num_cpus,
+        num_gpus=stage.num_gpus,
+        concurrency=max(1, int(available // share)),
+    )
     ds.write_parquet(str(out_dir), filename_provider=_part_names())

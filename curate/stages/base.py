@@ -1,9 +1,10 @@
 """The stage shape: small picklable dataclasses, heavy state only in ``setup``.
 
-A ``MapStage`` is a batch function over ``pa.Table`` ledger batches; the runner
-executes it in-process or with Ray Data ``map_batches(batch_format="pyarrow")``
-— the same function either way. A plain ``Stage`` (ingest, shard) runs on the
-driver because it reads or writes something other than the ledger.
+A ``MapStage`` is a batch function over ``pa.Table`` ledger batches; the engine
+(``ctx.engine``) maps it over the ledger files, in-process or on the cluster —
+the same function either way. A plain ``Stage`` (ingest, download, clip, shard)
+plans on the driver and hands its row work to the engine itself (``run``):
+it reads or writes something other than the ledger alone.
 """
 
 from __future__ import annotations
@@ -43,8 +44,6 @@ class Stage:
     kind: ClassVar[str]
     #: False for stages whose output is not a ledger (shard).
     produces_ledger: ClassVar[bool] = True
-    #: True for stages that use the Ray cluster on the ray engine (map stages, download).
-    runs_on_cluster: ClassVar[bool] = False
 
     def preflight(self) -> None:
         """Checks that must pass before the first stage of the run starts (weights present …).
@@ -79,8 +78,6 @@ class Stage:
 
 class MapStage(Stage):
     """A stage that maps ledger batches to ledger batches, row for row."""
-
-    runs_on_cluster: ClassVar[bool] = True
 
     #: Ray resources per worker; gpu stages set num_gpus.
     num_cpus: ClassVar[float] = 1

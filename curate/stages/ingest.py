@@ -22,7 +22,7 @@ import functools
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Literal
 
 import numpy as np
 import pyarrow as pa
@@ -94,8 +94,6 @@ class IngestStage(Stage):
     # dropped here, with dropped_by "input_uids".
     uids: str | None = None
     _plan: tuple | None = field(default=None, init=False, repr=False, compare=False)
-
-    runs_on_cluster: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
