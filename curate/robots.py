@@ -56,15 +56,14 @@ def fetch_robots(
         return ALLOW_ALL  # unreachable: the image request will say why
 
 
-def prefetch(
-    urls: list[str],
+def prefetch_origins(
+    origins: list[str],
     opener: urllib.request.OpenerDirector,
     timeout: float,
     agent: str,
     threads: int = 32,
 ) -> dict[str, str]:
-    """robots.txt of every origin in ``urls``, each fetched once."""
-    origins = sorted({o for o in map(origin_of, urls) if o})
+    """robots.txt of every origin (``origin_of`` a url), each fetched once."""
     with ThreadPoolExecutor(max(1, min(threads, len(origins)))) as pool:
         texts = pool.map(lambda o: fetch_robots(o, opener, timeout, agent), origins)
         return dict(zip(origins, texts))

@@ -445,14 +445,14 @@ def test_a_killed_download_resumes_without_refetching_finished_shards(tmp_path):
         command = [sys.executable, "-m", "curate.cli", "run", str(tmp_path / "recipe.yaml")]
         command += ["--input", str(tmp_path / "u.parquet"), "--output", str(tmp_path / "run")]
         proc = subprocess.Popen([*command, "--engine", "local", "--quiet"], start_new_session=True)
-        second_shard = tmp_path / "run" / "images" / "00001_stats.json"
+        images = tmp_path / "run" / "images"
         deadline = time.monotonic() + 120
-        while not second_shard.exists() and proc.poll() is None and time.monotonic() < deadline:
+        while len(list(images.glob("*_stats.json"))) < 2 and proc.poll() is None:
+            assert time.monotonic() < deadline
             time.sleep(0.05)
         os.killpg(proc.pid, signal.SIGKILL)  # the driver and img2dataset's processes
         proc.wait()
-        assert second_shard.exists()
-        assert not (tmp_path / "run" / "images" / "00002_stats.json").exists()
+        assert len(list(images.glob("*_stats.json"))) == 2  # the slow third shard unfinished
 
         server.requests.clear()
         recipe = load_recipe(str(tmp_path / "recipe.yaml"))
@@ -474,19 +474,23 @@ def _check_prepare(run: Path) -> None:
     from curate.stages.download import DownloadStage
 
     images = run / "images"
-    todo = pa.table({"uid": ["a" * 32, "b" * 32], "url": ["http://x.test/1", "http://x.test/2"]})
+    urls, other = "digest of a url list", "digest of another"
+    layout = {"stride": 2, "width": 1}
     stage = DownloadStage(image_size=256)
-    stage._prepare(images, todo, run)
-    (images / "00000_stats.json").write_text("{}")  # a finished shard
-    stage._prepare(images, todo, run)
-    assert (images / "00000_stats.json").exists()
-    DownloadStage(image_size=256, thread_count=4)._prepare(images, todo, run)  # speed only: kept
-    assert (images / "00000_stats.json").exists()
-    DownloadStage(image_size=384)._prepare(images, todo, run)
-    assert not (images / "00000_stats.json").exists()
-    (images / "00000_stats.json").write_text("{}")
-    DownloadStage(image_size=384)._prepare(images, todo.slice(0, 1), run)  # another url list
-    assert not (images / "00000_stats.json").exists()
+    stage._prepare(images, urls, layout, run)
+    (images / "0_stats.json").write_text("{}")  # a finished shard
+    stage._prepare(images, urls, layout, run)
+    assert (images / "0_stats.json").exists()
+    DownloadStage(image_size=256, thread_count=4)._prepare(images, urls, layout, run)  # speed
+    assert (images / "0_stats.json").exists()
+    DownloadStage(image_size=384)._prepare(images, urls, layout, run)
+    assert not (images / "0_stats.json").exists()
+    (images / "0_stats.json").write_text("{}")
+    DownloadStage(image_size=384)._prepare(images, other, layout, run)  # another url list
+    assert not (images / "0_stats.json").exists()
+    (images / "0_stats.json").write_text("{}")
+    DownloadStage(image_size=384)._prepare(images, other, {"stride": 3, "width": 1}, run)
+    assert not (images / "0_stats.json").exists()  # other shard ids
 
 
 def _children(pid: int) -> set[int]:

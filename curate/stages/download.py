@@ -25,10 +25,11 @@ import contextlib
 import hashlib
 import io
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, ClassVar, Literal
+from typing import Annotated, Literal
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -40,11 +41,12 @@ from curate.download_errors import SUCCESS, failure_kind
 from curate.image_guard import DEFAULT_MAX_PIXELS
 from curate.netguard import guarded_opener
 from curate.progress import FinishedRows, Progress
-from curate.runfolder import remove_tree
+from curate.runfolder import remove_tree, scratch
 from curate.schema import alive_mask, set_column
 from curate.stages.base import Stage, StageContext, register_stage
 
 IMAGES_DIR = "images"
+INDEX = "_index.json"
 RESULT_COLUMNS = (
     "uid",
     "status",
@@ -84,8 +86,6 @@ class DownloadStage(Stage):
     max_bytes: Count = 32 * 1024 * 1024
     max_image_pixels: Count = DEFAULT_MAX_PIXELS
 
-    runs_on_cluster: ClassVar[bool] = True
-
     def __post_init__(self) -> None:
         if self.encode_format == "png" and not 0 <= self.encode_quality <= 9:
             raise ValueError("for png, encode_quality is the compression level, 0 to 9")
@@ -100,19 +100,35 @@ class DownloadStage(Stage):
 
     def run(self, ctx: StageContext) -> int:
         images = ctx.run_dir / IMAGES_DIR
-        todo, bbox = self._url_list(ctx.input_files)
-        self._prepare(images, todo, ctx.run_dir)
-        if todo.num_rows:
-            finished = FinishedRows(images, "*_stats.json", _shard_rows)
-            # Made before _quiet swaps sys.stderr for a buffer: it draws on the real one.
-            shown = Progress(self.name, todo.num_rows, done=finished(), enabled=ctx.progress)
-            with shown, _quiet(not ctx.verbose), shown.poll(finished):
-                self._download(todo, bbox, images, ctx)
-        results = read_results(images) if todo.num_rows else None
+        files = ctx.input_files
+        bbox = self._bbox_column(files)
+        n = self.number_sample_per_shard
+        # Shard ids leave room for every ledger file's shards: file i's are i*stride + j, so
+        # each ledger file's images are in shards of its own, named in ledger order.
+        stride = max([math.ceil(r / n) for r in _file_rows(files)], default=0) + 1
+        width = len(str(len(files) * stride))
+        with scratch(ctx.out_dir, "_urls-") as urls:
+            jobs = [(f, i, i * stride, n, bbox, urls) for i, f in enumerate(files)]
+            listed = ctx.engine.map_items(_list_urls, jobs, f"{self.name}: urls")
+            digest = hashlib.sha256(json.dumps([d for d, _, _, _ in listed]).encode()).hexdigest()
+            self._prepare(images, digest, {"stride": stride, "width": width}, ctx.run_dir)
+            shards = [shard for _, _, shard_list, _ in listed for shard in shard_list]
+            write_index(images, [[f"{k:0{width}d}" for k, _ in s] for _, _, s, _ in listed])
+            rows = sum(r for _, r, _, _ in listed)
+            if rows:
+                finished = FinishedRows(images, "*_stats.json", _shard_rows)
+                # Made before _quiet swaps sys.stderr for a buffer: it draws on the real one.
+                shown = Progress(self.name, rows, done=finished(), enabled=ctx.progress)
+                origins = sorted(set().union(*(o for _, _, _, o in listed)))
+                with shown, _quiet(not ctx.verbose), shown.poll(finished):
+                    self._download(shards, origins, bbox, width, images, ctx)
+        shard_names = images_by_file(images)
+        jobs = [(f, ctx.out_dir / f.name, images, names, self.name)
+                for f, names in zip(files, shard_names)]  # fmt: skip
         counts: dict[str, int] = {}
-        for path in ctx.input_files:
-            ledger = _join(pq.read_table(path), results, self.name, counts)
-            pq.write_table(ledger, ctx.out_dir / path.name)
+        for found in ctx.engine.map_items(_join_file, jobs, f"{self.name}: join"):
+            for kind, count in found.items():
+                counts[kind] = counts.get(kind, 0) + count
         attempted = sum(counts.values())
         ctx.counters.update(
             attempted=attempted,
@@ -120,25 +136,17 @@ class DownloadStage(Stage):
             success_rate=round(counts.get(SUCCESS, 0) / attempted, 4) if attempted else None,
             failures={k: v for k, v in sorted(counts.items()) if k != SUCCESS},
         )
-        return sum(pq.ParquetFile(ctx.out_dir / p.name).metadata.num_rows for p in ctx.input_files)
+        return sum(_file_rows([ctx.out_dir / p.name for p in files]))
 
-    def _url_list(self, files: list) -> tuple[pa.Table, str | None]:
-        """uid, url (and face boxes) of the rows still alive, in ledger order."""
+    def _bbox_column(self, files: list[Path]) -> str | None:
+        """DataComp's face boxes, blurred when the stage says so."""
         schema = pq.read_schema(files[0]) if files else pa.schema([])
-        bbox = "face_bboxes" if self.blur_faces and "face_bboxes" in schema.names else None
-        columns = ["uid", "url", "keep"] + ([bbox] if bbox else [])
-        parts = [pq.read_table(f, columns=columns) for f in files]
-        table = pa.concat_tables(parts) if parts else pa.table({c: [] for c in columns})
-        alive = pc.and_(pc.fill_null(table["keep"], False), pc.is_valid(table["url"]))
-        return table.filter(alive).drop_columns(["keep"]), bbox
+        return "face_bboxes" if self.blur_faces and "face_bboxes" in schema.names else None
 
-    def _prepare(self, images: Path, todo: pa.Table, run_dir: Path) -> None:
+    def _prepare(self, images: Path, digest: str, layout: dict, run_dir: Path) -> None:
         """Keep finished shards only if they were made from this url list with these settings."""
-        digest = hashlib.sha256()
-        for uid, url in zip(todo["uid"].to_pylist(), todo["url"].to_pylist()):
-            digest.update(f"{uid}\t{url}\n".encode("utf-8", "surrogatepass"))
         stamp = images / "_params.json"
-        expected = json.dumps({"digest": digest.hexdigest(), **self._download_params()})
+        expected = json.dumps({"digest": digest, **layout, **self._download_params()})
         if not (stamp.exists() and stamp.read_text() == expected):
             remove_tree(images, run_dir)
             images.mkdir(parents=True)
@@ -148,23 +156,26 @@ class DownloadStage(Stage):
         skip = ("processes_count", "thread_count")  # how fast, not what: resume across them
         return {k: v for k, v in self.__dict__.items() if k not in skip and k != "name"}
 
-    def _download(self, todo: pa.Table, bbox: str | None, images: Path, ctx: StageContext) -> None:
-        from img2dataset.reader import Reader
+    def _download(
+        self,
+        shards: list[tuple[int, str]],
+        origins: list[str],
+        bbox: str | None,
+        width: int,
+        images: Path,
+        ctx: StageContext,
+    ) -> None:
         from img2dataset.writer import ParquetSampleWriter
 
         from curate.crawler import CheckedResizer, CrawlPolicy, PoliteDownloader
 
         work = images / "_work"  # outside the *.parquet glob of the image shards
         work.mkdir(exist_ok=True)
-        urls_file = work / "urls.parquet"
-        pq.write_table(todo, urls_file)
         robots_file = None
-        if self.respect_robots_txt:
+        if self.respect_robots_txt:  # fetched here once per origin, for every process
             robots_file = work / "robots.json"
             opener = guarded_opener(self.allow_private_networks, self.max_bytes, self.timeout)
-            texts = robots.prefetch(
-                todo["url"].to_pylist(), opener, self.timeout, self.user_agent_token
-            )
+            texts = robots.prefetch_origins(origins, opener, self.timeout, self.user_agent_token)
             robots_file.write_text(json.dumps(texts))
         policy = CrawlPolicy(
             allow_private_networks=self.allow_private_networks,
@@ -173,20 +184,6 @@ class DownloadStage(Stage):
             agent=self.user_agent_token,
             robots_file=str(robots_file) if robots_file else None,
         )
-        # A shard is done when img2dataset wrote both its files: one whose Parquet file is
-        # gone (found damaged and removed by a re-run) is fetched again.
-        done = {
-            int(p.name.split("_")[0])
-            for p in images.glob("*_stats.json")
-            if p.with_name(p.name.replace("_stats.json", ".parquet")).is_file()
-        }
-        tmp = work / "tmp"
-        tmp.mkdir(exist_ok=True)
-        extra = ["uid"] + ([bbox] if bbox else [])
-        reader = Reader(
-            str(urls_file), "parquet", "url", None, None, None, extra,
-            self.number_sample_per_shard, done, str(tmp),
-        )  # fmt: skip
         resizer = CheckedResizer(
             image_size=self.image_size,
             resize_mode=self.resize_mode,
@@ -204,10 +201,10 @@ class DownloadStage(Stage):
             save_caption=False,
             extract_exif=False,
             output_folder=str(images),
-            column_list=reader.column_list,
+            column_list=["url", "uid"] + ([bbox] if bbox else []),
             timeout=self.timeout,
             number_sample_per_shard=self.number_sample_per_shard,
-            oom_shard_count=5,
+            oom_shard_count=width,
             compute_hash="sha256",
             verify_hash_type=None,
             encode_format=self.encode_format,
@@ -216,16 +213,75 @@ class DownloadStage(Stage):
             disallowed_header_directives=self.disallowed_header_directives or None,
             blurring_bbox_col=bbox,
         )
+        # A shard is done when img2dataset wrote both its files: one whose Parquet file is
+        # gone (found damaged and removed by a re-run) is fetched again.
+        todo = [(k, path) for k, path in shards if not _finished(images, k, width)]
         # One task per shard (a process each on the local engine, which die with this one).
         # A shard that fails is tried once more, as img2dataset's distributors do.
         processes = self.processes_count or os.cpu_count() or 1
-        shards = list(reader)
         for _ in range(2):
-            done = ctx.engine.map_items(downloader, shards, self.name, processes=processes)
-            shards = [shard for ok, shard in done if ok is False]
-            if not shards:
+            done = ctx.engine.map_items(downloader, todo, self.name, processes=processes)
+            todo = [shard for ok, shard in done if ok is False]
+            if not todo:
                 break
-        remove_tree(tmp, ctx.run_dir)
+
+
+def _file_rows(files: list[Path]) -> list[int]:
+    return [pq.ParquetFile(f).metadata.num_rows for f in files]
+
+
+def _finished(images: Path, shard: int, width: int) -> bool:
+    name = f"{shard:0{width}d}"
+    return (images / f"{name}_stats.json").is_file() and (images / f"{name}.parquet").is_file()
+
+
+def _list_urls(job: tuple) -> tuple[str, int, list[tuple[int, str]], set[str]]:
+    """One ledger file's alive urls as img2dataset shards (Arrow files of ``n`` rows, ids
+    from ``first``); returns the file's url-list digest, rows, shards and origins."""
+    path, index, first, n, bbox, folder = job
+    columns = ["uid", "url", "keep"] + ([bbox] if bbox else [])
+    table = pq.read_table(path, columns=columns)
+    alive = pc.and_(pc.fill_null(table["keep"], False), pc.is_valid(table["url"]))
+    table = table.filter(alive).select(["url", "uid"] + ([bbox] if bbox else []))
+    digest = hashlib.sha256()
+    for uid, url in zip(table["uid"].to_pylist(), table["url"].to_pylist()):
+        digest.update(f"{uid}\t{url}\n".encode("utf-8", "surrogatepass"))
+    shards = []
+    for j, start in enumerate(range(0, table.num_rows, n)):
+        shard = Path(folder) / f"{index:05d}-{j:05d}.arrow"
+        with pa.ipc.new_file(shard, table.schema) as writer:
+            writer.write_table(table.slice(start, n))
+        shards.append((first + j, str(shard)))
+    origins = {o for o in map(robots.origin_of, table["url"].to_pylist()) if o}
+    return digest.hexdigest(), table.num_rows, shards, origins
+
+
+def _join_file(job: tuple) -> dict[str, int]:
+    """One ledger file with its rows' download results (from its own image shards only)."""
+    path, out, images, names, stage = job
+    parts = [pq.read_table(Path(images) / f"{n}.parquet", columns=list(RESULT_COLUMNS))
+             for n in names if (Path(images) / f"{n}.parquet").is_file()]  # fmt: skip
+    results = pa.concat_tables(parts, promote_options="permissive") if parts else None
+    counts: dict[str, int] = {}
+    pq.write_table(_join(pq.read_table(path), results, stage, counts), out)
+    return counts
+
+
+def write_index(images: Path, names: list[list[str]]) -> None:
+    """``images/_index.json``: each ledger file's image shards, by the file's place in the
+    ledger, for the stages that read images (clip, shard)."""
+    (images / INDEX).write_text(json.dumps({"shards": names}) + "\n")
+
+
+def images_by_file(images: Path) -> list[list[str]]:
+    """Each ledger file's image shard names (without .parquet), by the file's place."""
+    try:
+        return json.loads((Path(images) / INDEX).read_text())["shards"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise FileNotFoundError(
+            f"{images}: no readable {INDEX} (were the downloaded images deleted or replaced? "
+            "Re-run the download stage)"
+        ) from exc
 
 
 def _blurrer():
@@ -242,14 +298,6 @@ def _shard_rows(stats: Path) -> int:
 def image_shards(images: Path) -> list[Path]:
     """The Parquet files of a download's images folder (uid, image bytes, sizes, sha256)."""
     return sorted(images.glob("*.parquet"))
-
-
-def read_results(images: Path) -> pa.Table:
-    """img2dataset's per-row results (no image bytes) from every finished shard."""
-    parts = [pq.read_table(f, columns=list(RESULT_COLUMNS)) for f in image_shards(images)]
-    if not parts:
-        return pa.table({c: pa.array([], pa.string()) for c in RESULT_COLUMNS})
-    return pa.concat_tables(parts, promote_options="permissive")
 
 
 def _join(ledger: pa.Table, results: pa.Table | None, stage: str, counts: dict) -> pa.Table:
