@@ -38,6 +38,7 @@ import pyarrow.parquet as pq
 from curate.engine import open_engine
 from curate.stages.base import StageContext
 from curate.stages.clip import ClipStage
+from curate.stages.download import write_index
 
 CAPTIONS = ["a photo of a dog on a beach", "a red car in front of a house", "two cats asleep"]
 
@@ -60,11 +61,14 @@ def write_run(run: Path, n: int, per_shard: int = 10_000) -> None:
     (run / "images").mkdir(parents=True)
     (run / "ledger_in").mkdir()
     uids = [f"{i:032x}" for i in range(n)]
+    shards = []
     for s, start in enumerate(range(0, n, per_shard)):
         part = uids[start : start + per_shard]
         jpg = pa.array([distinct[i % 64] for i in range(start, start + len(part))], pa.binary())
         pq.write_table(pa.table({"uid": part, "jpg": jpg}), run / "images" / f"{s:05d}.parquet",
                        row_group_size=100)  # fmt: skip
+        shards.append(f"{s:05d}")
+    write_index(run / "images", [shards])  # the one ledger file's image shards
     ledger = pa.table(
         {
             "uid": uids,
@@ -115,7 +119,8 @@ def _decode_rate(stage: ClipStage, run: Path, processes: int, chunks: int) -> fl
     from curate.clip_embed import DecodeSpec
     from curate.stages.clip import _chunks
 
-    ctx = StageContext(run, run / "tmp", [run / "ledger_in" / "part-00000.parquet"], None)
+    ctx = StageContext(run, run / "tmp", [run / "ledger_in" / "part-00000.parquet"], None,
+                       engine=open_engine("local"))  # fmt: skip
     work = _chunks(ctx, run / "decode_work", stage.batch_size)[:chunks]
     spec = DecodeSpec(stage._resolved, stage._preprocess)
     with ProcessPoolExecutor(processes) as pool:
@@ -145,6 +150,7 @@ def _model_rate(stage: ClipStage, device: str, batches: int) -> float:
     batch = pa.table(
         {
             "chunk": [0],
+            "file": [0],
             "uids": [[f"{i:032x}" for i in range(n)]],
             "errors": pa.array([[None] * n], pa.list_(pa.string())),
             "has_text": [[True] * n],

@@ -127,6 +127,7 @@ def decode_chunk(item: pa.Table, spec: DecodeSpec) -> pa.Table:
     return pa.table(
         {
             "chunk": [work["chunk"]],
+            "file": [work["file"]],
             "uids": [todo["uid"].to_pylist()],
             "errors": pa.array([errors], pa.list_(pa.string())),
             "has_text": [[c is not None for c in captions]],
@@ -222,5 +223,8 @@ class Embedder:
                 "text_embedding": _fixed_list(text, has_text),
                 "clip_score": pa.array(score, pa.float32(), mask=~both),
                 "clip_error": pa.array(errors, pa.string()),
+                # The ledger file (by its place) the rows belong to: the clip stage joins
+                # each file's scores from the embeddings files that hold them.
+                "file": pa.array(np.full(n, chunk["file"], np.int32)),
             }
         )

@@ -161,7 +161,7 @@ def _embed_pairs(labels: pa.Table, eval_set: Path, prepared, device: str, batch_
         parts = []
         for k, start in enumerate(range(0, n, batch_size)):
             stop = min(n, start + batch_size)
-            item = {"chunk": k, "todo": str(todo), "start": start, "stop": stop}
+            item = {"chunk": k, "file": 0, "todo": str(todo), "start": start, "stop": stop}
             parts.append(embedder(decode_chunk(pa.Table.from_pylist([item]), spec)))
     table = pa.concat_tables(parts)
     for rel, error in zip(paths, table["clip_error"].to_pylist()):

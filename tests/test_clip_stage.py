@@ -431,7 +431,7 @@ def test_null_and_huge_captions_and_bad_images(tmp_path, tiny_weights):
     resolved = resolve_model("curate-tiny", str(tiny_weights))
     model = load_model(resolved)
     preprocess = Preprocess.of(model)
-    item = {"chunk": 0, "todo": str(todo), "start": 0}
+    item = {"chunk": 0, "file": 0, "todo": str(todo), "start": 0}
     decoded = decode_chunk(
         pa.Table.from_pylist([{**item, "stop": 5}]), DecodeSpec(resolved, preprocess)
     )

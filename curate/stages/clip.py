@@ -28,7 +28,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar, Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -49,7 +49,7 @@ from curate.progress import Progress
 from curate.runfolder import remove_tree
 from curate.schema import alive_mask, set_column
 from curate.stages.base import Stage, StageContext, register_stage
-from curate.stages.download import IMAGES_DIR, image_shards
+from curate.stages.download import IMAGES_DIR, images_by_file
 
 if TYPE_CHECKING:
     from curate.engine import Engine
@@ -59,6 +59,11 @@ MODEL_FILE = "_model.json"
 #: Embeddings files hold about this many rows.
 ROWS_PER_FILE = 50_000
 IMAGE_COLUMNS = ("jpg", "png", "webp")
+TODO = pa.schema([("uid", pa.string()), ("caption", pa.string()), ("shard", pa.string()),
+                  ("column", pa.string()), ("row", pa.int64())])  # fmt: skip
+SCORES = pa.schema(
+    [("uid", pa.string()), ("clip_score", pa.float32()), ("clip_error", pa.string())]
+)
 #: ``model: run:PATH``: a model folder inside the run, written by an earlier stage.
 RUN_PREFIX = "run:"
 
@@ -73,8 +78,6 @@ class ClipStage(Stage):
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"  # autocast on CUDA; CPU is fp32
     batch_size: Count = 256
     concurrency: Count | None = None  # model workers; default one per GPU, else one per CPU
-
-    runs_on_cluster: ClassVar[bool] = True
 
     def columns_after(self, columns: set[str]) -> set[str]:
         if self.precomputed is None and "sha256" not in columns:
@@ -112,11 +115,13 @@ class ClipStage(Stage):
         remove_tree(tmp / "_work", ctx.run_dir)
         remove_tree(out, ctx.run_dir)
         tmp.rename(out)
-        results = read_scores(out)
+        holding = _embeddings_by_file(out, len(ctx.input_files))
+        jobs = [(path, ctx.out_dir / path.name, i, holding[i], self.name)
+                for i, path in enumerate(ctx.input_files)]  # fmt: skip
         counts = {"embedded": 0, "no_caption": 0, "failed": 0}
-        for path in ctx.input_files:
-            ledger = _join(pq.read_table(path), results, self.name, counts)
-            pq.write_table(ledger, ctx.out_dir / path.name)
+        for found in ctx.engine.map_items(_join_file, jobs, f"{self.name}: join"):
+            for key, value in found.items():
+                counts[key] += value
         embedded = counts["embedded"] + counts["no_caption"]
         ctx.counters.update(
             counts,
@@ -168,12 +173,16 @@ class ClipStage(Stage):
 
         key = self.precomputed
         alive = _alive_uids(ctx.input_files)
+        starts = np.cumsum([0] + [pq.ParquetFile(f).metadata.num_rows for f in ctx.input_files])
         images = read_npz_embeddings(ctx.ingest_dir, f"{key}_img")
         texts = read_npz_embeddings(ctx.ingest_dir, f"{key}_txt")
-        dim = None
+        dim, row0 = None, 0
         for i, (image, text) in enumerate(zip(images, texts)):
+            # Rows come in ledger order: a row's place says which ledger file holds it.
+            file = np.searchsorted(starts, np.arange(row0, row0 + image.num_rows), "right") - 1
+            row0 += image.num_rows
             keep = pc.is_in(image["uid"], value_set=alive)
-            image, text = image.filter(keep), text.filter(keep)
+            image, text, file = image.filter(keep), text.filter(keep), file[keep.to_numpy(False)]
             img = normalize_rows(embedding_matrix(image["embedding"]))
             txt = normalize_rows(embedding_matrix(text["embedding"]))
             dim = int(img.shape[1])
@@ -184,6 +193,7 @@ class ClipStage(Stage):
                     "text_embedding": text["embedding"],
                     "clip_score": pa.array(np.einsum("ij,ij->i", img, txt), pa.float32()),
                     "clip_error": pa.nulls(len(img), pa.string()),
+                    "file": pa.array(file, pa.int32()),
                 }
             )
             pq.write_table(table, out / f"part-{i:05d}.parquet")
@@ -230,7 +240,13 @@ def embed_images(
     pq.write_table(todo, work / "todo.parquet")
     batch = 256
     items = [
-        {"chunk": k, "todo": str(work / "todo.parquet"), "start": s, "stop": min(s + batch, n)}
+        {
+            "chunk": k,
+            "file": 0,
+            "todo": str(work / "todo.parquet"),
+            "start": s,
+            "stop": min(s + batch, n),
+        }
         for k, s in enumerate(range(0, n, batch))
     ]
     device = "cuda" if engine.resources()["GPU"] >= 1 else "cpu"
@@ -253,23 +269,37 @@ def _blank_tokens(resolved: ResolvedModel):
 
 
 def _chunks(ctx: StageContext, work: Path, batch_size: int) -> list[dict]:
-    """Cut the rows to embed into chunks of exactly ``batch_size`` rows (the last: fewer).
+    """Cut the rows to embed into chunks of ``batch_size`` rows (the last of each file: fewer).
 
-    Writes ``todo.parquet``: the uid, caption, image shard and shard row of every
-    alive row whose image was downloaded, in shard order; a chunk names a slice of
-    it. Equal chunks let Ray Data hand each model worker one whole chunk per batch.
+    A task per ledger file writes ``todo-NNNNN.parquet``: the uid, caption, image shard
+    and shard row of each of its alive rows whose image was downloaded, found in that
+    file's own image shards (``images/_index.json``); a chunk names a slice of one file's
+    todo. Equal chunks let Ray Data hand each model worker one whole chunk per batch.
     """
     work.mkdir(parents=True)
-    wanted = []
-    for path in ctx.input_files:
-        table = pq.read_table(path, columns=["uid", "caption", "keep", "status"])
-        ok = pc.and_(pc.fill_null(table["keep"], False), pc.equal(table["status"], "success"))
-        wanted.append(table.filter(pc.fill_null(ok, False)).select(["uid", "caption"]))
-    wanted = pa.concat_tables(wanted) if wanted else pa.table({"uid": [], "caption": []})
+    images = ctx.run_dir / IMAGES_DIR
+    jobs = [
+        (path, images, names, work / f"todo-{i:05d}.parquet")
+        for i, (path, names) in enumerate(zip(ctx.input_files, images_by_file(images)))
+    ]
+    rows = ctx.engine.map_items(_file_todo, jobs, "clip: images")  # fmt: skip
+    slices = [(i, start, min(start + batch_size, n))
+              for i, n in enumerate(rows) for start in range(0, n, batch_size)]  # fmt: skip
+    return [{"chunk": k, "file": i, "todo": str(jobs[i][3]), "start": start, "stop": stop}
+            for k, (i, start, stop) in enumerate(slices)]  # fmt: skip
+
+
+def _file_todo(job: tuple[Path, Path, list[str], Path]) -> int:
+    """One ledger file's rows to embed and where their images are; how many."""
+    path, images, names, out = job
+    table = pq.read_table(path, columns=["uid", "caption", "keep", "status"])
+    ok = pc.and_(pc.fill_null(table["keep"], False), pc.equal(table["status"], "success"))
+    wanted = table.filter(pc.fill_null(ok, False)).select(["uid", "caption"])
     parts = []
-    for shard in image_shards(ctx.run_dir / IMAGES_DIR):
-        schema = pq.read_schema(shard)
-        column = next((c for c in IMAGE_COLUMNS if c in schema.names), None)
+    for shard in (Path(images) / f"{name}.parquet" for name in names):
+        if not shard.is_file():
+            continue
+        column = next((c for c in IMAGE_COLUMNS if c in pq.read_schema(shard).names), None)
         if column is None:
             continue
         uids = pq.read_table(shard, columns=["uid"])["uid"]
@@ -282,16 +312,9 @@ def _chunks(ctx: StageContext, work: Path, batch_size: int) -> list[dict]:
             .append_column("column", pa.array([column] * n, pa.string()))
             .append_column("row", pa.array(rows, pa.int64()))
         )
-    todo = pa.concat_tables(parts) if parts else None
-    if todo is None or not todo.num_rows:
-        return []
-    todo_path = work / "todo.parquet"
-    pq.write_table(todo, todo_path)
-    return [
-        {"chunk": k, "todo": str(todo_path), "start": start,
-         "stop": min(start + batch_size, todo.num_rows)}
-        for k, start in enumerate(range(0, todo.num_rows, batch_size))
-    ]  # fmt: skip
+    todo = pa.concat_tables(parts) if parts else TODO.empty_table()
+    pq.write_table(todo, out)
+    return todo.num_rows
 
 
 def _embed(
@@ -321,15 +344,31 @@ def _embed(
     )
 
 
-def read_scores(embeddings: Path) -> pa.Table:
-    """uid, clip_score and clip_error of every embedded row (no vectors)."""
-    files = sorted(Path(embeddings).glob("*.parquet"))
-    schema = pa.schema(
-        [("uid", pa.string()), ("clip_score", pa.float32()), ("clip_error", pa.string())]
-    )
-    if not files:
-        return schema.empty_table()
-    return pa.concat_tables([pq.read_table(f, columns=schema.names) for f in files])
+def _embeddings_by_file(folder: Path, files: int) -> list[list[Path]]:
+    """For each ledger file (by place), the embeddings files holding its rows: read from the
+    ``file`` column's statistics in their footers, nothing else."""
+    holding: list[list[Path]] = [[] for _ in range(files)]
+    for path in sorted(Path(folder).glob("*.parquet")):
+        meta = pq.ParquetFile(path).metadata
+        column = meta.schema.names.index("file")
+        for g in range(meta.num_row_groups):
+            stats = meta.row_group(g).column(column).statistics
+            low, high = (stats.min, stats.max) if stats and stats.has_min_max else (0, files - 1)
+            for i in range(low, high + 1):
+                if not holding[i] or holding[i][-1] != path:
+                    holding[i].append(path)
+    return holding
+
+
+def _join_file(job: tuple[Path, Path, int, list[Path], str]) -> dict[str, int]:
+    """One ledger file with its rows' scores, from the embeddings files that hold them."""
+    path, out, index, holding, stage = job
+    columns = ["uid", "clip_score", "clip_error"]
+    parts = [pq.read_table(f, columns=columns, filters=[("file", "==", index)]) for f in holding]
+    results = pa.concat_tables(parts) if parts else SCORES.empty_table()
+    counts = {"embedded": 0, "no_caption": 0, "failed": 0}
+    pq.write_table(_join(pq.read_table(path), results.cast(SCORES), stage, counts), out)
+    return counts
 
 
 def _join(ledger: pa.Table, results: pa.Table, stage: str, counts: dict) -> pa.Table:
