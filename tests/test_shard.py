@@ -198,7 +198,8 @@ def test_a_kept_row_without_its_image_is_an_error_naming_it(downloaded, tmp_path
 
     run = tmp_path / "run"
     shutil.copytree(downloaded, run)
-    shutil.rmtree(run / IMAGES_DIR)
+    for shard in image_shards(run / IMAGES_DIR):  # the images gone, their index left
+        shard.unlink()
     first = kept_rows(run)[0]["uid"]
     ledger = ledger_files(run / "ledger")
     out = tmp_path / "shards"
@@ -231,7 +232,11 @@ def test_webdataset_needs_a_download_stage(served_pool, tmp_path):
     assert not (tmp_path / "run" / "stages").exists()  # found before ingest ran
 
 
-def test_batches_are_exact_across_ledger_files():
-    tables = [pa.table({"n": list(range(a, b))}) for a, b in ((0, 3), (3, 3), (3, 10), (10, 11))]
-    batches = list(shard_stage._exact_batches(tables, 4))
-    assert [b["n"].to_pylist() for b in batches] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10]]
+def test_shards_are_exact_ranges_across_ledger_files():
+    """Kept rows per file 3, 0, 7, 1 in shards of 4: (file, first, stop) ranges per shard."""
+    assert shard_stage._ranges([3, 0, 7, 1], 4) == [
+        [(0, 0, 3), (2, 0, 1)],
+        [(2, 1, 5)],
+        [(2, 5, 7), (3, 0, 1)],
+    ]
+    assert shard_stage._ranges([0, 0], 4) == []

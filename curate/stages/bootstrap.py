@@ -19,7 +19,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING
 
 import pyarrow.parquet as pq
 
@@ -46,8 +46,6 @@ class BootstrapStage(Stage):
     lr: float = 1e-3
     loss: str = "clip"
     workers: int = 2
-
-    runs_on_cluster: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         self.train_config(seed=0).check()  # a bad lr or loss stops the recipe, not its training
@@ -119,7 +117,15 @@ class BootstrapStage(Stage):
         writer.name = f"{self.name}.shards"
         schema = pq.read_schema(selected[0])
         rows = writer.run(
-            StageContext(ctx.run_dir, shards, selected, schema, ctx.seed, progress=ctx.progress)
+            StageContext(
+                ctx.run_dir,
+                shards,
+                selected,
+                schema,
+                ctx.seed,
+                progress=ctx.progress,
+                engine=ctx.engine,
+            )
         )
         if not rows:
             raise ConfigError(
@@ -135,9 +141,8 @@ class BootstrapStage(Stage):
         chooser = FilterStage(filters=build_filters(entries, where))
         chooser.name = f"{self.name}.train_filters"
         out.mkdir(parents=True)
-        plan = StageContext(ctx.run_dir, out, ctx.input_files, ctx.input_schema, ctx.seed)
+        plan = StageContext(ctx.run_dir, out, ctx.input_files, ctx.input_schema, ctx.seed,
+                            engine=ctx.engine)  # fmt: skip
         chooser.plan(plan)
-        chooser.setup()
-        for path in ctx.input_files:
-            pq.write_table(chooser(pq.read_table(path)), out / path.name)
+        ctx.engine.map_files(chooser, ctx.input_files, out)
         return sorted(out.glob("*.parquet"))

@@ -9,9 +9,11 @@ After a download stage each row also carries its image, joined by uid from
 ``RUN/images/``, as a struct column ``image`` {bytes, path} declared an
 ``Image`` feature in the ``huggingface`` schema metadata: HF ``datasets``
 decodes it to PIL images, every other reader sees plain bytes (``image.bytes``).
-Memory stays bounded: the only global step is a uid → (image shard, row) index
-built from the image shards' uid columns; bytes are then read one row group of
-output at a time, and only the source row groups that hold them.
+The driver only counts kept rows per ledger file (a task each) and cuts them
+into shards of ``rows_per_shard``; a task per shard reads its range of kept
+rows, finds their images in the image shards of its own ledger files (a uid →
+(image shard, row) index of a shard's worth of rows), and reads the bytes one
+row group of output at a time, only from the source row groups that hold them.
 
 ``format: webdataset`` writes ``shard-NNNNN.tar`` instead, one sample per row
 (``{uid}.jpg``, ``.txt``, ``.json``) and ``sizes.json``: what open_clip's trainer
@@ -23,7 +25,7 @@ from __future__ import annotations
 import io
 import json
 import tarfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Literal
@@ -35,10 +37,10 @@ import pyarrow.parquet as pq
 
 from curate.clip_embed import read_image_bytes
 from curate.config import ConfigError, Count
-from curate.progress import Progress
+from curate.progress import FinishedRows, Progress
 from curate.stages.base import Stage, StageContext, register_stage
 from curate.stages.clip import IMAGE_COLUMNS
-from curate.stages.download import IMAGES_DIR, image_shards
+from curate.stages.download import IMAGES_DIR, images_by_file
 
 DECISION_COLUMNS = ("keep", "dropped_by", "caption_error")
 #: Rows per Parquet row group of image shards: the images of one group are all that is
@@ -66,60 +68,85 @@ class ShardStage(Stage):
         return columns
 
     def run(self, ctx: StageContext) -> int:
+        """The driver counts kept rows per ledger file and cuts them into shards; a task per
+        shard reads its range of kept rows, joins their images and writes the shard."""
         downloaded = ctx.input_schema is not None and "status" in ctx.input_schema.names
-        images = ImageIndex.build(ctx.run_dir / IMAGES_DIR, ctx.input_files) if downloaded else None
-        progress = Progress(self.name, _count_kept(ctx.input_files), enabled=ctx.progress)
-        group = ROWS_PER_GROUP if images is not None else self.rows_per_shard
+        files = ctx.input_files
+        kept = ctx.engine.map_items(_count_kept, files, f"{self.name}: count")
+        images = ctx.run_dir / IMAGES_DIR
+        by_file = images_by_file(images) if downloaded else [[] for _ in files]
         tar = self.format == "webdataset"
-        written, sizes = 0, {}
-        kept = _kept_tables(ctx.input_files)
-        with progress:
-            for number, shard in enumerate(_exact_batches(kept, self.rows_per_shard)):
-                name = f"shard-{number:05d}.{'tar' if tar else 'parquet'}"
-                schema = _shard_schema(shard.schema, images is not None)
-                pieces = _with_images(shard, schema, written, group, images, progress)
-                if tar:
-                    _write_tar(ctx.out_dir / name, pieces)
-                else:
-                    _write_parquet(ctx.out_dir / name, schema, pieces)
-                sizes[name] = shard.num_rows
-                written += shard.num_rows
+        jobs = []
+        for number, segments in enumerate(_ranges(kept, self.rows_per_shard)):
+            name = f"shard-{number:05d}.{'tar' if tar else 'parquet'}"
+            sources = [(files[i], start, stop) for i, start, stop in segments]
+            shards = sorted({n for i, _, _ in segments for n in by_file[i]})
+            jobs.append(ShardJob(ctx.out_dir / name, sources, images if downloaded else None,
+                                 shards, self.rows_per_shard, tar))  # fmt: skip
+        shown = Progress(self.name, sum(kept), enabled=ctx.progress)
+        with shown, shown.poll(FinishedRows(ctx.out_dir, "shard-*.parquet")):
+            written = ctx.engine.map_items(_write_shard, jobs, self.name)
         if tar:  # open_clip reads the dataset size from here (no --train-num-samples needed)
+            sizes = {job.out.name: rows for job, rows in zip(jobs, written)}
             (ctx.out_dir / "sizes.json").write_text(json.dumps(sizes, indent=1))
-        return written
+        return sum(written)
 
 
 # --- kept rows -----------------------------------------------------------------------------
 
 
-def _kept_tables(files: list[Path]) -> Iterator[pa.Table]:
-    """Each ledger file's kept rows; one file (~10^5 rows) in memory at a time."""
-    for path in files:
+def _count_kept(path: Path) -> int:
+    return pc.sum(pc.fill_null(pq.read_table(path, columns=["keep"])["keep"], False)).as_py() or 0
+
+
+def _ranges(kept: list[int], size: int) -> list[list[tuple[int, int, int]]]:
+    """Shards of ``size`` kept rows (the last: what is left), in ledger order, each as
+    (ledger file, first, stop) ranges of that file's kept rows."""
+    shards: list[list[tuple[int, int, int]]] = []
+    room = 0
+    for i, n in enumerate(kept):
+        start = 0
+        while start < n:
+            if room == 0:
+                shards.append([])
+                room = size
+            take = min(room, n - start)
+            shards[-1].append((i, start, start + take))
+            start, room = start + take, room - take
+    return shards
+
+
+@dataclass
+class ShardJob:
+    """One shard: its file, the ranges of kept rows it holds, where their images are."""
+
+    out: Path
+    sources: list[tuple[Path, int, int]]  # (ledger file, first kept row, stop)
+    images: Path | None  # the download's images/ (None: no images to join)
+    image_shards: list[str]  # the image shards of those ledger files
+    rows_per_shard: int
+    tar: bool
+
+
+def _write_shard(job: ShardJob) -> int:
+    """Write one shard; how many rows."""
+    parts = []
+    for path, start, stop in job.sources:
         table = pq.read_table(path)
-        table = table.filter(pc.fill_null(table["keep"], False))
-        yield table.drop_columns([c for c in DECISION_COLUMNS if c in table.column_names])
-
-
-def _count_kept(files: list[Path]) -> int:
-    return sum(
-        pc.sum(pc.fill_null(pq.read_table(f, columns=["keep"])["keep"], False)).as_py() or 0
-        for f in files
-    )
-
-
-def _exact_batches(tables: Iterable[pa.Table], size: int) -> Iterator[pa.Table]:
-    """Tables of exactly ``size`` rows (the last: what is left), across table boundaries."""
-    pending: list[pa.Table] = []
-    rows = 0
-    for table in tables:
-        pending.append(table)
-        rows += table.num_rows
-        while rows >= size:
-            merged = pa.concat_tables(pending, promote_options="permissive")
-            yield merged.slice(0, size)
-            pending, rows = [merged.slice(size)], rows - size
-    if rows:
-        yield pa.concat_tables(pending, promote_options="permissive")
+        table = table.filter(pc.fill_null(table["keep"], False)).slice(start, stop - start)
+        parts.append(table.drop_columns([c for c in DECISION_COLUMNS if c in table.column_names]))
+    shard = pa.concat_tables(parts, promote_options="permissive")
+    index = None
+    if job.images is not None:
+        index = ImageIndex.build(job.images, job.image_shards, shard["uid"])
+    group = ROWS_PER_GROUP if index is not None else job.rows_per_shard
+    schema = _shard_schema(shard.schema, index is not None)
+    pieces = _with_images(shard, schema, group, index)
+    if job.tar:
+        _write_tar(job.out, pieces)
+    else:
+        _write_parquet(job.out, schema, pieces)
+    return shard.num_rows
 
 
 # --- image bytes ---------------------------------------------------------------------------
@@ -127,10 +154,11 @@ def _exact_batches(tables: Iterable[pa.Table], size: int) -> Iterator[pa.Table]:
 
 @dataclass
 class ImageIndex:
-    """Where each kept row's image is: an image shard and a row in it (-1: nowhere).
+    """Where each row of a shard has its image: an image shard and a row in it (-1: nowhere).
 
-    Built once from the uid columns alone, in the order of the kept rows, so a
-    run of 10^7 images costs a few hundred MB here and no image bytes.
+    Built by the shard's task from the uid columns of its ledger files' image shards
+    alone (the download writes each ledger file's images to shards of its own): a
+    shard's worth of uids, no image bytes.
     """
 
     folder: Path
@@ -140,9 +168,12 @@ class ImageIndex:
     row_of: np.ndarray  # int64 per kept row
 
     @classmethod
-    def build(cls, folder: Path, ledger: list[Path]) -> ImageIndex:
+    def build(cls, folder: Path, names: list[str], kept: pa.ChunkedArray) -> ImageIndex:
+        """The index of the ``kept`` uids in the image shards ``names`` of ``folder``."""
         shards, columns, uids, shard_ids, rows = [], [], [], [], []
-        for path in image_shards(folder):
+        for path in (Path(folder) / f"{name}.parquet" for name in names):
+            if not path.is_file():
+                continue
             column = next((c for c in IMAGE_COLUMNS if c in pq.read_schema(path).names), None)
             if column is None:
                 continue
@@ -152,7 +183,6 @@ class ImageIndex:
             uids.append(found)
             shards.append(str(path))
             columns.append(column)
-        kept = pa.chunked_array([_kept_uids(f) for f in ledger], pa.string())  # ledger order
         where = pc.index_in(kept, value_set=pa.chunked_array(uids, pa.string()))
         where = pc.fill_null(where, -1).to_numpy()
         found = where >= 0
@@ -161,7 +191,7 @@ class ImageIndex:
         if found.any():
             shard_of[found] = np.concatenate(shard_ids)[where[found]]
             row_of[found] = np.concatenate(rows)[where[found]]
-        return cls(folder, shards, columns, shard_of, row_of)
+        return cls(Path(folder), shards, columns, shard_of, row_of)
 
     def column(self, uids: list[str], start: int) -> pa.ChunkedArray:
         """The ``image`` structs of kept rows ``start …`` (whose uids are ``uids``)."""
@@ -194,11 +224,6 @@ class ImageIndex:
         )
 
 
-def _kept_uids(path: Path) -> pa.Array:
-    table = pq.read_table(path, columns=["uid", "keep"])
-    return table.filter(pc.fill_null(table["keep"], False))["uid"].combine_chunks()
-
-
 def _shard_schema(ledger: pa.Schema, with_images: bool) -> pa.Schema:
     """The ledger's columns, then ``image`` declared to HF ``datasets`` as an Image feature."""
     if not with_images:
@@ -208,21 +233,15 @@ def _shard_schema(ledger: pa.Schema, with_images: bool) -> pa.Schema:
 
 
 def _with_images(
-    shard: pa.Table,
-    schema: pa.Schema,
-    offset: int,
-    group: int,
-    images: ImageIndex | None,
-    progress: Progress,
+    shard: pa.Table, schema: pa.Schema, group: int, images: ImageIndex | None
 ) -> Iterator[pa.Table]:
     """A shard's rows in pieces of ``group`` rows, each with its ``image`` column joined."""
     for start in range(0, shard.num_rows, group):
         piece = shard.slice(start, group)
         if images is not None:
-            column = images.column(piece["uid"].to_pylist(), offset + start)
+            column = images.column(piece["uid"].to_pylist(), start)
             piece = pa.Table.from_arrays([*piece.columns, column], schema=schema)
         yield piece
-        progress.add(piece.num_rows)
 
 
 # --- writers -------------------------------------------------------------------------------
