@@ -23,6 +23,7 @@ import logging
 import os
 import threading
 import uuid
+import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -120,7 +121,10 @@ class RayEngine(Engine):
             batch_format="pyarrow",
             num_cpus=1,
             num_gpus=gpus,
-            compute=ray.data.ActorPoolStrategy(size=workers),
+            # No more actors than items; a lost actor fails the stage (which resumes) rather
+            # than being restarted, so Ray does not warn about restarting it on every run.
+            compute=ray.data.ActorPoolStrategy(size=max(1, min(workers, len(items)))),
+            max_restarts=0,
         )
         polled = progress.poll(FinishedRows(out_dir)) if progress else contextlib.nullcontext()
         with polled, worker_errors():
@@ -193,13 +197,15 @@ def init_ray(address: str | None = None, verbose: bool = False) -> None:
     if address is None:
         # The embedded cluster binds to loopback only (Ray reads this when imported).
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-        # Token authentication, as Ray's default: said explicitly, Ray does not warn about it.
-        os.environ.setdefault("RAY_AUTH_MODE", "token")
         # "local" always starts a new cluster, even when another one runs on this machine.
         kwargs = {"include_dashboard": False, "num_cpus": os.cpu_count()}  # env: inherited
         address = "local"
     import ray
 
+    # Ray warns on every start that token authentication is on, as it is by default:
+    # not the user's business unless they asked for Ray's own logs.
+    notice = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    notice.setLevel(logging.INFO if verbose else logging.ERROR)
     if not ray.is_initialized():
         ray.init(
             address=address,
@@ -229,6 +235,10 @@ def shared_cluster(start: bool, verbose: bool = False) -> Iterator[None]:
 
 def _configure_ray_data(verbose: bool) -> None:
     import ray.data
+
+    # max_restarts (map_with_models) is passed the one way Ray Data takes it, which it
+    # calls deprecated in favour of named parameters it does not have yet.
+    warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
 
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True
@@ -318,6 +328,7 @@ def _map_files_on_actors(stage: MapStage, files: list[Path], out_dir: Path, have
         batch_size=stage.batch_size,
         num_cpus=stage.num_cpus,
         num_gpus=stage.num_gpus,
-        concurrency=max(1, int(available // share)),
+        concurrency=max(1, min(int(available // share), len(files))),
+        max_restarts=0,  # as in map_with_models
     )
     ds.write_parquet(str(out_dir), filename_provider=_part_names())
