@@ -5,8 +5,9 @@ scores) with an ``X.npz`` of fp16 arrays ``b32_img``, ``b32_txt``, ``l14_img``,
 ``l14_txt`` whose rows are aligned with the parquet's rows. Later stages (CLIP
 score, dedup) read these vectors instead of running a model, so ingest records
 in ``datacomp_npz.json`` which npz belongs to which rows of the ledger, and
-``read_npz_embeddings`` pairs each vector with its ledger uid. Ingest checks the
-row counts from the npz headers only; the arrays are loaded when a stage asks.
+``read_npz_embeddings`` pairs each vector with its ledger uid (``read_npz_source``:
+one source's, for a task that reads only its own). Ingest checks the row counts
+from the npz headers only; the arrays are loaded when a stage asks.
 """
 
 from __future__ import annotations
@@ -120,6 +121,18 @@ def _load(npz: Path, key: str) -> np.ndarray:
         raise IngestError(f"{npz}: cannot read array {key!r}: {exc}") from exc
 
 
+def npz_sources(ingest_dir: Path) -> list[dict]:
+    """The manifest's entries, one per source parquet in input order (npz, rows, first_row)."""
+    ingest_dir = Path(ingest_dir)
+    manifest = ingest_dir / MANIFEST
+    if not manifest.is_file():
+        raise IngestError(
+            f"{ingest_dir}: no {MANIFEST}; the ingest input was not DataComp metadata with .npz "
+            "embeddings"
+        )
+    return json.loads(manifest.read_text(encoding="utf-8"))["files"]
+
+
 def read_npz_embeddings(ingest_dir: Path, key: str) -> Iterator[pa.Table]:
     """Per source parquet, a table of (uid, embedding fixed_size_list<float16, D>).
 
@@ -128,24 +141,42 @@ def read_npz_embeddings(ingest_dir: Path, key: str) -> Iterator[pa.Table]:
     ledger order, so concatenating the tables lines up with the ledger.
     """
     ingest_dir = Path(ingest_dir)
-    manifest = ingest_dir / MANIFEST
-    if not manifest.is_file():
-        raise IngestError(
-            f"{ingest_dir}: no {MANIFEST}; the ingest input was not DataComp metadata with .npz "
-            "embeddings"
-        )
-    files = json.loads(manifest.read_text(encoding="utf-8"))["files"]
+    files = npz_sources(ingest_dir)
     uids = _UidStream(sorted(ingest_dir.glob("part-*.parquet")))
     for entry in files:
-        npz = Path(entry["npz"])
-        vectors = _load(npz, key)
-        if vectors.ndim != 2 or vectors.shape[0] != entry["rows"]:
-            parquet = Path(entry["parquet"]).name
-            raise IngestError(
-                f"{npz}: array {key!r} has shape {vectors.shape}, "
-                f"but {parquet} has {entry['rows']} rows"
-            )
-        vectors = np.ascontiguousarray(vectors, dtype=np.float16)
-        flat = pa.array(vectors.reshape(-1), pa.float16())
-        embedding = pa.FixedSizeListArray.from_arrays(flat, vectors.shape[1])
-        yield pa.table({"uid": uids.take(entry["rows"]), "embedding": embedding})
+        yield _embeddings(entry, key, uids.take(entry["rows"]))
+
+
+def read_npz_source(ingest_dir: Path, index: int, key: str) -> pa.Table:
+    """Source ``index``'s table of (uid, embedding), as ``read_npz_embeddings`` yields it.
+
+    Its uids come from the ledger parts ingest wrote for that source alone
+    (``part-SSSSS-*.parquet``, SSSSS = ``index``), so one task per source can
+    read them without the parts of any other.
+    """
+    ingest_dir = Path(ingest_dir)
+    entry = npz_sources(ingest_dir)[index]
+    parts = sorted(ingest_dir.glob(f"part-{index:05d}-*.parquet"))
+    extra = sum(pq.ParquetFile(p).metadata.num_rows for p in parts) - entry["rows"]
+    if extra > 0:  # fewer: the stream says so
+        raise IngestError(
+            f"{ingest_dir}: the ledger parts of {Path(entry['parquet']).name} hold {extra} rows "
+            f"more than {MANIFEST} lists"
+        )
+    return _embeddings(entry, key, _UidStream(parts).take(entry["rows"]))
+
+
+def _embeddings(entry: dict, key: str, uids: pa.Array) -> pa.Table:
+    """A manifest entry's ``key`` array beside its ledger uids, checked against its row count."""
+    npz = Path(entry["npz"])
+    vectors = _load(npz, key)
+    if vectors.ndim != 2 or vectors.shape[0] != entry["rows"]:
+        parquet = Path(entry["parquet"]).name
+        raise IngestError(
+            f"{npz}: array {key!r} has shape {vectors.shape}, "
+            f"but {parquet} has {entry['rows']} rows"
+        )
+    vectors = np.ascontiguousarray(vectors, dtype=np.float16)
+    flat = pa.array(vectors.reshape(-1), pa.float16())
+    embedding = pa.FixedSizeListArray.from_arrays(flat, vectors.shape[1])
+    return pa.table({"uid": uids, "embedding": embedding})

@@ -1,10 +1,12 @@
 """What the dedup and decontamination stages share: who survives, group ids, decisions.
 
-Each of those stages first decides, on the driver (with Ray tasks where the
-work is large), which alive rows it drops, then applies the decisions to the
-ledger batch by batch. A decision table holds only the rows it concerns
-(duplicates, contaminated rows), so it is small next to the pool and travels
-with the stage to every worker.
+Each of those stages first decides which alive rows it drops, in engine tasks
+that each write the decisions of their share of the work (a hash partition, a
+bucket of clusters) as Parquet files (``write_decisions``); no row passes
+through the driver. Then the decisions are applied to the ledger batch by batch:
+every worker loads the files once (``read_decisions``). A decision table holds
+only the rows it concerns (duplicates, contaminated rows), so it is small next
+to the pool.
 
 Survivor rule, everywhere: the highest score first (``clip_score`` unless the
 stage's ``score`` names another column, e.g. DataComp's
@@ -24,10 +26,11 @@ import pyarrow.parquet as pq
 
 from curate.clip_model import embedding_matrix
 from curate.schema import alive_mask, set_column
+from curate.stats import sql_string
 
 DECISIONS = pa.schema([("uid", pa.string()), ("dup_group", pa.int64()), ("drop", pa.bool_())])
 REGROUP = pa.schema([("old", pa.int64()), ("new", pa.int64())])
-ALIVE = pa.schema([("uid", pa.string()), ("score", pa.float32())])
+PARENTS = pa.schema([("uid", pa.string()), ("parent", pa.string())])
 
 
 def group_id(uid: str) -> int:
@@ -49,28 +52,93 @@ def survivor_order(uids: list[str] | np.ndarray, scores: np.ndarray) -> np.ndarr
     return np.lexsort((np.asarray(uids, dtype=str), -np.where(missing, 0, scores), missing))
 
 
-def alive_scores(files: list[Path], column: str = "clip_score") -> pa.Table:
-    """uid and score (``column``; NaN as null; all null without the column) of each alive row."""
-    parts = []
-    for path in files:
-        names = pq.read_schema(path).names
-        columns = ["uid", "keep"] + ([column] if column in names else [])
-        table = pq.read_table(path, columns=columns)
-        table = table.filter(alive_mask(table))
-        if column in names:
-            score = table[column].cast(pa.float32())
-            score = pc.if_else(pc.is_nan(score), pa.scalar(None, pa.float32()), score)
-        else:
-            score = pa.nulls(table.num_rows, pa.float32())
-        parts.append(pa.table({"uid": table["uid"], "score": score}, schema=ALIVE))
-    return pa.concat_tables(parts) if parts else ALIVE.empty_table()
+def survivor_rank(uids: pa.Array, scores: pa.Array) -> np.ndarray:
+    """Each row's place in the survivor order of all the given rows (0 = best)."""
+    order = survivor_order(
+        np.asarray(uids.to_pylist(), dtype=str),
+        scores.to_numpy(zero_copy_only=False).astype(np.float64),
+    )
+    rank = np.empty(len(order), np.int64)
+    rank[order] = np.arange(len(order))
+    return rank
 
 
-def read_vectors(path: Path, column: str, wanted: pa.Array) -> tuple[pa.Array, np.ndarray]:
-    """The uids of ``path`` that are in ``wanted`` and have a vector, and those vectors."""
+def alive_sql(path: Path, score: str, columns: tuple[str, ...] = (), where: str = "") -> str:
+    """DuckDB SQL for one ledger file's alive rows: uid, score, then ``columns``.
+
+    ``score`` is that column as FLOAT with NaN as null (null on every row when
+    the file lacks it: survivors then rank by uid alone); ``where`` narrows the rows.
+    """
+    names = pq.read_schema(path).names
+    value = "NULL::FLOAT"
+    if score in names:
+        quoted = _quote(score)
+        value = f"CASE WHEN isnan({quoted}::FLOAT) THEN NULL ELSE {quoted}::FLOAT END"
+    select = ", ".join(["uid", f"{value} AS score", *map(_quote, columns)])
+    narrowed = f" AND ({where})" if where else ""
+    return f"SELECT {select} FROM read_parquet({sql_string(path)}) WHERE keep{narrowed}"
+
+
+def _quote(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def final_decisions(absorbed: pa.Table, moved: pa.Table | None = None) -> tuple[pa.Table, pa.Table]:
+    """Decisions and group renames from who absorbed whom (``absorbed``: uid, parent).
+
+    Each absorbed row is dropped into its absorber's group; each absorber is kept
+    at the head of its own (the rule only ever absorbs into a kept row, so no
+    absorber is itself in ``absorbed``). ``moved`` (uid, parent) lists absorbers
+    that were absorbed elsewhere, into rows that stay (SemDeDup: survivors
+    absorbed across clusters, decided by ``final_decisions(moved)``): the rows
+    they absorbed follow them into the new head's group, and the decisions on
+    the moved absorbers and their new heads are left to that other call, so each
+    row is decided once, by whichever task holds it.
+    """
+    moved_to = {}
+    if moved is not None:
+        moved_to = dict(zip(moved["uid"].to_pylist(), moved["parent"].to_pylist()))
+    heads_elsewhere = set(moved_to.values())
+    uids, parents = absorbed["uid"].to_pylist(), absorbed["parent"].to_pylist()
+    groups = [group_id(moved_to.get(p, p)) for p in parents]
+    heads = sorted({p for p in parents if p not in moved_to and p not in heads_elsewhere})
+    decisions = pa.table(
+        {
+            "uid": uids + heads,
+            "dup_group": groups + [group_id(u) for u in heads],
+            "drop": [True] * len(uids) + [False] * len(heads),
+        },
+        DECISIONS,
+    )
+    regroup = pa.table({"old": [group_id(u) for u in uids], "new": groups}, REGROUP)
+    return decisions, regroup
+
+
+def write_decisions(folder: Path, name: str, decisions: pa.Table, regroup: pa.Table) -> None:
+    """One task's decisions and group renames, as ``folder/{decisions,regroup}/NAME.parquet``."""
+    for kind, table in (("decisions", decisions), ("regroup", regroup)):
+        if table.num_rows:
+            (folder / kind).mkdir(parents=True, exist_ok=True)
+            pq.write_table(table, folder / kind / f"{name}.parquet")
+
+
+def read_decisions(folder: Path) -> tuple[pa.Table, pa.Table]:
+    """Every task's decisions and group renames under ``folder`` (``write_decisions``)."""
+    decisions = read_tables(sorted((folder / "decisions").glob("*.parquet")), DECISIONS)
+    regroup = read_tables(sorted((folder / "regroup").glob("*.parquet")), REGROUP)
+    return decisions.combine_chunks(), regroup.combine_chunks()
+
+
+def read_tables(files: list[Path], schema: pa.Schema) -> pa.Table:
+    """Parquet files as one table of ``schema`` (empty without files)."""
+    tables = [pq.read_table(f, schema=schema) for f in files]
+    return pa.concat_tables(tables) if tables else schema.empty_table()
+
+
+def read_vectors(path: Path, column: str) -> tuple[pa.Array, np.ndarray]:
+    """The uids of ``path`` that have a vector in ``column``, and those vectors."""
     table = pq.read_table(path, columns=["uid", column])
-    keep = pc.and_(pc.is_in(table["uid"], value_set=wanted), pc.is_valid(table[column]))
-    table = table.filter(keep)
+    table = table.filter(pc.is_valid(table[column]))
     return table["uid"].combine_chunks(), embedding_matrix(table[column])
 
 

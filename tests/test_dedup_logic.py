@@ -160,6 +160,31 @@ def test_decisions_regroup_followers_and_leave_earlier_drops_alone():
     assert out["dup_group"][:4] == [group_id(u[0])] * 4 and out["dup_group"][4] is None
 
 
+def test_decisions_made_by_several_tasks_are_those_made_at_once():
+    """Each bucket decides its rows, the cross-cluster task the survivors it moved (and their
+    new heads): together, every row once, in the group of its final survivor."""
+    from curate.dedup import PARENTS, final_decisions
+
+    def parents(pairs: str) -> pa.Table:
+        return pa.table({"uid": list(pairs[::2]), "parent": list(pairs[1::2])}, PARENTS)
+
+    moved = parents("dazf")  # survivors d and z absorbed across clusters, into a and f
+    tasks = [final_decisions(parents(b), moved) for b in ("baca", "edhd", "gf")]
+    tasks.append(final_decisions(moved))
+    decisions = pa.concat_tables(d for d, _ in tasks).to_pylist()
+    regroup = pa.concat_tables(r for _, r in tasks).to_pylist()
+    assert len({d["uid"] for d in decisions}) == len(decisions)  # nobody decided twice
+    final = {u: "a" for u in "bcdeh"} | {u: "f" for u in "gz"}
+    assert {d["uid"]: (d["dup_group"], d["drop"]) for d in decisions} == {
+        **{u: (group_id(f), True) for u, f in final.items()},
+        "a": (group_id("a"), False),
+        "f": (group_id("f"), False),
+    }
+    assert {(r["old"], r["new"]) for r in regroup} == {
+        (group_id(u), group_id(f)) for u, f in final.items()
+    }
+
+
 def test_group_ids_differ_for_uids_that_share_a_prefix():
     sequential = [f"{i:032x}" for i in range(10_000)]
     ids = {group_id(u) for u in sequential}

@@ -151,6 +151,70 @@ def test_identical_on_ray_and_across_file_boundaries(pool, deduped, tmp_path, ra
     assert ray_rows.equals(local_rows.cast(ray_rows.schema))
 
 
+def test_the_same_ledger_from_one_partition_and_one_bucket_or_many(tmp_path, monkeypatch):
+    """The tasks split the work by hash partition and by bucket of clusters; how finely
+    must not change a decision (a loose epsilon: many groups span clusters and buckets)."""
+    import curate.stages.dedup as stages
+
+    write_pool(tmp_path / "pool", n_files=3)
+    ledgers, counters = [], []
+    for partitions, bucket_rows in ((1, 50_000), (7, 100)):
+        monkeypatch.setattr(stages, "partitions_for", lambda files, n=partitions: n)
+        monkeypatch.setattr(stages, "BUCKET_ROWS", bucket_rows)
+        run = tmp_path / f"run-{partitions}"
+        run_recipe(semdedup_recipe(clusters=7, epsilon=0.5), tmp_path / "pool", run, "local")
+        columns = ["uid", "keep", "dropped_by", "dup_group"]
+        ledgers.append(pq.read_table(run / "ledger", columns=columns).sort_by("uid"))
+        stage = next((run / "stages").glob("*_dedup_semantic"))
+        counters.append(json.loads((stage / "_SUCCESS").read_text())["counters"])
+        decided = sorted(p.name for p in (stage / "_stats" / "decisions").iterdir())
+        assert len(decided) == (2 if partitions == 1 else 8)  # a file per bucket, and across
+    assert ledgers[0].equals(ledgers[1])
+    assert counters[0]["dropped_across_clusters"] == counters[1]["dropped_across_clusters"] > 0
+
+
+def test_vectors_of_one_datacomp_source_are_those_of_the_whole_stream(tmp_path):
+    """A task reads one source's vectors and uids (its own ledger parts only)."""
+    from curate.datacomp import read_npz_embeddings, read_npz_source
+
+    write_pool(tmp_path / "pool", n=900, n_files=3)
+    data = {"name": "t", "stages": [{"stage": "ingest", "rows_per_file": 128}]}
+    run_recipe(recipe_from_data(data, {}, "t"), tmp_path / "pool", tmp_path / "run", "local")
+    ingest = next((tmp_path / "run" / "stages").glob("*_ingest"))
+    assert len(list(ingest.glob("part-00001-*.parquet"))) > 1
+    whole = list(read_npz_embeddings(ingest, "l14_img"))
+    assert [read_npz_source(ingest, i, "l14_img") for i in range(3)] == whole
+
+
+@pytest.mark.parametrize("engine", ["local", pytest.param("ray", marks=pytest.mark.slow)])
+def test_bad_vectors_fail_in_a_task_with_the_usual_error(tmp_path, engine, request):
+    """An .npz changed after ingest: the task that reads it raises, the driver reports it."""
+    from curate.engine import open_engine
+    from curate.readers import IngestError
+    from curate.stages.base import StageContext
+    from curate.stages.dedup import SemanticDedupStage
+
+    if engine == "ray":
+        request.getfixturevalue("ray_local")
+    write_pool(tmp_path / "pool", n=600, n_files=2)
+    data = {"name": "t", "stages": [{"stage": "ingest"}]}
+    run_recipe(recipe_from_data(data, {}, "t"), tmp_path / "pool", tmp_path / "run", "local")
+    np.savez(tmp_path / "pool" / "0000001.npz", l14_img=np.zeros((5, DIM), np.float16))
+    ingest = next((tmp_path / "run" / "stages").glob("*_ingest"))
+    files = sorted(ingest.glob("part-*.parquet"))
+    out = tmp_path / "out"
+    out.mkdir()
+    ctx = StageContext(tmp_path / "run", out, files, pq.read_schema(files[0]),
+                       ingest_dir=ingest, engine=open_engine(engine))  # fmt: skip
+    stage = SemanticDedupStage(embeddings="l14")
+    stage.name = "dedup_semantic"
+    try:
+        with pytest.raises(IngestError, match=r"has shape \(5, 24\), but 0000001\.parquet"):
+            stage.plan(ctx)
+    finally:
+        ctx.engine.close()
+
+
 def test_pairs_split_by_cluster_boundaries_are_still_found(tmp_path):
     """Loose copies (cosine ~0.98) and many small clusters cut planted pairs apart; the
     cross-cluster pass still resolves them."""
@@ -208,6 +272,7 @@ def test_exact_dedup_ties_nan_and_earlier_drops(tmp_path):
     stage = ExactDedupStage()
     stage.name = "dedup_exact"
     stage.plan(ctx)
+    stage.setup()
     out = stage(pq.read_table(path)).to_pydict()
     assert out["keep"] == [True, False, False, False, True, True, True, True]
     assert out["dropped_by"] == [None, "dedup_exact", "lang", "dedup_exact", None, None, None, None]

@@ -8,6 +8,11 @@ every alive row whose image embedding has cosine >= ``threshold`` with some
 evaluation image (``dropped_by`` = the stage's name, ``decontaminate``).
 Cosines are screened in float32 and decided in float64, as in SemDeDup.
 
+The driver holds the evaluation set, never the pool: a task per embeddings
+file matches its rows where they lie, and tasks per hash partition of the uid
+keep the matches of rows still alive (a join with the ledger's alive uids) and
+write the decisions that every worker then applies (``curate.dedup``).
+
 ``eval_set`` is a folder of images, a Parquet file of images (a binary
 column: ``image``, ``jpg``, ``png`` or ``webp``), or a Parquet file of
 precomputed vectors (an ``image_embedding`` or ``embedding`` column, already
@@ -32,17 +37,19 @@ import pyarrow.parquet as pq
 
 from curate.clip_model import embedding_matrix
 from curate.config import ConfigError, Range
-from curate.dedup import DECISIONS, alive_scores, read_vectors, unit_rows
+from curate.dedup import DECISIONS, REGROUP, read_tables, read_vectors, unit_rows, write_decisions
 from curate.runfolder import scratch
 from curate.semdedup import SCREEN
 from curate.stages.base import StageContext, register_stage
 from curate.stages.clip import EMBEDDINGS_DIR, MODEL_FILE, embed_images, prepare_model
-from curate.stages.dedup import STATS, DecidedStage
+from curate.stages.dedup import ALIVE, DecidedStage, scatter_alive
+from curate.stats import connect, partition_files, partitions_for, scatter, write_query
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 IMAGE_COLUMNS = ("image", "jpg", "png", "webp")
 VECTOR_COLUMNS = ("image_embedding", "embedding")
 MATCHES = pa.schema([("uid", pa.string()), ("eval_index", pa.int64()), ("cosine", pa.float64())])
+FOUND = pa.schema([("uid", pa.string()), ("eval_item", pa.string()), ("cosine", pa.float64())])
 
 
 @register_stage("decontaminate")
@@ -67,35 +74,38 @@ class DecontaminateStage(DecidedStage):
         return super().columns_after(columns)
 
     def plan(self, ctx: StageContext) -> None:
+        decided = self._decisions_dir(ctx)
         with scratch(ctx.out_dir) as work:
-            self._decide(ctx, work)
+            self._decide(ctx, work, decided)
 
-    def _decide(self, ctx: StageContext, work: Path) -> None:
+    def _decide(self, ctx: StageContext, work: Path, decided: Path) -> None:
+        """Every vector file matched against the evaluation set where it lies, then the
+        matches of alive rows kept by a join with the ledger by uid partition (only the
+        matches move, never a vector): all in tasks."""
         names, vectors = self._eval_vectors(ctx, work)
         np.save(work / "eval.npy", unit_rows(vectors))
-        pq.write_table(alive_scores(ctx.input_files).select(["uid"]), work / "alive.parquet")
-        files = sorted((ctx.run_dir / EMBEDDINGS_DIR).glob("*.parquet"))
-        jobs = [
-            {"path": str(f), "eval": str(work / "eval.npy"), "alive": str(work / "alive.parquet"),
-             "threshold": self.threshold}
-            for f in files
-        ]  # fmt: skip
-        found = ctx.engine.map_items(_match_task, jobs, f"{self.name}: match", ctx.progress)
-        matches = pa.concat_tables(found or [MATCHES.empty_table()])
-        matches = pa.table(
-            {
-                "uid": matches["uid"],
-                "eval_item": pa.array(names, pa.string()).take(matches["eval_index"]),
-                "cosine": matches["cosine"],
-            }
+        pq.write_table(pa.table({"eval_item": pa.array(names, pa.string())}), work / "names.pq")
+        parts = partitions_for(ctx.input_files)
+        files = enumerate(sorted((ctx.run_dir / EMBEDDINGS_DIR).glob("*.parquet")))
+        jobs = [{"path": f, "eval": work / "eval.npy", "threshold": self.threshold,
+                 "out": work / "matches" / f"{i:06d}", "parts": parts}
+                for i, f in files]  # fmt: skip
+        self._map(ctx, _match_task, jobs, "match")
+        files = enumerate(ctx.input_files)
+        jobs = [(f, "clip_score", work / "alive" / f"{i:06d}", parts) for i, f in files]
+        self._map(ctx, scatter_alive, jobs, "alive rows")
+        jobs = [{"matches": partition_files(work / "matches", p),
+                 "alive": partition_files(work / "alive", p), "names": work / "names.pq",
+                 "out": work / "found" / f"part-{p:05d}.parquet", "decided": decided}
+                for p in range(parts)]  # fmt: skip
+        found = self._map(ctx, _alive_matches, jobs, "alive matches")
+        listing = (sorted((work / "found").glob("*.parquet")), decided / "contaminated.parquet")
+        self._map(ctx, _list_matches, [listing], "list")
+        ctx.counters.update(
+            eval_images=len(names),
+            eval_items_matched=len(set().union(*(items for _, items in found))),
+            dropped=sum(rows for rows, _ in found),
         )
-        n = matches.num_rows
-        self._decisions = pa.table(
-            {"uid": matches["uid"], "dup_group": pa.nulls(n, pa.int64()), "drop": [True] * n},
-            DECISIONS,
-        )
-        self._save(ctx, eval_images=len(names), eval_items_matched=_distinct(matches))
-        pq.write_table(matches, ctx.out_dir / STATS / "contaminated.parquet")
 
     def _eval_vectors(self, ctx: StageContext, work: Path) -> tuple[list[str], np.ndarray]:
         """The evaluation set's names and image vectors (embedded here when they are images)."""
@@ -128,10 +138,6 @@ class DecontaminateStage(DecidedStage):
                 "eval_set as Parquet with an image_embedding column"
             )
         return prepare_model(about["model"], about.get("pretrained"))
-
-
-def _distinct(matches: pa.Table) -> int:
-    return int(pc.count_distinct(matches["eval_item"]).as_py()) if matches.num_rows else 0
 
 
 def find_beside_input(eval_set: str, input_path: Path | None) -> Path:
@@ -191,13 +197,13 @@ def _fixed_size(vectors: pa.ChunkedArray, path: Path) -> pa.ChunkedArray:
     return vectors.cast(pa.list_(kind.value_type, lengths[0]))
 
 
-def _match_task(item: dict) -> pa.Table:
-    """The alive rows of one embeddings file within ``threshold`` of an evaluation image."""
+def _match_task(item: dict) -> None:
+    """Every row of one embeddings file within ``threshold`` of an evaluation image (alive or
+    not: the ledger decides that later), split by the uid's hash."""
     import faiss
 
     targets = np.load(item["eval"])
-    wanted = pq.read_table(item["alive"])["uid"]
-    uids, vectors = read_vectors(Path(item["path"]), "image_embedding", wanted)
+    uids, vectors = read_vectors(item["path"], "image_embedding")
     x = unit_rows(vectors)
     index = faiss.IndexFlatIP(targets.shape[1])
     index.add(np.nan_to_num(targets.astype(np.float32)))
@@ -210,7 +216,7 @@ def _match_task(item: dict) -> pa.Table:
     rows, found, cosine = rows[hit], found[hit], cosine[hit]
     best = np.lexsort((-cosine, rows))  # per row: highest cosine first
     first = best[np.r_[True, rows[best][1:] != rows[best][:-1]]] if len(best) else best
-    return pa.table(
+    matches = pa.table(
         {
             "uid": uids.take(pa.array(rows[first], pa.int64())),
             "eval_index": pa.array(found[first], pa.int64()),
@@ -218,3 +224,33 @@ def _match_task(item: dict) -> pa.Table:
         },
         MATCHES,
     )
+    with connect() as con:
+        con.register("matches", matches)
+        scatter(con, "SELECT * FROM matches", "uid", item["out"], item["parts"])
+
+
+def _alive_matches(job: dict) -> tuple[int, list[str]]:
+    """One partition's matches of alive rows: their decisions, and the rows for the listing
+    (``found``); returns how many, and which evaluation items they match."""
+    alive = read_tables(job["alive"], ALIVE)["uid"]
+    matches = read_tables(job["matches"], MATCHES)
+    matches = matches.filter(pc.is_in(matches["uid"], value_set=alive))
+    names = pq.read_table(job["names"])["eval_item"]
+    job["out"].parent.mkdir(exist_ok=True)
+    found = pa.table(
+        [matches["uid"], names.take(matches["eval_index"]), matches["cosine"]], schema=FOUND
+    )
+    pq.write_table(found, job["out"])
+    n = matches.num_rows
+    decisions = pa.table(
+        {"uid": matches["uid"], "dup_group": pa.nulls(n, pa.int64()), "drop": [True] * n},
+        DECISIONS,
+    )
+    write_decisions(job["decided"], job["out"].stem, decisions, REGROUP.empty_table())
+    return n, sorted(set(found["eval_item"].to_pylist()))
+
+
+def _list_matches(job: tuple[list[Path], Path]) -> None:
+    """``contaminated.parquet``: every dropped row with the evaluation item it matched."""
+    files, out = job
+    write_query("SELECT * FROM {files} ORDER BY uid", files, out, FOUND.empty_table())

@@ -1,18 +1,46 @@
 """Deduplication stages: exact (same image bytes) and semantic (SemDeDup on image embeddings).
 
-Both decide on the driver and apply batch by batch (see ``curate.dedup``).
 Only alive rows take part. Each group of duplicates keeps one survivor —
 highest ``clip_score``, then smallest uid — and every row of the group,
 survivor included, records the group in ``dup_group``; the others are
 dropped with ``dropped_by`` = the stage's name (``dedup_exact``,
 ``dedup_semantic`` by default).
 
+The driver plans and the engine's tasks do every row's work: the driver holds
+file lists, counts, per-cluster sizes and SemDeDup's centroids, never rows.
+The tasks write the decisions under ``_stats/`` (``curate.dedup``); each
+worker loads them once and applies them to the ledger batch by batch.
+
+``dedup_exact``, two rounds of tasks (the partial → partition pattern of
+``curate.stats``):
+
+1. per ledger file: its alive rows with a sha256 (uid, sha256, score), split by
+   a hash of the sha256;
+2. per partition: the sha256s more than one row shares, their survivors, the
+   decisions.
+
 ``dedup_semantic`` reads the image embeddings of the clip stage
 (``RUN/embeddings/``) or, for DataComp metadata, the ``.npz`` beside each
 metadata parquet (``embeddings: l14`` reads ``l14_img``) without any model.
-The pool is never held whole: k-means trains on a sample, rows are assigned
-to centroids file by file, and clusters are deduplicated bucket by bucket —
-Ray tasks on the ray engine, the same functions in-process otherwise.
+The pool is never held whole; its rounds of tasks:
+
+1. per ledger file, its alive (uid, score); per vector source, its (uid,
+   vector); both split by a hash of the uid, so a row's score and vector meet
+   in one partition;
+2. per partition: the two joined into a work file (uid, score, vector); its
+   k-means candidates set aside (``sample_cut``);
+3. one task: k-means on the sample → ``_stats/centroids.npy``;
+4. per work file: each row's nearest and second-nearest centroid; the rows go
+   to the bucket of their cluster (cluster mod buckets);
+5. per bucket: SemDeDup within each of its clusters → who absorbed whom; the
+   survivors go on, each to its own cluster and, as a guest, to its
+   second-nearest;
+6. per bucket: the pairs too close across a cluster boundary → edges, with
+   their rows' scores;
+7. one task: the rule on the graph of those edges → the survivors absorbed
+   across clusters, and the decisions on them and their absorbers;
+8. per bucket: the decisions on its rows; a row whose absorber was absorbed
+   in 7 follows it.
 """
 
 from __future__ import annotations
@@ -23,39 +51,53 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
-import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from curate.clip_model import embedding_matrix
 from curate.config import ConfigError, Count, Range
 from curate.dedup import (
-    DECISIONS,
-    REGROUP,
-    alive_scores,
+    PARENTS,
+    alive_sql,
     apply_decisions,
-    group_id,
+    final_decisions,
+    read_decisions,
+    read_tables,
     survivor_order,
+    survivor_rank,
     unit_rows,
+    write_decisions,
 )
 from curate.runfolder import scratch
 from curate.semdedup import absorb_on_graph, absorbers, assign, pairs_between, train_centroids
 from curate.stages.base import MapStage, StageContext, register_stage
-from curate.stats import sql_paths
+from curate.stats import connect, partition_files, partitions_for, scatter, sql_paths
 from curate.uids import uid_keys
 
 #: Rows of the pool per bucket of clusters deduplicated by one task.
 BUCKET_ROWS = 50_000
 CLIP_EMBEDDINGS = "embeddings"
 STATS = "_stats"
+ALIVE = pa.schema([("uid", pa.string()), ("score", pa.float32())])
 
 
 class DecidedStage(MapStage):
-    """A stage whose ``plan`` leaves decisions that ``__call__`` applies to each batch."""
+    """A stage whose ``plan`` has engine tasks write decisions under ``_stats/``, which
+    ``setup`` loads once per worker and ``__call__`` applies to each batch.
+
+    The stage carries only the folder's path to the workers, never the tables.
+    """
+
+    def setup(self) -> None:
+        decided = getattr(self, "_decided", None)
+        if decided is None:
+            raise RuntimeError(f"stage {self.name}: plan() must run before setup()")
+        self._decisions, self._regroup = read_decisions(decided)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        return apply_decisions(batch, self._decisions, self.name, getattr(self, "_regroup", None))
+        return apply_decisions(batch, self._decisions, self.name, self._regroup)
 
     def columns_after(self, columns: set[str]) -> set[str]:
         score = getattr(self, "score", "clip_score")
@@ -63,12 +105,14 @@ class DecidedStage(MapStage):
             raise ConfigError(f"stage {self.name}: no column {score!r} to rank survivors by")
         return columns | {"dup_group"}
 
-    def _save(self, ctx: StageContext, **counters) -> None:
-        stats = ctx.out_dir / STATS
-        stats.mkdir(exist_ok=True)
-        pq.write_table(self._decisions, stats / "decisions.parquet")
-        dropped = int(pc.sum(self._decisions["drop"]).as_py() or 0)
-        ctx.counters.update(counters, dropped=dropped)
+    def _decisions_dir(self, ctx: StageContext) -> Path:
+        """Where this run's tasks write the decisions and statistics (``_stats/``)."""
+        self._decided = ctx.out_dir / STATS
+        self._decided.mkdir(exist_ok=True)
+        return self._decided
+
+    def _map(self, ctx: StageContext, fn, jobs: list, label: str) -> list:
+        return ctx.engine.map_items(fn, jobs, f"{self.name}: {label}", ctx.progress)
 
 
 @register_stage("dedup_exact")
@@ -87,46 +131,50 @@ class ExactDedupStage(DecidedStage):
         return super().columns_after(columns)
 
     def plan(self, ctx: StageContext) -> None:
-        dups = _same_sha256(ctx.input_files, self.score)
-        sha = dups["sha256"].to_numpy(zero_copy_only=False)
-        order = np.lexsort((survivor_rank(dups["uid"], dups["score"]), sha))
-        sha, uids = sha[order], np.asarray(dups["uid"].to_pylist(), dtype=object)[order]
-        starts = np.r_[True, sha[1:] != sha[:-1]] if len(sha) else np.zeros(0, bool)
-        survivor = uids[np.maximum.accumulate(np.where(starts, np.arange(len(sha)), 0))]
-        parents = pa.table({"uid": uids[~starts], "parent": survivor[~starts]}, _PARENTS)
-        self._decisions, self._regroup = _final_decisions(parents)
-        self._save(ctx, groups=int(starts.sum()), rows_in_groups=len(uids))
+        decided = self._decisions_dir(ctx)
+        parts = partitions_for(ctx.input_files)
+        with scratch(ctx.out_dir) as work:
+            files = enumerate(ctx.input_files)
+            jobs = [(f, self.score, work / f"{i:06d}", parts) for i, f in files]
+            self._map(ctx, _scatter_hashes, jobs, "hash")
+            jobs = [(partition_files(work, p), decided, f"part-{p:05d}") for p in range(parts)]
+            done = self._map(ctx, _exact_groups, jobs, "groups")
+        for counter in ("groups", "rows_in_groups", "dropped"):
+            ctx.counters[counter] = sum(d[counter] for d in done)
 
 
-def survivor_rank(uids: pa.Array, scores: pa.Array) -> np.ndarray:
-    """Each row's place in the survivor order of all the given rows (0 = best)."""
-    order = survivor_order(
-        np.asarray(uids.to_pylist(), dtype=str),
-        scores.to_numpy(zero_copy_only=False).astype(np.float64),
-    )
-    rank = np.empty(len(order), np.int64)
-    rank[order] = np.arange(len(order))
-    return rank
+def _scatter_hashes(job: tuple[Path, str, Path, int]) -> None:
+    """One ledger file's alive rows with a sha256 (uid, sha256, score), split by the sha256."""
+    path, score, folder, parts = job
+    with connect() as con:
+        scatter(con, alive_sql(path, score, ("sha256",), "sha256 <> ''"), "sha256", folder, parts)
 
 
-def _same_sha256(files: list[Path], column: str) -> pa.Table:
-    """uid, sha256, score of the alive rows whose sha256 another alive row shares."""
+def _exact_groups(job: tuple[list[Path], Path, str]) -> dict[str, int]:
+    """One partition's groups of rows that share a sha256: the best of each survives."""
+    files, decided, name = job
+    dups = _same_sha256(files)
+    sha = dups["sha256"].to_numpy(zero_copy_only=False)
+    order = np.lexsort((survivor_rank(dups["uid"], dups["score"]), sha))
+    sha, uids = sha[order], np.asarray(dups["uid"].to_pylist(), dtype=object)[order]
+    starts = np.r_[True, sha[1:] != sha[:-1]] if len(sha) else np.zeros(0, bool)
+    survivor = uids[np.maximum.accumulate(np.where(starts, np.arange(len(sha)), 0))]
+    parents = pa.table({"uid": uids[~starts], "parent": survivor[~starts]}, PARENTS)
+    write_decisions(decided, name, *final_decisions(parents))
+    return {"groups": int(starts.sum()), "rows_in_groups": len(uids), "dropped": parents.num_rows}
+
+
+def _same_sha256(files: list[Path]) -> pa.Table:
+    """uid, sha256, score of the rows in ``files`` whose sha256 another of them shares."""
     schema = pa.schema([("uid", pa.string()), ("sha256", pa.string()), ("score", pa.float32())])
     if not files:
         return schema.empty_table()
-    score = "NULL::FLOAT"
-    if column in pq.read_schema(files[0]).names:
-        name = '"' + column.replace('"', '""') + '"'
-        score = f"CASE WHEN isnan({name}::FLOAT) THEN NULL ELSE {name}::FLOAT END"
+    rows = f"read_parquet({sql_paths(files)}, hive_partitioning = false)"
     sql = f"""
-        WITH alive AS (
-            SELECT uid, sha256, {score} AS score FROM read_parquet({sql_paths(files)})
-            WHERE keep AND sha256 IS NOT NULL AND sha256 <> ''
-        )
-        SELECT uid, sha256, score FROM alive
-        WHERE sha256 IN (SELECT sha256 FROM alive GROUP BY sha256 HAVING count(*) > 1)
+        SELECT uid, sha256, score FROM {rows}
+        WHERE sha256 IN (SELECT sha256 FROM {rows} GROUP BY sha256 HAVING count(*) > 1)
     """
-    with duckdb.connect() as con:
+    with connect() as con:
         return con.sql(sql).to_arrow_table().cast(schema)
 
 
@@ -153,75 +201,94 @@ class SemanticDedupStage(DecidedStage):
         return super().columns_after(columns)
 
     def plan(self, ctx: StageContext) -> None:
+        decided = self._decisions_dir(ctx)
         with scratch(ctx.out_dir) as work:
-            self._decide(ctx, work)
+            self._decide(ctx, work, decided)
 
-    def _decide(self, ctx: StageContext, work: Path) -> None:
-        progress = ctx.progress
+    def _decide(self, ctx: StageContext, work: Path, decided: Path) -> None:
         clock = _Clock()
-        alive = alive_scores(ctx.input_files, self.score)
-        pq.write_table(alive, work / "alive.parquet")
-        files, column, source = self._vector_files(ctx, work)
+        sources, embeddings = self._vector_sources(ctx)
+        parts = partitions_for(ctx.input_files)
+        alive = self._scatter(ctx, work, sources, parts)
+        k = self.clusters or max(1, round(alive / 1000))
+        size = min(alive, k * self.sample_per_cluster)
+        embedded = self._join(ctx, work, parts, sample_cut(size, alive))
         clock.lap("read")
-        k = self.clusters or max(1, round(alive.num_rows / 1000))
-        sample_size = min(alive.num_rows, k * self.sample_per_cluster)
-        pq.write_table(pa.table({"uid": hashed_sample(alive["uid"], sample_size, ctx.seed)}),
-                       work / "sample.parquet")  # fmt: skip
-        jobs = [{"path": str(f), "column": column, "alive": str(work / "alive.parquet"),
-                 "sample": str(work / "sample.parquet"),
-                 "out": str(work / "vectors" / f"part-{i:05d}.arrow")}
-                for i, f in enumerate(files)]  # fmt: skip
-        (work / "vectors").mkdir()
-        sample = _sorted_sample(
-            ctx.engine.map_items(_stage_task, jobs, f"{self.name}: read", progress)
-        )
-        if not len(sample):  # no alive row has a usable embedding: nothing to compare
-            self._decisions, self._regroup = DECISIONS.empty_table(), REGROUP.empty_table()
-            self._save(ctx, embeddings=source, clusters=0, embedded=0, no_embedding=alive.num_rows)
-            return
-        centroids = train_centroids(sample, k, self.iterations, ctx.seed)
-        np.save(work / "centroids.npy", centroids)
+        job = {"dir": work / "sample", "size": size, "k": k, "iterations": self.iterations,
+               "seed": ctx.seed, "out": decided / "centroids.npy"}  # fmt: skip
+        ((clusters, sample),) = self._map(ctx, _kmeans_task, [job], "k-means")
         clock.lap("kmeans")
-        buckets = max(1, min(len(centroids), math.ceil(alive.num_rows / BUCKET_ROWS)))
-        jobs = [
-            {"path": job["out"], "centroids": str(work / "centroids.npy"), "buckets": buckets,
-             "out": str(work / "buckets"), "part": i}
-            for i, job in enumerate(jobs)
-        ]  # fmt: skip
-        embedded = sum(ctx.engine.map_items(_assign_task, jobs, f"{self.name}: assign", progress))
+        ctx.counters.update(embeddings=embeddings, clusters=clusters, sample=sample,
+                            embedded=embedded, no_embedding=alive - embedded)  # fmt: skip
+        if not clusters:  # no alive row has a usable embedding: nothing to compare
+            ctx.counters.update(dropped=0)
+            return
+        buckets = max(1, min(clusters, math.ceil(alive / BUCKET_ROWS)))
+        jobs = [{"path": f, "centroids": decided / "centroids.npy", "buckets": buckets,
+                 "out": work / "buckets"}
+                for f in sorted((work / "joined").glob("*.arrow"))]  # fmt: skip
+        self._map(ctx, _assign_task, jobs, "assign")
         clock.lap("assign")
         threshold = 1.0 - self.epsilon
-        folders = sorted((work / "buckets").glob("*")) if embedded else []
-        jobs = [{"dir": str(d), "threshold": threshold, "buckets": buckets,
-                 "out": str(work / "survivors")} for d in folders]  # fmt: skip
-        done = ctx.engine.map_items(_bucket_task, jobs, f"{self.name}: within clusters", progress)
-        parents = pa.concat_tables([p for p, _ in done] or [_PARENTS.empty_table()])
-        clusters = pa.concat_tables([c for _, c in done] or [_CLUSTERS.empty_table()])
+        folders = sorted((work / "buckets").glob("*"))
+        jobs = [{"dir": d, "threshold": threshold, "buckets": buckets, "out": work / "survivors",
+                 "parents": work / "parents" / f"{d.name}.parquet"} for d in folders]  # fmt: skip
+        sizes = pa.concat_tables(self._map(ctx, _bucket_task, jobs, "within clusters"))
         clock.lap("within_clusters")
-        folders = sorted((work / "survivors").glob("*")) if len(centroids) > 1 else []
-        jobs = [{"dir": str(d), "threshold": threshold} for d in folders]
-        edges = ctx.engine.map_items(_cross_task, jobs, f"{self.name}: across clusters", progress)
-        crossed = _absorb_across(pa.concat_tables(edges or [_EDGES.empty_table()]), alive)
-        self._decisions, self._regroup = _final_decisions(parents, crossed)
+        across, dropped, groups = self._decide_across(ctx, work, decided, clusters, threshold)
         clock.lap("across_clusters")
-        self._save(
-            ctx,
-            embeddings=source,
-            clusters=len(centroids),
-            sample=len(sample),
-            embedded=embedded,
-            no_embedding=alive.num_rows - embedded,
-            groups=int(pc.count_distinct(self._decisions["dup_group"]).as_py()),
-            dropped_across_clusters=crossed.num_rows,
-            largest_cluster=int(pc.max(clusters["rows"]).as_py() or 0),
+        ctx.counters.update(
+            groups=groups,
+            dropped_across_clusters=across,
+            largest_cluster=int(pc.max(sizes["rows"]).as_py() or 0),
             seconds=clock.laps,
+            dropped=dropped,
         )
-        pq.write_table(clusters.sort_by("cluster"), ctx.out_dir / STATS / "clusters.parquet")
-        np.save(ctx.out_dir / STATS / "centroids.npy", centroids)
+        pq.write_table(sizes.sort_by("cluster"), decided / "clusters.parquet")
 
-    def _vector_files(self, ctx: StageContext, work: Path) -> tuple[list[Path], str, str]:
-        """Parquet files of (uid, vector) to read, the vector column, and where they came from."""
-        from curate.datacomp import MANIFEST, read_npz_embeddings
+    def _scatter(self, ctx: StageContext, work: Path, sources: list[dict], parts: int) -> int:
+        """Round 1: alive (uid, score) and (uid, vector) split by uid; returns the alive rows."""
+        jobs = [(f, self.score, work / "alive" / f"{i:06d}", parts)
+                for i, f in enumerate(ctx.input_files)]  # fmt: skip
+        alive = sum(self._map(ctx, scatter_alive, jobs, "alive rows"))
+        jobs = [{"source": s, "out": work / "vectors" / f"{i:06d}", "parts": parts}
+                for i, s in enumerate(sources)]  # fmt: skip
+        self._map(ctx, _scatter_vectors, jobs, "vectors")
+        return alive
+
+    def _join(self, ctx: StageContext, work: Path, parts: int, cut: int | None) -> int:
+        """Round 2: work files of the alive rows with a vector, and the k-means candidates;
+        returns how many rows have a vector."""
+        jobs = [
+            {"alive": partition_files(work / "alive", p),
+             "vectors": sorted((work / "vectors").glob(f"*/part={p}/*.arrow")),
+             "seed": ctx.seed, "cut": cut, "out": work / "joined" / f"part-{p:05d}.arrow",
+             "sample": work / "sample" / f"part-{p:05d}.arrow"}
+            for p in range(parts)
+        ]  # fmt: skip
+        return sum(self._map(ctx, _join_task, jobs, "join"))
+
+    def _decide_across(
+        self, ctx: StageContext, work: Path, decided: Path, clusters: int, threshold: float
+    ) -> tuple[int, int, int]:
+        """Rounds 6 to 8: pairs across cluster boundaries, the rule on their graph, and every
+        bucket's decisions; returns (rows dropped across clusters, rows dropped, groups)."""
+        folders = sorted((work / "survivors").glob("*")) if clusters > 1 else []
+        jobs = [{"dir": d, "threshold": threshold, "out": work / "edges" / f"{d.name}.parquet"}
+                for d in folders]  # fmt: skip
+        self._map(ctx, _cross_task, jobs, "across clusters")
+        crossed = work / "crossed.parquet"
+        job = {"edges": work / "edges", "out": crossed, "decided": decided}
+        ((across, heads),) = self._map(ctx, _across_task, [job], "absorb across")
+        jobs = [{"parents": f, "crossed": crossed, "decided": decided}
+                for f in sorted((work / "parents").glob("*.parquet"))]  # fmt: skip
+        done = self._map(ctx, _final_task, jobs, "decisions")
+        return across, across + sum(d for d, _ in done), heads + sum(h for _, h in done)
+
+    def _vector_sources(self, ctx: StageContext) -> tuple[list[dict], str]:
+        """What each vector-reading task reads (``read_vector_source``), and what the vectors
+        are (for the manifest)."""
+        from curate.datacomp import MANIFEST, npz_sources
 
         source = self.embeddings
         clip_files = sorted((ctx.run_dir / CLIP_EMBEDDINGS).glob("*.parquet"))
@@ -237,14 +304,10 @@ class SemanticDedupStage(DecidedStage):
                     "ingest DataComp metadata with its .npz files"
                 )
         if source == "clip":
-            return clip_files, "image_embedding", source
-        folder = work / "npz"
-        folder.mkdir()
-        files = []
-        for i, table in enumerate(read_npz_embeddings(ctx.ingest_dir, f"{source}_img")):
-            files.append(folder / f"part-{i:05d}.arrow")
-            _write_arrow(table, files[-1])
-        return files, "embedding", f"{source}_img"
+            return [{"path": f, "column": "image_embedding"} for f in clip_files], source
+        key = f"{source}_img"
+        count = len(npz_sources(ctx.ingest_dir))
+        return [{"ingest": ctx.ingest_dir, "index": i, "key": key} for i in range(count)], key
 
 
 class _Clock:
@@ -261,32 +324,75 @@ class _Clock:
 
 
 _CLUSTERS = pa.schema([("cluster", pa.int32()), ("rows", pa.int64()), ("dropped", pa.int64())])
-_PARENTS = pa.schema([("uid", pa.string()), ("parent", pa.string())])
-_EDGES = pa.schema([("a", pa.string()), ("b", pa.string())])
+_EDGES = pa.schema(
+    [("a", pa.string()), ("a_score", pa.float32()), ("b", pa.string()), ("b_score", pa.float32())]
+)
+
+
+def sample_keys(uids: pa.Array | pa.ChunkedArray, seed: int) -> np.ndarray:
+    """Each uid's seeded 64-bit key: samples take the smallest, the same in every process."""
+    keys = uid_keys(uids.combine_chunks() if isinstance(uids, pa.ChunkedArray) else uids)
+    return (keys ^ np.uint64(seed & 0xFFFFFFFFFFFFFFFF)) * np.uint64(0xBF58476D1CE4E5B9)
 
 
 def hashed_sample(uids: pa.Array, size: int, seed: int) -> pa.Array:
     """``size`` uids chosen by a seeded hash of each uid: the same rows whatever the file order."""
     if size >= len(uids):
         return uids
-    keys = uid_keys(uids.combine_chunks() if isinstance(uids, pa.ChunkedArray) else uids)
-    keys = (keys ^ np.uint64(seed & 0xFFFFFFFFFFFFFFFF)) * np.uint64(0xBF58476D1CE4E5B9)
-    return uids.take(pa.array(np.argpartition(keys, size - 1)[:size]))
+    return uids.take(pa.array(np.argpartition(sample_keys(uids, seed), size - 1)[:size]))
 
 
-def _sorted_sample(parts: list[tuple[list[str], np.ndarray]]) -> np.ndarray:
-    """The sample's unit vectors in uid order (so k-means sees the same input every time)."""
-    uids = [u for p, _ in parts for u in p]
-    if not uids:
-        return np.zeros((0, 1), np.float32)
-    vectors = np.concatenate([v for _, v in parts])[np.argsort(np.asarray(uids, dtype=str))]
-    x = unit_rows(vectors, np.float32)
-    return x[np.isfinite(x).all(axis=1)]
+#: The k-means candidates exceed the sample by this many standard deviations, and more.
+SAMPLE_MARGIN = 8
+SAMPLE_SLACK = 64
+
+
+def sample_cut(size: int, rows: int) -> int | None:
+    """The key below which a row is a k-means candidate (None: every row is one).
+
+    The sample is what it always was: the ``size`` rows of smallest seeded key
+    (``hashed_sample``), whatever the engine or file order. Finding them takes
+    no gather of keys: each join task sets aside its rows whose key is below
+    this cut, and the k-means task keeps the ``size`` smallest of those. Keys of
+    distinct uids are spread evenly, so the candidates number about
+    ``size + 8·√size + 64`` (binomial: they fall short of ``size`` with odds
+    below 10^-15; then k-means trains on them all, still the same rows on every
+    engine). An exact cut (a histogram of the keys, then a second pass) would
+    cost another round of tasks over the whole pool to save a few hundred rows.
+    Rows without a vector are no candidates, so when some alive rows lack one
+    the sample is ``size`` rows that have one.
+    """
+    wanted = size + SAMPLE_MARGIN * math.sqrt(size) + SAMPLE_SLACK
+    if wanted >= rows:
+        return None
+    return min(math.ceil(wanted / rows * 2**64), 2**64 - 1)
+
+
+def uid_partition(uids: pa.Array | pa.ChunkedArray, parts: int) -> np.ndarray:
+    """Each uid's partition: ``hash(uid) % parts`` in DuckDB, as ``stats.scatter`` splits
+    the alive rows by uid, so a row's vector lands in its score's partition."""
+    with connect() as con:
+        con.register("uids", pa.table({"uid": uids}))
+        return con.sql(f"SELECT hash(uid) % {parts} AS part FROM uids").fetchnumpy()["part"]
+
+
+def read_vector_source(source: dict) -> pa.Table:
+    """(uid, vector) of one source's rows that have a vector: a clip stage's embeddings file
+    (``path``, ``column``) or one DataComp source's .npz (``ingest``, ``index``, ``key``)."""
+    from curate.datacomp import read_npz_source
+
+    if "path" in source:
+        table = pq.read_table(source["path"], columns=["uid", source["column"]])
+    else:
+        table = read_npz_source(source["ingest"], source["index"], source["key"])
+    table = table.rename_columns(["uid", "vector"])
+    return table.filter(pc.is_valid(table["vector"]))
 
 
 def _write_arrow(table: pa.Table, path: Path) -> None:
     """Work files are Arrow IPC: vectors go to disk and back as raw buffers (Parquet's nested
     encoding of a fixed_size_list took most of the stage's time)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     with pa.ipc.new_file(path, table.schema) as writer:
         writer.write_table(table)
 
@@ -295,63 +401,91 @@ def _read_arrow(*paths: Path) -> pa.Table:
     return pa.concat_tables(pa.ipc.open_file(p).read_all() for p in paths)
 
 
-def _read_source(path: Path, column: str) -> pa.Table:
-    if path.suffix == ".arrow":
-        return _read_arrow(path).select(["uid", column])
-    return pq.read_table(path, columns=["uid", column])
+def scatter_alive(job: tuple[Path, str, Path, int]) -> int:
+    """One ledger file's alive (uid, score), split by the uid's hash; returns how many."""
+    path, score, folder, parts = job
+    with connect() as con:
+        alive = con.sql(alive_sql(path, score)).to_arrow_table()
+        con.register("alive", alive)
+        scatter(con, "SELECT * FROM alive", "uid", folder, parts)
+    return alive.num_rows
 
 
-def _stage_task(item: dict) -> tuple[list[str], np.ndarray]:
-    """One source file's alive rows with a vector → a work file (uid, score, vector);
-    returns the uids and vectors of its rows in the k-means sample."""
-    from curate.clip_model import embedding_matrix
-
-    alive = pq.read_table(item["alive"])
-    table = _read_source(Path(item["path"]), item["column"])
-    index = pc.index_in(table["uid"], value_set=alive["uid"])
-    keep = pc.and_(pc.is_valid(index), pc.is_valid(table[item["column"]]))
-    table, index = table.filter(keep), index.filter(keep)
-    table = pa.table(
-        {"uid": table["uid"], "score": alive["score"].take(index), "vector": table[item["column"]]}
-    )
-    _write_arrow(table, Path(item["out"]))
-    sampled = table.filter(pc.is_in(table["uid"], value_set=pq.read_table(item["sample"])["uid"]))
-    return sampled["uid"].to_pylist(), embedding_matrix(sampled["vector"])
+def _scatter_vectors(job: dict) -> None:
+    """One vector source's (uid, vector), split by the uid's hash as the alive rows are."""
+    table = read_vector_source(job["source"])
+    part = uid_partition(table["uid"], job["parts"])
+    for p in np.unique(part):
+        _write_arrow(table.filter(pa.array(part == p)), job["out"] / f"part={p}" / "vectors.arrow")
 
 
-def _assign_task(item: dict) -> int:
-    """Assign one work file's rows to clusters; write them to their bucket's folder."""
-    from curate.clip_model import embedding_matrix
-
-    table = _read_arrow(Path(item["path"]))
-    if not table.num_rows:
+def _join_task(job: dict) -> int:
+    """One partition's alive rows with a vector → a work file (uid, score, vector); its rows
+    with a key below the cut are set aside for k-means. Returns its rows."""
+    if not job["vectors"]:
         return 0
+    alive = read_tables(job["alive"], ALIVE)
+    vectors = _read_arrow(*job["vectors"])
+    index = pc.index_in(vectors["uid"], value_set=alive["uid"])
+    found = pc.is_valid(index)
+    vectors, index = vectors.filter(found), index.filter(found)
+    if not vectors.num_rows:
+        return 0
+    table = pa.table(
+        {"uid": vectors["uid"], "score": alive["score"].take(index), "vector": vectors["vector"]}
+    )
+    _write_arrow(table, job["out"])
+    candidates = table.select(["uid", "vector"])
+    if job["cut"] is not None:
+        below = sample_keys(table["uid"], job["seed"]) < job["cut"]
+        candidates = candidates.filter(pa.array(below))
+    _write_arrow(candidates, job["sample"])
+    return table.num_rows
+
+
+def _kmeans_task(job: dict) -> tuple[int, int]:
+    """k-means on the sample (of the candidates, the ``size`` of smallest key), in uid order
+    so k-means sees the same input every time → ``centroids.npy``; (clusters, sample rows)."""
+    files = sorted(job["dir"].glob("*.arrow"))
+    if not files:
+        return 0, 0
+    candidates = _read_arrow(*files)
+    chosen = hashed_sample(candidates["uid"], job["size"], job["seed"])
+    sample = candidates.filter(pc.is_in(candidates["uid"], value_set=chosen)).sort_by("uid")
+    x = unit_rows(embedding_matrix(sample["vector"]), np.float32)
+    x = x[np.isfinite(x).all(axis=1)]
+    if not len(x):
+        return 0, 0
+    centroids = train_centroids(x, job["k"], job["iterations"], job["seed"])
+    np.save(job["out"], centroids)
+    return len(centroids), len(x)
+
+
+def _assign_task(item: dict) -> None:
+    """Assign one work file's rows to clusters; write them to their bucket's folder."""
+    table = _read_arrow(item["path"])
     first, second = assign(unit_rows(embedding_matrix(table["vector"]), np.float32),
                            np.load(item["centroids"]))  # fmt: skip
     table = table.append_column("cluster", pa.array(first, pa.int32()))
     table = table.append_column("second", pa.array(second, pa.int32()))
-    _write_buckets(table, first, item["buckets"], Path(item["out"]), f"part-{item['part']:05d}")
-    return table.num_rows
+    _write_buckets(table, first, item["buckets"], item["out"], item["path"].stem)
 
 
 def _write_buckets(table: pa.Table, cluster: np.ndarray, buckets: int, out: Path, name: str):
-    """Rows into ``out/<cluster % buckets>/name.parquet``: a bucket's clusters, from every file."""
+    """Rows into ``out/<cluster % buckets>/name.arrow``: a bucket's clusters, from every file."""
     bucket = cluster % buckets
     for b in np.unique(bucket):
-        folder = out / f"{b:05d}"
-        folder.mkdir(parents=True, exist_ok=True)
-        _write_arrow(table.filter(pa.array(bucket == b)), folder / f"{name}.arrow")
+        _write_arrow(table.filter(pa.array(bucket == b)), out / f"{b:05d}" / f"{name}.arrow")
 
 
-def _bucket_task(item: dict) -> tuple[pa.Table, pa.Table]:
-    """Deduplicate every cluster of one bucket: who absorbed whom, and per-cluster counts.
+def _bucket_task(item: dict) -> pa.Table:
+    """Deduplicate every cluster of one bucket: who absorbed whom (to ``parents``), and
+    per-cluster counts (returned).
 
     The survivors go on to the cross-cluster pass, each twice: at home (its
     cluster) and as a guest in its second-nearest cluster (``at``).
     """
-    from curate.clip_model import embedding_matrix
-
-    table = _read_arrow(*sorted(Path(item["dir"]).glob("*.arrow")))
+    table = _read_arrow(*sorted(item["dir"].glob("*.arrow")))
     cluster = table["cluster"].to_numpy()
     order = np.lexsort((survivor_rank(table["uid"], table["score"]), cluster))
     table, cluster = table.take(pa.array(order)), cluster[order]
@@ -369,79 +503,69 @@ def _bucket_task(item: dict) -> tuple[pa.Table, pa.Table]:
         dropped.append(int((parent >= 0).sum()))
     survivors = table.filter(pa.array(kept))
     second = survivors["second"].to_numpy()
-    name = Path(item["dir"]).name
+    name = item["dir"].name
     for role, at in (("home", survivors["cluster"].to_numpy()), ("guest", second)):
         rows = survivors.append_column("at", pa.array(at, pa.int32())).filter(pa.array(at >= 0))
-        _write_buckets(rows, at[at >= 0], item["buckets"], Path(item["out"]), f"{role}-{name}")
-    parents = pa.table({"uid": absorbed, "parent": absorber}, _PARENTS)
-    return parents, pa.table({"cluster": ids, "rows": sizes, "dropped": dropped}, _CLUSTERS)
+        _write_buckets(rows, at[at >= 0], item["buckets"], item["out"], f"{role}-{name}")
+    item["parents"].parent.mkdir(exist_ok=True)
+    pq.write_table(pa.table({"uid": absorbed, "parent": absorber}, PARENTS), item["parents"])
+    return pa.table({"cluster": ids, "rows": sizes, "dropped": dropped}, _CLUSTERS)
 
 
-def _cross_task(item: dict) -> pa.Table:
+def _cross_task(item: dict) -> None:
     """Pairs too close across a cluster boundary: in each cluster, guests against the home
-    survivors and against each other (guests from different clusters)."""
-    from curate.clip_model import embedding_matrix
-
-    table = _read_arrow(*sorted(Path(item["dir"]).glob("*.arrow")))
-    edges_a, edges_b = [], []
-    at = table["at"].to_numpy()
+    survivors and against each other (guests from different clusters); written with the
+    rows' scores, which the rule on their graph ranks by."""
+    table = _read_arrow(*sorted(item["dir"].glob("*.arrow"))).combine_chunks()  # fast takes
+    at, home = table["at"].to_numpy(), table["cluster"].to_numpy()
+    left, right = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
     for c in np.unique(at):
-        here = table.filter(pa.array(at == c))
-        home = here["cluster"].to_numpy()
-        uids = np.asarray(here["uid"].to_pylist(), dtype=object)
-        x = unit_rows(embedding_matrix(here["vector"]))
-        guests, hosts = np.flatnonzero(home != c), np.flatnonzero(home == c)
+        here = np.flatnonzero(at == c)
+        x = unit_rows(embedding_matrix(table["vector"].take(pa.array(here))))
+        guests, hosts = np.flatnonzero(home[here] != c), np.flatnonzero(home[here] == c)
         if not len(guests):
             continue
         i, j = pairs_between(x[guests], x[hosts], item["threshold"])
-        edges_a += list(uids[guests[i]])
-        edges_b += list(uids[hosts[j]])
+        left.append(here[guests[i]])
+        right.append(here[hosts[j]])
         i, j = pairs_between(x[guests], x[guests], item["threshold"])
-        apart = home[guests[i]] != home[guests[j]]
-        i, j = i[apart & (i < j)], j[apart & (i < j)]
-        edges_a += list(uids[guests[i]])
-        edges_b += list(uids[guests[j]])
-    return pa.table({"a": edges_a, "b": edges_b}, _EDGES)
+        apart = (home[here[guests[i]]] != home[here[guests[j]]]) & (i < j)
+        left.append(here[guests[i[apart]]])
+        right.append(here[guests[j[apart]]])
+    a, b = pa.array(np.concatenate(left)), pa.array(np.concatenate(right))
+    uid, score = table["uid"], table["score"]
+    edges = pa.table([uid.take(a), score.take(a), uid.take(b), score.take(b)], schema=_EDGES)
+    item["out"].parent.mkdir(exist_ok=True)
+    pq.write_table(edges, item["out"])
 
 
-def _absorb_across(edges: pa.Table, alive: pa.Table) -> pa.Table:
+def _across_task(job: dict) -> tuple[int, int]:
+    """The rule on the graph of every cross-cluster edge: survivors absorbed across clusters
+    (``crossed.parquet``, which the bucket tasks follow) and the decisions on them and their
+    absorbers; returns (rows absorbed, absorbers)."""
+    edges = read_tables(sorted(job["edges"].glob("*.parquet")), _EDGES)
+    crossed = _absorb_across(edges)
+    pq.write_table(crossed, job["out"])
+    decisions, regroup = final_decisions(crossed)
+    write_decisions(job["decided"], "across", decisions, regroup)
+    return crossed.num_rows, decisions.num_rows - crossed.num_rows
+
+
+def _absorb_across(edges: pa.Table) -> pa.Table:
     """Survivors absorbed by a survivor of another cluster (the rule, on the pairs found)."""
-    pairs = sorted(set(zip(edges["a"].to_pylist(), edges["b"].to_pylist())))
-    nodes = pa.array(sorted({u for pair in pairs for u in pair}), pa.string())
-    if not len(nodes):
-        return _PARENTS.empty_table()
-    scores = alive["score"].take(pc.index_in(nodes, value_set=alive["uid"]))
-    order = np.asarray(nodes.to_pylist(), dtype=object)[np.argsort(survivor_rank(nodes, scores))]
-    parent = absorb_on_graph(list(order), pairs)
-    return pa.table({"uid": list(parent), "parent": list(parent.values())}, _PARENTS)
+    a, b = edges["a"].to_pylist(), edges["b"].to_pylist()
+    score = dict(zip(a + b, edges["a_score"].to_pylist() + edges["b_score"].to_pylist()))
+    nodes = sorted(score)
+    scores = np.array([np.nan if score[u] is None else score[u] for u in nodes], np.float64)
+    order = [nodes[i] for i in survivor_order(nodes, scores)]
+    parent = absorb_on_graph(order, sorted(set(zip(a, b))))
+    return pa.table({"uid": list(parent), "parent": list(parent.values())}, PARENTS)
 
 
-def _final_decisions(*parents: pa.Table) -> tuple[pa.Table, pa.Table]:
-    """Decisions and group renames from who absorbed whom (a row follows its absorber).
-
-    A row absorbed within its cluster by a survivor that was itself absorbed
-    across clusters joins the final survivor's group.
-    """
-    absorbed_by: dict[str, str] = {}
-    for table in parents:
-        absorbed_by.update(zip(table["uid"].to_pylist(), table["parent"].to_pylist()))
-
-    def final(uid: str) -> str:
-        while uid in absorbed_by:
-            uid = absorbed_by[uid]
-        return uid
-
-    survivors = sorted({final(u) for u in absorbed_by})
-    uids = list(absorbed_by) + survivors
-    groups = [group_id(final(u)) for u in uids]
-    decisions = pa.table(
-        {
-            "uid": uids,
-            "dup_group": groups,
-            "drop": [True] * len(absorbed_by) + [False] * len(survivors),
-        },
-        DECISIONS,
-    )
-    old = [group_id(u) for u in absorbed_by]
-    regroup = pa.table({"old": old, "new": groups[: len(absorbed_by)]}, REGROUP)
-    return decisions, regroup
+def _final_task(job: dict) -> tuple[int, int]:
+    """One bucket's decisions: each absorbed row joins its absorber's group, or the group of
+    the survivor that absorbed its absorber across clusters; returns (dropped, groups)."""
+    parents = read_tables([job["parents"]], PARENTS)
+    decisions, regroup = final_decisions(parents, read_tables([job["crossed"]], PARENTS))
+    write_decisions(job["decided"], f"bucket-{job['parents'].stem}", decisions, regroup)
+    return parents.num_rows, decisions.num_rows - parents.num_rows
