@@ -151,7 +151,9 @@ def _run_tasks(fn: Callable, items: Sequence, shown: Progress | None = None) -> 
     """(node, fn(item)) for each item, a task each, in order."""
     import ray
 
-    remote = ray.remote(num_cpus=1, max_retries=1)(_call_item)
+    # SPREAD: a stage's tasks go round the nodes (as Ray Data's reads do), not first to
+    # the driver's node until it is full.
+    remote = ray.remote(num_cpus=1, max_retries=1, scheduling_strategy="SPREAD")(_call_item)
     shared = ray.put(fn)  # once, not with every task: it may be a large object
     refs = [remote.remote(shared, item) for item in items]
     pending = list(refs)
