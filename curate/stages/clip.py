@@ -169,38 +169,22 @@ class ClipStage(Stage):
     # --- DataComp's vectors ---------------------------------------------------------------
 
     def _embed_precomputed(self, ctx: StageContext, out: Path) -> dict:
-        from curate.datacomp import read_npz_embeddings
+        """DataComp's vectors: a task per source parquet reads its npz and the alive rows of
+        the ledger files that source became (the ingest stage's parts, by place)."""
+        from curate.datacomp import npz_sources
 
-        key = self.precomputed
-        alive = _alive_uids(ctx.input_files)
-        starts = np.cumsum([0] + [pq.ParquetFile(f).metadata.num_rows for f in ctx.input_files])
-        images = read_npz_embeddings(ctx.ingest_dir, f"{key}_img")
-        texts = read_npz_embeddings(ctx.ingest_dir, f"{key}_txt")
-        dim, row0 = None, 0
-        for i, (image, text) in enumerate(zip(images, texts)):
-            # Rows come in ledger order: a row's place says which ledger file holds it.
-            file = np.searchsorted(starts, np.arange(row0, row0 + image.num_rows), "right") - 1
-            row0 += image.num_rows
-            keep = pc.is_in(image["uid"], value_set=alive)
-            image, text, file = image.filter(keep), text.filter(keep), file[keep.to_numpy(False)]
-            img = normalize_rows(embedding_matrix(image["embedding"]))
-            txt = normalize_rows(embedding_matrix(text["embedding"]))
-            dim = int(img.shape[1])
-            table = pa.table(
-                {
-                    "uid": image["uid"],
-                    "image_embedding": image["embedding"],
-                    "text_embedding": text["embedding"],
-                    "clip_score": pa.array(np.einsum("ij,ij->i", img, txt), pa.float32()),
-                    "clip_error": pa.nulls(len(img), pa.string()),
-                    "file": pa.array(file, pa.int32()),
-                }
-            )
-            pq.write_table(table, out / f"part-{i:05d}.parquet")
+        places: dict[int, list[int]] = {}  # source → its ledger files, by place
+        for j, part in enumerate(sorted(Path(ctx.ingest_dir).glob("part-*.parquet"))):
+            places.setdefault(int(part.name.split("-")[1]), []).append(j)
+        files = [[(j, ctx.input_files[j]) for j in places.get(s, [])]
+                 for s in range(len(npz_sources(ctx.ingest_dir)))]  # fmt: skip
+        jobs = [(ctx.ingest_dir, s, self.precomputed, f, out / f"part-{s:05d}.parquet")
+                for s, f in enumerate(files)]  # fmt: skip
+        dims = ctx.engine.map_items(_precomputed_source, jobs, f"{self.name}: {self.precomputed}")
         # model / pretrained name the text tower for prompts (clip_concepts), if set.
         return {
-            "precomputed": key,
-            "embed_dim": dim,
+            "precomputed": self.precomputed,
+            "embed_dim": next((d for d in dims if d), None),
             "model": self.model,
             "pretrained": self.pretrained,
         }
@@ -258,10 +242,36 @@ def embed_images(
     return pa.concat_tables(pq.read_table(f, columns=columns) for f in parts)
 
 
-def _alive_uids(files: list[Path]) -> pa.Array:
-    parts = [pq.read_table(f, columns=["uid", "keep"]) for f in files]
-    table = pa.concat_tables(parts) if parts else pa.table({"uid": [], "keep": []})
-    return table.filter(pc.fill_null(table["keep"], False))["uid"].combine_chunks()
+def _precomputed_source(job: tuple) -> int | None:
+    """One DataComp source's image and text vectors and their cosine, for its alive rows,
+    each with the ledger file (by place) it is in; the vectors' width."""
+    from curate.datacomp import read_npz_source
+
+    ingest_dir, source, key, files, out = job
+    image = read_npz_source(ingest_dir, source, f"{key}_img")
+    text = read_npz_source(ingest_dir, source, f"{key}_txt")
+    ledgers = [pq.read_table(path, columns=["uid", "keep"]) for _, path in files]
+    where = np.repeat([j for j, _ in files], [t.num_rows for t in ledgers]).astype(np.int32)
+    alive = np.concatenate([alive_mask(t) for t in ledgers]) if ledgers else np.zeros(0, bool)
+    if len(alive) != image.num_rows:  # stages keep every row: the files are the source's
+        raise RuntimeError(
+            f"the ledger files of source {source} hold {len(alive)} rows, not {image.num_rows}"
+        )
+    image, text, where = image.filter(alive), text.filter(alive), where[alive]
+    img = normalize_rows(embedding_matrix(image["embedding"]))
+    txt = normalize_rows(embedding_matrix(text["embedding"]))
+    table = pa.table(
+        {
+            "uid": image["uid"],
+            "image_embedding": image["embedding"],
+            "text_embedding": text["embedding"],
+            "clip_score": pa.array(np.einsum("ij,ij->i", img, txt), pa.float32()),
+            "clip_error": pa.nulls(len(img), pa.string()),
+            "file": pa.array(where, pa.int32()),
+        }
+    )
+    pq.write_table(table, out)
+    return int(img.shape[1]) if len(img) else None
 
 
 def _blank_tokens(resolved: ResolvedModel):
