@@ -6,7 +6,6 @@ import io
 import json
 import shutil
 from dataclasses import dataclass
-from typing import ClassVar
 
 import duckdb
 import pyarrow as pa
@@ -142,13 +141,11 @@ def test_hostile_csv_rows_are_dropped_with_reasons_not_crashes(tmp_path):
     assert report["rows_out"] + sum(report["dropped"].values()) == report["rows_in"]
 
 
-def test_actor_stages_set_up_once_per_actor_and_match_in_process(bad_pool, tmp_path, ray_local):
+def test_map_stages_set_up_once_per_worker_and_match_in_process(bad_pool, tmp_path, ray_local):
     # Defined here, not at module level, so Ray workers receive it by value.
     @dataclass
     class CaptionLength(MapStage):
-        """A stage that counts its set-ups: on actors, each worker sets up once."""
-
-        actors: ClassVar[bool] = True
+        """A stage that counts its set-ups: each worker sets up once."""
 
         def setup(self) -> None:
             self.setups = getattr(self, "setups", 0) + 1
@@ -161,13 +158,13 @@ def test_actor_stages_set_up_once_per_actor_and_match_in_process(bad_pool, tmp_p
 
     result = run_recipe(load_recipe("no_filter"), bad_pool, tmp_path / "run", engine="local")
     (tmp_path / "in").mkdir()
-    files = []  # several ledger files, so each actor is called more than once
+    files = []  # several ledger files, so a worker is called more than once
     for i in range(3):
         files.append(tmp_path / "in" / f"part-{i}.parquet")
         shutil.copy(result.ledger_files[0], files[-1])
     for name, engine in (("local", LocalEngine()), ("ray", RayEngine())):
         (tmp_path / name).mkdir()
-        shown = io.StringIO()  # the ray engine counts rows from the files Ray Data has written
+        shown = io.StringIO()  # the ray engine counts rows from the files its tasks have written
         with Progress(name, 3 * result.stages[0].rows_out, stream=shown) as progress:
             engine.map_files(CaptionLength(), files, tmp_path / name, progress)
         engine.close()

@@ -4,8 +4,7 @@
   task also says on which node it ran (``tasks_per_node``: a run's manifests
   record where each stage's work went).
 * ``map_files``: one such task per ledger file (read, map, write under the same
-  name), the stage set up once per worker process. A stage whose setup is a
-  model runs on a Ray Data pool of actors instead.
+  name), the stage set up once per worker process.
 * ``map_with_models``: Ray Data streams CPU tasks into an actor pool (one model per
   actor, a GPU each when ``num_gpus``).
 
@@ -53,7 +52,7 @@ class RayEngine(Engine):
 
         self._owns_ray = not ray.is_initialized()  # else a caller's session: leave it up
         init_ray(address, verbose)
-        _configure_ray_data(verbose)
+        self.verbose = verbose
         self._placed: Counter[str] = Counter()
         cpus = max(1, int(self.resources()["CPU"]))
         warm = threading.Thread(target=_run_tasks, args=(_warm_up, [None] * cpus), daemon=True)
@@ -71,12 +70,9 @@ class RayEngine(Engine):
         self.wait_ready()
         polled = progress.poll(FinishedRows(out_dir)) if progress else contextlib.nullcontext()
         with polled, worker_errors():
-            if stage.actors or stage.num_gpus:
-                _map_files_on_actors(stage, files, out_dir, self.resources())
-            else:
-                key = uuid.uuid4().hex  # this call's stage, set up once per worker process
-                jobs = [(stage, key, f, out_dir / f.name) for f in files]
-                self.map_items(_map_file, jobs, stage.name)
+            key = uuid.uuid4().hex  # this call's stage, set up once per worker process
+            jobs = [(stage, key, f, out_dir / f.name) for f in files]
+            self.map_items(_map_file, jobs, getattr(stage, "name", type(stage).__name__))
 
     def map_items(
         self,
@@ -110,22 +106,26 @@ class RayEngine(Engine):
         import ray.data
 
         self.wait_ready()
+        _configure_ray_data(self.verbose)
+        # A lost model actor fails the stage (which resumes) rather than being restarted, so
+        # Ray does not warn on every run about restarting actors whose constructor arguments
+        # live in the object store.
+        size = max(1, min(workers, len(items)))  # no more actors than items
+        actors = {"compute": ray.data.ActorPoolStrategy(size=size), "max_restarts": 0}
         ds = ray.data.from_items(items, override_num_blocks=len(items))
-        ds = ds.map_batches(
-            prepare, fn_kwargs=prepare_args, batch_size=1, batch_format="pyarrow", num_cpus=1
-        )
-        ds = ds.map_batches(
-            model,
-            fn_constructor_args=model_args,
-            batch_size=1,  # one prepared item
-            batch_format="pyarrow",
-            num_cpus=1,
-            num_gpus=gpus,
-            # No more actors than items; a lost actor fails the stage (which resumes) rather
-            # than being restarted, so Ray does not warn about restarting it on every run.
-            compute=ray.data.ActorPoolStrategy(size=max(1, min(workers, len(items)))),
-            max_restarts=0,
-        )
+        if gpus:  # CPU tasks prepare, apart, while the GPUs compute
+            ds = ds.map_batches(
+                prepare, fn_kwargs=prepare_args, batch_size=1, batch_format="pyarrow", num_cpus=1
+            )
+            ds = ds.map_batches(
+                model, fn_constructor_args=model_args, batch_size=1, batch_format="pyarrow",
+                num_cpus=1, num_gpus=gpus, **actors,
+            )  # fmt: skip
+        else:  # on CPUs each actor prepares its own items (one actor per CPU)
+            ds = ds.map_batches(
+                _PreparingModel, fn_constructor_args=(prepare, prepare_args, model, model_args),
+                batch_size=1, batch_format="pyarrow", num_cpus=1, **actors,
+            )  # fmt: skip
         polled = progress.poll(FinishedRows(out_dir)) if progress else contextlib.nullcontext()
         with polled, worker_errors():
             ds.write_parquet(
@@ -236,6 +236,7 @@ def shared_cluster(start: bool, verbose: bool = False) -> Iterator[None]:
 
 
 def _configure_ray_data(verbose: bool) -> None:
+    """Ray Data's settings, once it is first used (importing it costs the driver ~0.5 s)."""
     import ray.data
 
     # max_restarts (map_with_models) is passed the one way Ray Data takes it, which it
@@ -285,21 +286,16 @@ def _map_file(job: tuple[MapStage, str, Path, Path]) -> None:
     pq.write_table(ready(pq.read_table(path)), out)
 
 
-class _StageActor:
-    """Actor-pool wrapper: one set-up stage (e.g. one model) per actor."""
+class _PreparingModel:
+    """A model worker that prepares its own items (on CPUs, where nothing is gained by
+    preparing them elsewhere)."""
 
-    def __init__(self, stage: MapStage):
-        stage.setup()
-        self.stage = stage
+    def __init__(self, prepare: Callable, prepare_args: dict, model: type, model_args: tuple):
+        self.prepare, self.prepare_args = prepare, prepare_args
+        self.model = model(*model_args)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        return self.stage(batch)
-
-
-def _read_ledger_file(batch: pa.Table) -> pa.Table:
-    """One ledger file per call (the batch holds its path)."""
-    (path,) = batch["path"].to_pylist()
-    return pq.read_table(path)
+        return self.model(self.prepare(batch, **self.prepare_args))
 
 
 def _part_names():
@@ -310,27 +306,3 @@ def _part_names():
             return f"part-{task_index:05d}-{block_index:03d}.parquet"
 
     return PartNames()
-
-
-def _map_files_on_actors(stage: MapStage, files: list[Path], out_dir: Path, have: dict) -> None:
-    """A model stage: Ray Data feeds the ledger files to a pool of set-up actors."""
-    import ray.data
-
-    # Each task reads one ledger file itself: ray.data.read_parquet spends seconds per
-    # dataset listing and sampling files, which dominated small runs on 2 cores.
-    paths = [{"path": str(f)} for f in files]
-    ds = ray.data.from_items(paths, override_num_blocks=max(1, len(paths)))
-    ds = ds.map_batches(_read_ledger_file, batch_format="pyarrow", batch_size=1)
-    share = stage.num_gpus or stage.num_cpus
-    available = have["GPU" if stage.num_gpus else "CPU"]
-    ds = ds.map_batches(
-        _StageActor,
-        fn_constructor_args=(stage,),
-        batch_format="pyarrow",
-        batch_size=stage.batch_size,
-        num_cpus=stage.num_cpus,
-        num_gpus=stage.num_gpus,
-        concurrency=max(1, min(int(available // share), len(files))),
-        max_restarts=0,  # as in map_with_models
-    )
-    ds.write_parquet(str(out_dir), filename_provider=_part_names())

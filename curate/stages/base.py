@@ -79,15 +79,6 @@ class Stage:
 class MapStage(Stage):
     """A stage that maps ledger batches to ledger batches, row for row."""
 
-    #: Ray resources per worker; gpu stages set num_gpus.
-    num_cpus: ClassVar[float] = 1
-    num_gpus: ClassVar[float] = 0
-    #: True for stages whose setup is expensive (a model): they run on a pool of
-    #: long-lived actors, one set-up copy each, instead of tasks.
-    actors: ClassVar[bool] = False
-    #: Rows per call on actors (None: one ledger file per call).
-    batch_size: ClassVar[int | None] = None
-
     def setup(self) -> None:
         """Load heavy state once per worker (models, fitted statistics)."""
 
