@@ -15,10 +15,10 @@ from curate.runfolder import RunFolderError
 
 def _run(args: argparse.Namespace) -> int:
     from curate.recipe import load_recipe
-    from curate.report import download_table, funnel_table, write_report
+    from curate.report import download_table, finisher, funnel_table
     from curate.runfolder import claim
     from curate.runner import StageResult, run_recipe
-    from curate.submission import UIDS_FILE, kept_uids, write_uids
+    from curate.submission import UIDS_FILE
 
     overrides = list(args.set)
     if args.input_uids:
@@ -57,9 +57,9 @@ def _run(args: argparse.Namespace) -> int:
             verbose=args.verbose,
             on_stage=show,
             progress=False if args.quiet else None,  # None: a line per stage on a terminal
+            finish=finisher(recipe),
         )
-        report = write_report(recipe, result)
-        kept = write_uids(kept_uids(result.ledger_files), result.run_dir / UIDS_FILE)
+        report, kept = result.finished
     if not args.quiet:
         print()
         print(funnel_table(report))

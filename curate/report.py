@@ -12,8 +12,10 @@ Figures come from ``curate.report_plots``, their numbers from ``curate.report_da
 
 from __future__ import annotations
 
+import functools
 import json
 import re
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -47,6 +49,7 @@ from curate.report_render import Section, Table, markdown_table, render_html, re
 from curate.runfolder import claim, remove_tree
 from curate.runner import RunResult, StageResult, read_manifest
 from curate.stages import STAGES
+from curate.submission import UIDS_FILE, kept_uids, write_uids
 
 FIGURES_DIR = "report"
 #: Example rows per drop reason, and of kept rows (one line of thumbnails each).
@@ -281,14 +284,10 @@ def _sections(run_dir: Path, report: dict) -> tuple[list[Section], dict[str, byt
 def _write(run_dir: Path, recipe: dict, source: str, stages: list[StageResult]) -> dict:
     """Compute the report of a run folder and write report.json, report.md, report/, report.html.
 
-    ``recipe`` is the resolved recipe as data (name, description, stages). The run
-    folder is claimed meanwhile: a report is not written beside a running stage.
+    ``recipe`` is the resolved recipe as data (name, description, stages). The caller
+    holds the run folder (``curate.runfolder.claim``): a report is not written beside
+    a running stage.
     """
-    with claim(run_dir, "run"):
-        return _write_claimed(run_dir, recipe, source, stages)
-
-
-def _write_claimed(run_dir: Path, recipe: dict, source: str, stages: list[StageResult]) -> dict:
     summary = funnel(run_dir, drop_order(recipe["stages"]))
     download = download_summary(run_dir)
     report = {
@@ -332,6 +331,23 @@ def write_report(recipe: Recipe, result: RunResult) -> dict:
     return _write(Path(result.run_dir), recipe.resolved(), recipe.source, result.stages)
 
 
+def finisher(recipe: Recipe) -> Callable[[RunResult], tuple[dict, int]]:
+    """``run_recipe``'s ``finish`` for ``curate run`` and ``curate demo``: what a finished run
+    leaves besides its ledger, the report and uids.npy (DataComp's format).
+
+    It runs as an engine task, inside the run's claim, since it reads the whole ledger;
+    it carries the recipe as data (the stage objects may hold the run's engine).
+    """
+    return functools.partial(_finish, recipe.resolved(), recipe.source)
+
+
+def _finish(resolved: dict, source: str, result: RunResult) -> tuple[dict, int]:
+    """The report and how many uids were kept."""
+    report = _write(Path(result.run_dir), resolved, source, result.stages)
+    kept = write_uids(kept_uids(result.ledger_files), Path(result.run_dir) / UIDS_FILE)
+    return report, kept
+
+
 def finished_stages(run_dir: Path) -> list[StageResult]:
     """What each finished stage of a run did, from its ``_SUCCESS`` manifest (in recipe order)."""
     results = []
@@ -364,4 +380,5 @@ def report_run(run_dir: Path) -> dict:
         source = json.loads((run_dir / "report.json").read_text())["source"]
     except (OSError, ValueError, KeyError):
         source = str(run_dir / "recipe.yaml")
-    return _write(run_dir, recipe, source, finished_stages(run_dir))
+    with claim(run_dir, "run"):
+        return _write(run_dir, recipe, source, finished_stages(run_dir))

@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -52,6 +53,7 @@ class RunResult:
     run_dir: Path
     stages: list[StageResult]
     ledger_files: list[Path]
+    finished: Any = None  # what run_recipe's ``finish`` returned
 
 
 def ledger_files(folder: Path) -> list[Path]:
@@ -204,8 +206,13 @@ def run_recipe(
     verbose: bool = False,
     on_stage: Callable[[StageResult], None] | None = None,
     progress: bool | None = None,
+    finish: Callable[[RunResult], Any] | None = None,
 ) -> RunResult:
     """Run every stage of ``recipe`` on ``input_path`` into ``run_dir``, resuming where possible.
+
+    ``finish`` (the run's report and uids.npy, for ``curate run``) runs as one engine
+    task once the ledger is final, its result in ``RunResult.finished``: it reads the
+    whole ledger, which is row work, not the driver's.
 
     The run folder is claimed first (``curate.runfolder``): created and marked, or
     refused when it holds someone else's files or another run is writing it.
@@ -218,7 +225,7 @@ def run_recipe(
     run_dir = Path(run_dir)
     with claim(run_dir, "run", input_path):
         return _run_claimed(recipe, Path(input_path), run_dir, engine, address, verbose,
-                            on_stage, progress)  # fmt: skip
+                            on_stage, progress, finish)  # fmt: skip
 
 
 def _run_claimed(
@@ -230,6 +237,7 @@ def _run_claimed(
     verbose: bool,
     on_stage: Callable[[StageResult], None] | None,
     progress: bool,
+    finish: Callable[[RunResult], Any] | None,
 ) -> RunResult:
     (run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe.resolved(), sort_keys=False))
     digests = _plan_digests(recipe, input_path)
@@ -318,10 +326,13 @@ def _run_claimed(
                 ledger_dir = stage_dir
                 files = ledger_files(stage_dir)
                 schema = pq.read_schema(files[0]) if files else None
+        final = _link_ledger(ledger_dir, run_dir / "ledger") if ledger_dir else []
+        run = RunResult(run_dir, results, final)
+        if finish is not None:  # one more task: its work grows with the pool too
+            (run.finished,) = engine.map_items(finish, [run], "finish")
     finally:
         engine.close()
-    final = _link_ledger(ledger_dir, run_dir / "ledger") if ledger_dir else []
-    return RunResult(run_dir, results, final)
+    return run
 
 
 def _run_stage(stage: Stage, ctx: StageContext, stage_dir: Path, digest: str) -> StageResult:

@@ -32,10 +32,9 @@ from curate.demo.plan import DefectRates
 from curate.demo.pool import generate_pool, load_manifest, serve_pool
 from curate.engine import cluster
 from curate.recipe import load_recipe
-from curate.report import write_report
+from curate.report import finisher
 from curate.runfolder import claim
 from curate.runner import RunResult, StageResult, run_recipe
-from curate.submission import UIDS_FILE, kept_uids, write_uids
 from curate.trainer import TrainConfig
 
 
@@ -188,10 +187,10 @@ def _run(recipe, urls: Path, run_dir: Path, engine: str, say, progress: bool | N
         done = "resumed" if stage.skipped else f"{stage.seconds:.1f} s"
         say(f"  {stage.name:<16} {stage.rows_out:>8,} rows  {done}")
 
-    result = run_recipe(recipe, urls, run_dir, engine=engine, on_stage=show, progress=progress)
-    write_report(recipe, result)
-    write_uids(kept_uids(result.ledger_files), run_dir / UIDS_FILE)
-    return result
+    finish = finisher(recipe)
+    return run_recipe(
+        recipe, urls, run_dir, engine=engine, on_stage=show, progress=progress, finish=finish
+    )
 
 
 def _write_index(output: Path, rows: list[dict]) -> None:
