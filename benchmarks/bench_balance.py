@@ -47,9 +47,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_filters import busy_cpu_seconds, curate_version, machine, tree  # noqa: E402
 from pool import pool_table  # noqa: E402
 
-from curate.concepts import Matcher, load_concepts  # noqa: E402
+from curate.core.stage import StageContext  # noqa: E402
 from curate.stages.balance import BalanceStage  # noqa: E402
-from curate.stages.base import StageContext  # noqa: E402
+from curate.text.concepts import Matcher, load_concepts  # noqa: E402
 
 FILES = 10
 CONCEPTS = "imagenet1k"

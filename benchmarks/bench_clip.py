@@ -35,8 +35,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from curate.core.stage import StageContext
 from curate.engine import open_engine
-from curate.stages.base import StageContext
 from curate.stages.clip import ClipStage
 from curate.stages.download import write_index
 
@@ -116,7 +116,7 @@ class GpuSampler:
 
 def _decode_rate(stage: ClipStage, run: Path, processes: int, chunks: int) -> float:
     """Images/s of decode_chunk alone, ``processes`` at a time."""
-    from curate.clip_embed import DecodeSpec
+    from curate.clip.embed import DecodeSpec
     from curate.stages.clip import _chunks
 
     ctx = StageContext(run, run / "tmp", [run / "ledger_in" / "part-00000.parquet"], None,
@@ -132,7 +132,7 @@ def _decode_rate(stage: ClipStage, run: Path, processes: int, chunks: int) -> fl
 
 
 def _decode_one(args) -> int:
-    from curate.clip_embed import decode_chunk
+    from curate.clip.embed import decode_chunk
 
     work, spec = args
     return len(decode_chunk(pa.Table.from_pylist([work]), spec)["errors"][0])
@@ -140,8 +140,8 @@ def _decode_one(args) -> int:
 
 def _model_rate(stage: ClipStage, device: str, batches: int) -> float:
     """Images/s of the model alone (image and text towers) on decoded crops."""
-    from curate.clip_embed import Embedder
-    from curate.clip_model import tokenizer_for
+    from curate.clip.embed import Embedder
+    from curate.clip.model import tokenizer_for
 
     size, n = stage._preprocess.size, stage.batch_size
     context = tokenizer_for(stage._resolved).context_length

@@ -3,7 +3,7 @@
     python benchmarks/bench_download.py [--size 5000] [--repeat 3] [--workdir /tmp/curate-bench-dl]
 
 1. Generates the bundled demo pool (``curate.demo``) of ``--size`` pairs once,
-   and serves it on 127.0.0.1 from this process (``curate.serve``).
+   and serves it on 127.0.0.1 from this process (``curate.demo.serve``).
 2. Runs, as subprocesses timed from start to exit, interleaved ``--repeat`` times:
    * ``img2dataset`` (its command line) on the pool's url list, multiprocessing
      distributor, Parquet output;

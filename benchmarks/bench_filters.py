@@ -275,7 +275,7 @@ def curate_kept_uids(run_dir: Path) -> set[str]:
 def time_language(pool: Path, repeat: int) -> tuple[list[float], list[float], np.ndarray]:
     """Seconds curate's ``lang`` annotator takes on every caption, pinned to one core, and
     CPU seconds other processes used meanwhile, per repetition; and lang == "en" per row."""
-    from curate.operators import ANNOTATORS, load_registry
+    from curate.core.operators import ANNOTATORS, load_registry
 
     load_registry()
     annotator = ANNOTATORS["lang"]()

@@ -13,7 +13,7 @@
    costly to decode as photos, 64 distinct ones cycled (decoding cost is per
    image, not per distinct one), and templated captions. No download, no
    network: the GPU machine needs nothing but this script.
-2. Runs ``curate.trainer.train`` for ``--samples`` samples seen and reports its
+2. Runs ``curate.train.trainer.train`` for ``--samples`` samples seen and reports its
    own figure: samples/s over the training loop (model creation and checkpoint
    writing excluded; worker start-up and the first row groups included). On
    CUDA, ``nvidia-smi`` is sampled every 0.2 s meanwhile (``bench_clip``'s
@@ -52,7 +52,7 @@ from bench_clip import GpuSampler  # noqa: E402
 from bench_filters import busy_cpu_seconds, curate_version, machine  # noqa: E402
 
 from curate.stages.shard import HF_METADATA, IMAGE_TYPE  # noqa: E402
-from curate.trainer import TrainConfig, model_name, train  # noqa: E402
+from curate.train.trainer import TrainConfig, model_name, train  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "bench_train_cpu.json"
 ROWS_PER_FILE, ROWS_PER_GROUP, DISTINCT = 10_000, 1_000, 64
@@ -99,7 +99,7 @@ def data_rate(shards: Path, ckpt: Path, config: TrainConfig, batches: int) -> fl
     import open_clip
     from torch.utils.data import DataLoader
 
-    from curate.shard_dataset import ShardDataset, crop_steps, find_shards, row_groups
+    from curate.train.dataset import ShardDataset, crop_steps, find_shards, row_groups
 
     preprocess = json.loads((ckpt / "open_clip_config.json").read_text())["preprocess_cfg"]
     crop, tokenizer = crop_steps(preprocess), open_clip.get_tokenizer(config.model)
@@ -123,8 +123,8 @@ def model_rate(config: TrainConfig, device: str, threads: int | None, steps: int
 
     if threads:
         torch.set_num_threads(threads)
-    from curate.losses import LOSSES
-    from curate.trainer import AUTOCAST
+    from curate.train.losses import LOSSES
+    from curate.train.trainer import AUTOCAST
 
     model = open_clip.create_model(config.model, **LOSSES[config.loss].model_kwargs).to(device)
     size = open_clip.get_model_preprocess_cfg(model)["size"]

@@ -8,17 +8,17 @@ import json
 import sys
 from pathlib import Path
 
-from curate.config import ConfigError
-from curate.readers import IngestError
-from curate.runfolder import RunFolderError
+from curate.core.config import ConfigError
+from curate.core.runfolder import RunFolderError
+from curate.io.readers import IngestError
 
 
 def _run(args: argparse.Namespace) -> int:
-    from curate.recipe import load_recipe
-    from curate.report import download_table, finisher, funnel_table
-    from curate.runfolder import claim
+    from curate.core.recipe import load_recipe
+    from curate.core.runfolder import claim
+    from curate.io.submission import UIDS_FILE
+    from curate.report.build import download_table, finisher, funnel_table
     from curate.runner import StageResult, run_recipe
-    from curate.submission import UIDS_FILE
 
     overrides = list(args.set)
     if args.input_uids:
@@ -72,9 +72,9 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _export_uids(args: argparse.Namespace) -> int:
-    from curate.runfolder import claim
+    from curate.core.runfolder import claim
+    from curate.io.submission import UIDS_FILE, kept_uids, write_uids
     from curate.runner import ledger_files
-    from curate.submission import UIDS_FILE, kept_uids, write_uids
 
     ledger = Path(args.run) / "ledger"
     files = ledger_files(ledger)
@@ -88,14 +88,14 @@ def _export_uids(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from curate.inspection import inspect_run
+    from curate.report.inspection import inspect_run
 
     print(inspect_run(Path(args.run), args.examples))
     return 0
 
 
 def _report(args: argparse.Namespace) -> int:
-    from curate.report import funnel_table, report_run
+    from curate.report.build import funnel_table, report_run
 
     report = report_run(Path(args.run))
     print(funnel_table(report))
@@ -105,7 +105,7 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _export_embeddings(args: argparse.Namespace) -> int:
-    from curate.export_embeddings import export_embeddings
+    from curate.clip.export import export_embeddings
 
     written = export_embeddings(Path(args.run), Path(args.output), args.prefix)
     rows = sum(_rows(p) for p in written)
@@ -164,8 +164,8 @@ def _demo_serve(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from curate.compare import compare_table
     from curate.demo.walkthrough import run_demo
+    from curate.train.compare import compare_table
 
     output = Path(args.output)
     rows = run_demo(output, args.size, seeds=args.seeds, engine=args.engine, quiet=args.quiet)
@@ -180,7 +180,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _train_config(args: argparse.Namespace):
     """The TrainConfig the train and compare flags describe (unset flags keep its defaults)."""
-    from curate.trainer import TrainConfig, model_name
+    from curate.train.trainer import TrainConfig, model_name
 
     names = ("samples_seen", "loss", "seed", "batch_size", "lr", "warmup", "workers", "device")
     given = {name: getattr(args, name) for name in (*names, "precision") if hasattr(args, name)}
@@ -189,7 +189,7 @@ def _train_config(args: argparse.Namespace):
 
 
 def _train(args: argparse.Namespace) -> int:
-    from curate.trainer import train
+    from curate.train.trainer import train
 
     config = _train_config(args)
     print(
@@ -208,7 +208,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from curate.evaluate import eval_table, evaluate
+    from curate.train.evaluate import eval_table, evaluate
 
     result = evaluate(Path(args.ckpt), Path(args.eval_set), args.device, args.batch_size)
     print(f"curate eval: {args.ckpt} on {args.eval_set} ({result['images']:,} images)\n")
@@ -220,7 +220,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from curate.compare import compare, compare_table
+    from curate.train.compare import compare, compare_table
 
     config = _train_config(args)
     runs = [Path(r) for r in args.runs]

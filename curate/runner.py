@@ -27,10 +27,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
+from curate.core.progress import Progress
+from curate.core.recipe import Recipe, stage_params
+from curate.core.runfolder import check_name, claim, remove_tree
 from curate.engine import Engine, Kind, open_engine
-from curate.progress import Progress
-from curate.recipe import Recipe, stage_params
-from curate.runfolder import check_name, claim, remove_tree
 from curate.stages import MapStage, Stage, StageContext
 
 SUCCESS = "_SUCCESS"
@@ -214,10 +214,10 @@ def run_recipe(
     task once the ledger is final, its result in ``RunResult.finished``: it reads the
     whole ledger, which is row work, not the driver's.
 
-    The run folder is claimed first (``curate.runfolder``): created and marked, or
+    The run folder is claimed first (``curate.core.runfolder``): created and marked, or
     refused when it holds someone else's files or another run is writing it.
     ``verbose`` shows Ray's logs and Ray Data's progress bars. ``progress`` draws one
-    progress line per stage on stderr (``curate.progress``); None: when stderr is a
+    progress line per stage on stderr (``curate.core.progress``); None: when stderr is a
     terminal, or with ``verbose``. It is decided here once, so every stage agrees.
     """
     if progress is None:

@@ -2,7 +2,7 @@
 
 ``train_fixture_model`` gives tests a model that really tells matched from
 mismatched pairs, in under a minute on two CPU cores: ``curate-tiny`` (see
-``curate/model_configs``) trained with the symmetric InfoNCE loss and a learned
+``curate/clip/model_configs``) trained with the symmetric InfoNCE loss and a learned
 temperature. Every image is decoded and preprocessed once with open_clip's own
 eval transform for the model, and the batch order comes from the seed, so the
 same pool and seed give the same weights. The saved folder loads with
@@ -21,8 +21,8 @@ from open_clip.transform import PreprocessCfg, image_transform_v2
 from PIL import Image
 from safetensors.torch import save_file
 
+from curate.clip.model_configs import register_model_configs
 from curate.demo import load_manifest
-from curate.model_configs import register_model_configs
 
 MODEL = "curate-tiny"
 #: One thread: on a small shared machine two OpenMP threads that compete with other

@@ -99,8 +99,8 @@ def write_bytes(path: Path, data: bytes) -> Path:
 
 def run_ingest(input_path: Path, tmp_path: Path, **params):
     """Run the ingest stage in-process; return (ledger table, rows returned, context)."""
+    from curate.core.stage import StageContext
     from curate.engine.local import LocalEngine
-    from curate.stages.base import StageContext
     from curate.stages.ingest import IngestStage
 
     out = tmp_path / "out"

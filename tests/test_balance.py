@@ -16,13 +16,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from curate.cli import main
+from curate.core.recipe import recipe_from_data
+from curate.core.stage import StageContext
 from curate.demo import load_manifest
 from curate.demo.vocab import SHAPES
 from curate.engine.local import LocalEngine
-from curate.recipe import recipe_from_data
 from curate.runner import ledger_files, run_recipe
 from curate.stages.balance import COUNTS_FILE
-from curate.stages.base import StageContext
 
 CONCEPTS = ["alpha", "beta", "gamma", "delta"]
 T = 400

@@ -9,8 +9,8 @@ import open_clip
 import pyarrow.parquet as pq
 import pytest
 
-from curate.config import ConfigError
-from curate.recipe import load_recipe
+from curate.core.config import ConfigError
+from curate.core.recipe import load_recipe
 from curate.runner import run_recipe
 
 pytestmark = pytest.mark.slow

@@ -17,7 +17,9 @@ import torch
 import yaml
 from test_clip_stage import downloaded, run_clip  # noqa: F401  (a module fixture, reused)
 
-from curate.config import ConfigError, build
+from curate.clip.model_configs import register_model_configs
+from curate.core.config import ConfigError, build
+from curate.core.operators import FILTERS, FitContext, load_registry
 from curate.demo import VOCABULARY, load_manifest
 from curate.engine.local import LocalEngine
 from curate.filters.clip_concepts import (
@@ -27,8 +29,6 @@ from curate.filters.clip_concepts import (
     PROMPTS_NPZ,
     ClipConcepts,
 )
-from curate.model_configs import register_model_configs
-from curate.operators import FILTERS, FitContext, load_registry
 from curate.stages.filter import apply_filters
 
 load_registry()

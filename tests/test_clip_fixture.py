@@ -9,8 +9,8 @@ import open_clip
 import torch
 from clip_fixture import MODEL, load_images, save_local_dir, train_clip
 
+from curate.clip.model_configs import register_model_configs
 from curate.demo import load_manifest
-from curate.model_configs import register_model_configs
 
 
 def load_local_dir(path: Path):

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
 
 def _scores(run: Path, engine, device: str) -> dict[str, float]:
-    from curate.stages.base import StageContext
+    from curate.core.stage import StageContext
     from curate.stages.clip import ClipStage
 
     stage = ClipStage(model="ViT-B-32", pretrained="random", device=device, batch_size=64)

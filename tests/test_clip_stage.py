@@ -19,8 +19,8 @@ import torch
 from conftest import accept_as_written
 from PIL import Image
 
-from curate.config import ConfigError
-from curate.recipe import recipe_from_data
+from curate.core.config import ConfigError
+from curate.core.recipe import recipe_from_data
 from curate.runner import run_recipe
 from curate.stages.clip import EMBEDDINGS_DIR
 from curate.stages.download import IMAGES_DIR, image_shards
@@ -47,7 +47,7 @@ def tiny_weights(tmp_path_factory) -> Path:
     import open_clip
     from safetensors.torch import save_file
 
-    from curate.model_configs import register_model_configs
+    from curate.clip.model_configs import register_model_configs
 
     register_model_configs()
     torch.manual_seed(123)
@@ -224,7 +224,7 @@ def test_a_saved_checkpoint_folder_loads_and_scores_identically(
     shutil.copy(tiny_weights, folder / "open_clip_model.safetensors")
     import open_clip
 
-    from curate.model_configs import register_model_configs
+    from curate.clip.model_configs import register_model_configs
 
     register_model_configs()
     config = {"model_cfg": open_clip.get_model_config("curate-tiny"), "preprocess_cfg": {}}
@@ -237,7 +237,7 @@ def test_a_saved_checkpoint_folder_loads_and_scores_identically(
 
 
 def test_unknown_architecture_suggests_names():
-    from curate.clip_model import resolve_model
+    from curate.clip.model import resolve_model
 
     with pytest.raises(ConfigError, match="did you mean: ViT-B-32"):
         resolve_model("ViT-B-33", "random")
@@ -275,14 +275,14 @@ def test_cli_reports_missing_weights(tmp_path, served_pool, capsys):
     ],
 )
 def test_bad_model_settings_say_what_to_do(model, pretrained, message):
-    from curate.clip_model import resolve_model
+    from curate.clip.model import resolve_model
 
     with pytest.raises(ConfigError, match=message):
         resolve_model(model, pretrained)
 
 
 def test_a_folder_needs_its_config(tmp_path):
-    from curate.clip_model import resolve_model
+    from curate.clip.model import resolve_model
 
     with pytest.raises(ConfigError, match=r"open_clip_config\.json"):
         resolve_model(str(tmp_path), None)
@@ -295,7 +295,7 @@ class Payload:
 def test_a_torch_file_with_pickled_objects_is_refused(tmp_path, tiny_weights):
     from safetensors.torch import load_file
 
-    from curate.clip_model import load_model, resolve_model
+    from curate.clip.model import load_model, resolve_model
 
     state = load_file(str(tiny_weights))
     good, bad = tmp_path / "good.pt", tmp_path / "bad.pt"
@@ -317,7 +317,7 @@ def _tiny_folder(folder: Path, state: dict, name: str = "open_clip_model.safeten
     import open_clip
     from safetensors.torch import save_file
 
-    from curate.model_configs import register_model_configs
+    from curate.clip.model_configs import register_model_configs
 
     register_model_configs()
     model_cfg = open_clip.get_model_config("curate-tiny")
@@ -335,7 +335,7 @@ def test_a_folder_whose_weights_open_clip_does_not_read_is_refused(tmp_path, tin
     """open_clip's local-dir loader skips model.pt and would build a random model instead."""
     from safetensors.torch import load_file
 
-    from curate.clip_model import resolve_model
+    from curate.clip.model import resolve_model
     from curate.stages.clip import prepare_model
 
     folder = _tiny_folder(tmp_path / "ckpt", load_file(str(tiny_weights)), "model.pt")
@@ -350,7 +350,7 @@ def test_a_folder_whose_weights_open_clip_does_not_read_is_refused(tmp_path, tin
 def test_a_weights_file_missing_a_key_is_refused(tmp_path, tiny_weights):
     from safetensors.torch import load_file, save_file
 
-    from curate.clip_model import load_model, resolve_model
+    from curate.clip.model import load_model, resolve_model
     from curate.stages.clip import prepare_model
 
     state = load_file(str(tiny_weights))
@@ -370,7 +370,7 @@ def test_a_weights_file_with_unexpected_keys_is_refused(tmp_path, tiny_weights):
     """Extra keys are an error too, named a few at a time: another architecture never half-loads."""
     from safetensors.torch import load_file, save_file
 
-    from curate.clip_model import load_model, resolve_model
+    from curate.clip.model import load_model, resolve_model
     from curate.stages.clip import prepare_model
 
     state = load_file(str(tiny_weights))
@@ -390,7 +390,7 @@ def test_a_weights_file_with_unexpected_keys_is_refused(tmp_path, tiny_weights):
 def test_full_weights_load_every_tensor_from_the_file(tmp_path, tiny_weights, caplog):
     from safetensors.torch import load_file
 
-    from curate.clip_model import load_model, resolve_model
+    from curate.clip.model import load_model, resolve_model
 
     state = load_file(str(tiny_weights))
     folder = _tiny_folder(tmp_path / "ckpt", state)
@@ -409,8 +409,8 @@ def test_full_weights_load_every_tensor_from_the_file(tmp_path, tiny_weights, ca
 
 def test_null_and_huge_captions_and_bad_images(tmp_path, tiny_weights):
     """decode_chunk + Embedder on a hand-made shard: every row comes back, with its reason."""
-    from curate.clip_embed import DecodeSpec, Embedder, decode_chunk
-    from curate.clip_model import Preprocess, load_model, resolve_model
+    from curate.clip.embed import DecodeSpec, Embedder, decode_chunk
+    from curate.clip.model import Preprocess, load_model, resolve_model
 
     buffer = io.BytesIO()
     Image.new("RGB", (90, 40), (200, 30, 30)).save(buffer, "PNG")
@@ -480,7 +480,7 @@ def _datacomp_run(pool: Path, run: Path, prefix: str):
 def test_precomputed_vectors_give_their_cosine_without_a_model(tmp_path):
     from pools import write_datacomp_pool
 
-    from curate.datacomp import read_npz_embeddings
+    from curate.io.datacomp import read_npz_embeddings
 
     write_datacomp_pool(tmp_path / "pool", 300, n_files=2)
     result = _datacomp_run(tmp_path / "pool", tmp_path / "run", "b32")

@@ -16,11 +16,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from curate.cli import main
-from curate.compare import compare
-from curate.config import ConfigError
-from curate.recipe import recipe_from_data
+from curate.core.config import ConfigError
+from curate.core.recipe import recipe_from_data
 from curate.runner import run_recipe
-from curate.trainer import TrainConfig
+from curate.train.compare import compare
+from curate.train.trainer import TrainConfig
 
 DOWNLOAD = {"stage": "download", "allow_private_networks": True, "image_size": 64}
 SHARD = {"stage": "shard", "rows_per_shard": 200}

@@ -11,13 +11,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from curate.concepts import Matcher, concept_file, load_concepts, matchable_captions
-from curate.config import ConfigError, build
+from curate.core.config import ConfigError, build
+from curate.core.operators import FILTERS, load_registry
+from curate.core.recipe import load_recipe, recipe_from_data
 from curate.demo import load_manifest
 from curate.demo.vocab import VOCABULARY
-from curate.operators import FILTERS, load_registry
-from curate.recipe import load_recipe, recipe_from_data
 from curate.runner import run_recipe
+from curate.text.concepts import Matcher, concept_file, load_concepts, matchable_captions
 
 load_registry()
 

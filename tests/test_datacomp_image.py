@@ -21,13 +21,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from curate.config import ConfigError, build
+from curate.core.config import ConfigError, build
+from curate.core.operators import FILTERS, FitContext, load_registry
+from curate.core.recipe import load_recipe
+from curate.core.schema import stable_uid
 from curate.engine.local import LocalEngine
 from curate.filters.datacomp_image import ASSIGNMENTS, CENTROIDS, FIT_JSON, REFERENCE
-from curate.operators import FILTERS, FitContext, load_registry
-from curate.recipe import load_recipe
 from curate.runner import run_recipe
-from curate.schema import stable_uid
 from curate.stages.filter import apply_filters
 
 load_registry()
@@ -277,7 +277,7 @@ def test_reference_images_are_embedded_with_the_pools_model(tmp_path):
     from PIL import Image
     from safetensors.torch import save_file
 
-    from curate.model_configs import register_model_configs
+    from curate.clip.model_configs import register_model_configs
     from curate.stages.clip import embed_images, prepare_model
 
     register_model_configs()

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 from pools import SMALL_DIMS, embedding, run_ingest, write_datacomp_pool
 
-from curate.datacomp import KEYS, MANIFEST, read_npz_embeddings
+from curate.io.datacomp import KEYS, MANIFEST, read_npz_embeddings
 from curate.stages.ingest import IngestError
 
 N_ROWS, N_FILES = 300, 3

@@ -23,8 +23,8 @@ import pytest
 import yaml
 
 from curate.annotators.language import LanguageAnnotator, model_path
-from curate.config import build
-from curate.operators import ANNOTATORS, FILTERS, load_registry
+from curate.core.config import build
+from curate.core.operators import ANNOTATORS, FILTERS, load_registry
 from curate.stages.filter import apply_filters
 
 FILTER_SETS = Path(__file__).resolve().parent.parent / "filters"

@@ -7,8 +7,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from curate import semdedup
-from curate.dedup import DECISIONS, REGROUP, apply_decisions, group_id, survivor_order, unit_rows
+from curate.dedup import semdedup
+from curate.dedup.decisions import (
+    DECISIONS,
+    REGROUP,
+    apply_decisions,
+    group_id,
+    survivor_order,
+    unit_rows,
+)
 
 
 def sequential_greedy(x: np.ndarray, threshold: float) -> np.ndarray:
@@ -163,7 +170,7 @@ def test_decisions_regroup_followers_and_leave_earlier_drops_alone():
 def test_decisions_made_by_several_tasks_are_those_made_at_once():
     """Each bucket decides its rows, the cross-cluster task the survivors it moved (and their
     new heads): together, every row once, in the group of its final survivor."""
-    from curate.dedup import PARENTS, final_decisions
+    from curate.dedup.decisions import PARENTS, final_decisions
 
     def parents(pairs: str) -> pa.Table:
         return pa.table({"uid": list(pairs[::2]), "parent": list(pairs[1::2])}, PARENTS)
@@ -192,7 +199,7 @@ def test_group_ids_differ_for_uids_that_share_a_prefix():
 
 
 def test_eval_sets_in_every_accepted_form(tmp_path):
-    from curate.config import ConfigError
+    from curate.core.config import ConfigError
     from curate.stages.decontaminate import find_beside_input, read_image_set
 
     pool = tmp_path / "pool"

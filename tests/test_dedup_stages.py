@@ -17,11 +17,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from curate.config import ConfigError
-from curate.dedup import group_id, survivor_order
-from curate.recipe import load_recipe, recipe_from_data
+from curate.core.config import ConfigError
+from curate.core.recipe import load_recipe, recipe_from_data
+from curate.core.schema import stable_uid
+from curate.dedup.decisions import group_id, survivor_order
 from curate.runner import run_recipe
-from curate.schema import stable_uid
 
 DIM = 24
 
@@ -175,7 +175,7 @@ def test_the_same_ledger_from_one_partition_and_one_bucket_or_many(tmp_path, mon
 
 def test_vectors_of_one_datacomp_source_are_those_of_the_whole_stream(tmp_path):
     """A task reads one source's vectors and uids (its own ledger parts only)."""
-    from curate.datacomp import read_npz_embeddings, read_npz_source
+    from curate.io.datacomp import read_npz_embeddings, read_npz_source
 
     write_pool(tmp_path / "pool", n=900, n_files=3)
     data = {"name": "t", "stages": [{"stage": "ingest", "rows_per_file": 128}]}
@@ -189,9 +189,9 @@ def test_vectors_of_one_datacomp_source_are_those_of_the_whole_stream(tmp_path):
 @pytest.mark.parametrize("engine", ["local", pytest.param("ray", marks=pytest.mark.slow)])
 def test_bad_vectors_fail_in_a_task_with_the_usual_error(tmp_path, engine, request):
     """An .npz changed after ingest: the task that reads it raises, the driver reports it."""
+    from curate.core.stage import StageContext
     from curate.engine import open_engine
-    from curate.readers import IngestError
-    from curate.stages.base import StageContext
+    from curate.io.readers import IngestError
     from curate.stages.dedup import SemanticDedupStage
 
     if engine == "ray":
@@ -243,8 +243,8 @@ def test_clusters_and_epsilon_come_from_the_recipe(pool, tmp_path):
 
 def ledger_stage(tmp_path: Path, rows: list[dict]):
     """A hand-made ledger file and a StageContext over it."""
+    from curate.core.stage import StageContext
     from curate.engine.local import LocalEngine
-    from curate.stages.base import StageContext
 
     path = tmp_path / "in" / "part-00000.parquet"
     path.parent.mkdir()

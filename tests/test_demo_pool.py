@@ -22,7 +22,8 @@ from PIL import Image
 import curate.demo.pool as pool_module
 from curate.annotators.language import _predict, load_model
 from curate.cli import main
-from curate.config import ConfigError
+from curate.core.config import ConfigError
+from curate.core.schema import stable_uid
 from curate.demo import (
     DEFECTS,
     VOCABULARY,
@@ -34,7 +35,6 @@ from curate.demo import (
 )
 from curate.demo.vocab import RGB, SHAPES
 from curate.filters.boilerplate import boilerplate_mask
-from curate.schema import stable_uid
 
 ENTRY_KEYS = {
     "uid", "path", "caption", "defect", "language", "duplicate_of", "caption_of",

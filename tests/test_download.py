@@ -23,14 +23,14 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from curate import netguard
-from curate.download_errors import failure_kind
-from curate.image_guard import image_problem
-from curate.recipe import load_recipe, recipe_from_data
-from curate.report import write_report
-from curate.robots import RobotsRules
+from curate.core.recipe import load_recipe, recipe_from_data
+from curate.demo.serve import LoopbackServer, Rule
+from curate.download import netguard
+from curate.download.errors import failure_kind
+from curate.download.image_guard import image_problem
+from curate.download.robots import RobotsRules
+from curate.report.build import write_report
 from curate.runner import run_recipe
-from curate.serve import LoopbackServer, Rule
 from curate.stages.download import image_shards
 
 CAPTION = "a photo of a red square on a white background"
@@ -464,7 +464,7 @@ def test_a_killed_download_resumes_without_refetching_finished_shards(tmp_path):
 
 
 def test_finished_image_shards_are_kept_only_for_the_same_urls_and_settings(tmp_path):
-    from curate.runfolder import claim
+    from curate.core.runfolder import claim
 
     with claim(tmp_path / "run"):  # images/ is deleted only inside a run folder
         _check_prepare(tmp_path / "run")

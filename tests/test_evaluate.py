@@ -25,12 +25,12 @@ from clip_fixture import MODEL, save_local_dir
 from safetensors.torch import load_file, save_file
 
 from curate.cli import main
-from curate.clip_model import embedding_matrix
-from curate.config import ConfigError
+from curate.clip.model import embedding_matrix
+from curate.clip.model_configs import register_model_configs
+from curate.core.config import ConfigError
 from curate.demo.vocab import VOCABULARY
 from curate.engine.local import LocalEngine
-from curate.evaluate import TEMPLATES, evaluate, prompts, recalls
-from curate.model_configs import register_model_configs
+from curate.train.evaluate import TEMPLATES, evaluate, prompts, recalls
 
 
 @pytest.fixture(scope="module")
@@ -88,8 +88,8 @@ def test_a_random_model_is_at_chance(random_model, demo_pool):
 
 
 def test_eval_images_get_the_clip_stages_vectors(fixture_model, demo_pool, tmp_path):
-    from curate.evaluate import _embed_pairs, read_labels
     from curate.stages.clip import embed_images, prepare_model
+    from curate.train.evaluate import _embed_pairs, read_labels
 
     eval_set = demo_pool / "eval"
     labels, _ = read_labels(eval_set)

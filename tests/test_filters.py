@@ -18,7 +18,8 @@ import yaml
 from curate.annotators.language import LanguageAnnotator
 from curate.annotators.text import TextAnnotator
 from curate.annotators.text_count import TextCountAnnotator
-from curate.config import ConfigError, build
+from curate.core.config import ConfigError, build
+from curate.core.operators import ANNOTATORS, FILTERS, FitContext, load_registry
 from curate.engine.local import LocalEngine
 from curate.filters.alt_text_frequency import AltTextFrequency
 from curate.filters.aspect_ratio import AspectRatio
@@ -29,7 +30,6 @@ from curate.filters.image_size import ImageSize
 from curate.filters.language import Language
 from curate.filters.rare_tokens import RareTokens
 from curate.filters.score_threshold import ScoreThreshold
-from curate.operators import ANNOTATORS, FILTERS, FitContext, load_registry
 from curate.stages.filter import apply_filters
 
 load_registry()

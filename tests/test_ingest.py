@@ -16,12 +16,12 @@ import pyarrow.parquet as pq
 import pytest
 from pools import random_hex, run_ingest, write_bytes
 
-import curate.readers
+import curate.io.readers
 import curate.stages.ingest
-from curate.config import ConfigError, build
+from curate.core.config import ConfigError, build
+from curate.core.schema import LEDGER_SCHEMA, stable_uid
+from curate.core.stage import StageContext
 from curate.engine.local import LocalEngine
-from curate.schema import LEDGER_SCHEMA, stable_uid
-from curate.stages.base import StageContext
 from curate.stages.ingest import IngestError, IngestStage
 
 HEX32 = re.compile(r"^[0-9a-f]{32}$")
@@ -365,17 +365,17 @@ def test_rows_in_equal_rows_written_across_files_and_parts(tmp_path):
 
 def test_batches_are_cut_by_bytes_and_rows_still_line_up(tmp_path, monkeypatch):
     """Wide rows (1 MB captions) must not make batches of 65,536 rows: they are cut by bytes."""
-    monkeypatch.setattr(curate.readers, "BATCH_BYTES", 2_000)
+    monkeypatch.setattr(curate.io.readers, "BATCH_BYTES", 2_000)
     n = 5000
     urls = [f"http://x/{i}" for i in range(n)]
     src = parquet(tmp_path / "in.parquet", {"url": urls, "caption": ["c" * 50] * n})
-    source = curate.readers.open_source(src, "parquet")
-    sizes = [b.num_rows for b in curate.readers.iter_batches(source, 1 << 16)]
+    source = curate.io.readers.open_source(src, "parquet")
+    sizes = [b.num_rows for b in curate.io.readers.iter_batches(source, 1 << 16)]
     assert sizes == [1024] * 4 + [904]  # 1,024 rows is the floor
     lines = "".join(json.dumps({"url": u, "caption": "c" * 50}) + "\n" for u in urls)
     js = write_bytes(tmp_path / "in.jsonl", lines.encode())
-    source = curate.readers.open_source(js, "jsonl")
-    assert len(list(curate.readers.iter_batches(source, 1 << 16))) > 100
+    source = curate.io.readers.open_source(js, "jsonl")
+    assert len(list(curate.io.readers.iter_batches(source, 1 << 16))) > 100
     for path in (src, js):
         table, rows, _ = run_ingest(path, tmp_path / path.suffix, rows_per_file=777)
         assert rows == n and table["url"].to_pylist() == urls
@@ -471,7 +471,7 @@ def test_many_duplicates_are_counted_and_a_few_shown(tmp_path, uid_check):
 
 def test_colliding_keys_are_settled_by_comparing_full_uids(tmp_path, monkeypatch):
     """Equal 64-bit keys are only candidates: with every key equal, the check stays exact."""
-    monkeypatch.setattr(curate.uids, "uid_keys", lambda uids: np.zeros(len(uids), np.uint64))
+    monkeypatch.setattr(curate.io.uids, "uid_keys", lambda uids: np.zeros(len(uids), np.uint64))
     sequential = [f"{i:032x}" for i in range(1000)]
     src = parquet(
         tmp_path / "ok.parquet", {"uid": sequential, "url": ["u"] * 1000, "caption": ["c"] * 1000}

@@ -12,8 +12,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from curate.progress import LOG_EVERY, FinishedRows, Progress
-from curate.recipe import load_recipe
+from curate.core.progress import LOG_EVERY, FinishedRows, Progress
+from curate.core.recipe import load_recipe
 from curate.runner import run_recipe
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -14,9 +14,9 @@ from typing import Annotated, Optional
 
 import pytest
 
-from curate.config import ConfigError, Range, build
-from curate.operators import FILTERS, load_registry
-from curate.recipe import (
+from curate.core.config import ConfigError, Range, build
+from curate.core.operators import FILTERS, load_registry
+from curate.core.recipe import (
     RECIPE_DIRS,
     build_filters,
     load_filter_set,

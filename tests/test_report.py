@@ -24,16 +24,16 @@ import pytest
 from PIL import Image
 
 from curate.cli import main
-from curate.recipe import recipe_from_data
-from curate.report import write_report
-from curate.report_data import (
+from curate.core.recipe import recipe_from_data
+from curate.report.build import write_report
+from curate.report.data import (
     clean_text,
     concept_counts,
     dup_groups,
     read_images,
     score_histogram,
 )
-from curate.report_plots import (
+from curate.report.plots import (
     clip_score_figure,
     concept_figure,
     dedup_figure,

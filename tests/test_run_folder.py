@@ -17,9 +17,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from curate.cli import main
-from curate.config import ConfigError
-from curate.recipe import load_recipe
-from curate.runfolder import LOCK, MARKER, RunFolderError, claim, remove_tree, scratch, staged
+from curate.core.config import ConfigError
+from curate.core.recipe import load_recipe
+from curate.core.runfolder import LOCK, MARKER, RunFolderError, claim, remove_tree, scratch, staged
 from curate.runner import ledger_files, run_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -181,7 +181,7 @@ def start(*args: str) -> subprocess.Popen:
     )
 
 
-HOLD = "import sys, time; from curate.runfolder import claim\nwith claim(sys.argv[1]):\n"
+HOLD = "import sys, time; from curate.core.runfolder import claim\nwith claim(sys.argv[1]):\n"
 
 
 def hold(folder: Path) -> subprocess.Popen:
@@ -252,7 +252,7 @@ def test_two_runs_started_together_leave_one_consistent_run(bad_pool, tmp_path):
 
 
 def test_a_clip_stage_without_a_download_fails_before_ingest(bad_pool, tmp_path):
-    from curate.recipe import recipe_from_data
+    from curate.core.recipe import recipe_from_data
 
     stages = [
         {"stage": "ingest"},

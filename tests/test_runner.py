@@ -13,11 +13,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
+from curate.core.progress import Progress
+from curate.core.recipe import load_recipe
 from curate.engine.local import LocalEngine
 from curate.engine.ray_cluster import RayEngine
-from curate.progress import Progress
-from curate.recipe import load_recipe
-from curate.report import write_report
+from curate.report.build import write_report
 from curate.runner import ledger_files, run_recipe
 from curate.stages import MapStage
 
@@ -106,7 +106,7 @@ def test_ledger_is_queryable_with_duckdb(bad_pool, tmp_path):
 
 @pytest.mark.parametrize("bad", ["filter.image_size.min_side=-"])
 def test_bad_override_does_not_touch_the_run_folder(bad_pool, tmp_path, bad):
-    from curate.config import ConfigError
+    from curate.core.config import ConfigError
 
     with pytest.raises(ConfigError):
         load_recipe("datacomp_basic", [bad])
@@ -181,8 +181,8 @@ def test_map_stages_set_up_once_per_worker_and_match_in_process(bad_pool, tmp_pa
 def test_a_missing_column_fails_before_any_stage_runs(bad_pool, tmp_path):
     """The chain is checked against the columns ingest will write, read from the input's
     headers: not even ingest runs."""
-    from curate.config import ConfigError
-    from curate.recipe import recipe_from_data
+    from curate.core.config import ConfigError
+    from curate.core.recipe import recipe_from_data
 
     recipe = recipe_from_data(
         {"stages": [

@@ -19,8 +19,8 @@ import pytest
 from PIL import Image
 
 import curate.stages.shard as shard_stage
-from curate.config import ConfigError
-from curate.recipe import recipe_from_data
+from curate.core.config import ConfigError
+from curate.core.recipe import recipe_from_data
 from curate.runner import run_recipe
 from curate.stages.download import IMAGES_DIR, image_shards
 

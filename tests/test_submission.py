@@ -11,8 +11,8 @@ import pytest
 from pools import random_hex, write_datacomp_pool
 
 from curate.cli import main
-from curate.config import ConfigError
-from curate.submission import (
+from curate.core.config import ConfigError
+from curate.io.submission import (
     UID_DTYPE,
     load_pairs,
     load_subset,

@@ -1,4 +1,4 @@
-"""curate.text must count words exactly like Python's str.split() (DataComp's rule)."""
+"""curate.text.words must count words exactly like Python's str.split() (DataComp's rule)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import sys
 import pyarrow as pa
 import pytest
 
-from curate.text import bigrams, word_counts, words
+from curate.text.words import bigrams, word_counts, words
 
 #: Every code point Python treats as whitespace, found by asking Python.
 PY_WHITESPACE = [chr(c) for c in range(sys.maxunicode + 1) if chr(c).isspace()]

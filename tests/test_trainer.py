@@ -27,13 +27,13 @@ from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
 import curate.stages.shard as shard_stage
-from curate.config import ConfigError
-from curate.losses import clip_loss, siglip_loss
-from curate.recipe import recipe_from_data
+from curate.core.config import ConfigError
+from curate.core.recipe import recipe_from_data
 from curate.runner import run_recipe
-from curate.shard_dataset import ShardDataset, crop_steps, find_shards, normalise, row_groups
 from curate.stages.clip import EMBEDDINGS_DIR
-from curate.trainer import TrainConfig, model_name, train
+from curate.train.dataset import ShardDataset, crop_steps, find_shards, normalise, row_groups
+from curate.train.losses import clip_loss, siglip_loss
+from curate.train.trainer import TrainConfig, model_name, train
 
 DOWNLOAD = {"stage": "download", "allow_private_networks": True, "image_size": 64}
 SHARD = {"stage": "shard", "rows_per_shard": 100}

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from curate.operators import Annotator, register_annotator
+from curate.core.operators import Annotator, register_annotator
 
 
 def model_path() -> str:

@@ -1,6 +1,6 @@
 """Caption word counts (``n_words``), the column the word-count filters read.
 
-Words are ``caption.split()`` words, counted by ``curate.text.word_counts``
+Words are ``caption.split()`` words, counted by ``curate.text.words.word_counts``
 without a Python loop; that is the count DataComp's basic filter uses
 (``len(text.split())``), so thresholds over ``n_words`` reproduce it exactly.
 """
@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from curate.operators import Annotator, register_annotator
-from curate.text import word_counts
+from curate.core.operators import Annotator, register_annotator
+from curate.text.words import word_counts
 
 
 @register_annotator("text")

@@ -3,7 +3,7 @@
 ALIGN drops alt-texts shared by more than 10 images: boilerplate such as
 "image" or a shop's fixed product text. That needs a global view, so ``fit``
 counts exact caption equality over every row of the stage's input ledger on the
-cluster (``curate.stats``: counts per ledger file, split by a hash of the
+cluster (``curate.io.stats``: counts per ledger file, split by a hash of the
 caption, summed per partition) and keeps only the captions seen more than once,
 usually a small fraction of the pool. ``setup`` loads that artifact (a file per
 partition) once per worker; ``annotate`` is then a hash lookup per batch.
@@ -18,9 +18,16 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from curate.operators import Annotator, FitContext, register_annotator
-from curate.runfolder import scratch
-from curate.stats import connect, partition_files, partitions_for, scatter, sql_string, write_query
+from curate.core.operators import Annotator, FitContext, register_annotator
+from curate.core.runfolder import scratch
+from curate.io.stats import (
+    connect,
+    partition_files,
+    partitions_for,
+    scatter,
+    sql_string,
+    write_query,
+)
 
 ARTIFACT = "caption_counts"  # a folder: one Parquet file per partition
 COUNTS = pa.schema([("caption", pa.string()), ("n", pa.int64())])

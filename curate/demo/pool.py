@@ -5,7 +5,7 @@
 - ``images/NNNNNN.jpg`` — one file per row, except broken urls (404);
 - ``pairs.parquet`` — uid, path, caption (the uid hashes the path, not a url, so
   it does not depend on the port the pool is later served on);
-- ``_rules.json`` — the rows the server answers 500 for (see ``curate.serve``);
+- ``_rules.json`` — the rows the server answers 500 for (see ``curate.demo.serve``);
 - ``manifest.json`` — the ground truth: seed, rates, vocabulary and one entry
   per row (see ``_entry``);
 - ``eval/images/*.jpg`` + ``eval/labels.parquet`` — a clean, shape-balanced
@@ -32,13 +32,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from curate.config import ConfigError
+from curate.core.config import ConfigError
+from curate.core.runfolder import staged
+from curate.core.schema import stable_uid
 from curate.demo import draw
 from curate.demo.plan import DEFECTS, DefectRates, Row, plan_eval, plan_pool
+from curate.demo.serve import RULES_FILE, LoopbackServer
 from curate.demo.vocab import HTML_PAGES, VOCABULARY
-from curate.runfolder import staged
-from curate.schema import stable_uid
-from curate.serve import RULES_FILE, LoopbackServer
 
 EVAL_QUALITY = 90
 #: Files per task handed to a worker process: enough to amortise the pickling of scenes.

@@ -4,7 +4,7 @@ It generates the synthetic web pool, serves it on 127.0.0.1, runs four recipes o
 one local Ray cluster (the unfiltered ``raw`` baseline, DataComp's basic filter,
 DFN-style bootstrapped filtering and MetaCLIP balancing), writes each run's
 report, then trains the same small CLIP with the same budget on each run's
-shards (``curate.compare``) and tabulates what each curation choice bought.
+shards (``curate.train.compare``) and tabulates what each curation choice bought.
 
 Everything lands under one folder::
 
@@ -26,16 +26,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from curate.compare import checked_seeds, compare, compare_table
-from curate.config import ConfigError
+from curate.core.config import ConfigError
+from curate.core.recipe import load_recipe
+from curate.core.runfolder import claim
 from curate.demo.plan import DefectRates
 from curate.demo.pool import generate_pool, load_manifest, serve_pool
 from curate.engine import cluster
-from curate.recipe import load_recipe
-from curate.report import finisher
-from curate.runfolder import claim
+from curate.report.build import finisher
 from curate.runner import RunResult, StageResult, run_recipe
-from curate.trainer import TrainConfig
+from curate.train.compare import checked_seeds, compare, compare_table
+from curate.train.trainer import TrainConfig
 
 
 @dataclass(frozen=True)

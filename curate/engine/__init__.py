@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Literal, TypeVar
 
 import pyarrow as pa
 
-from curate.progress import Progress
+from curate.core.progress import Progress
 
 if TYPE_CHECKING:
     from curate.stages import MapStage

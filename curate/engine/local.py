@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from curate.core.progress import Progress
 from curate.engine import Engine, Item, Result
-from curate.progress import Progress
 
 if TYPE_CHECKING:
     from curate.stages import MapStage

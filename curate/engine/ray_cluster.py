@@ -31,8 +31,8 @@ from typing import TYPE_CHECKING
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from curate.core.progress import FinishedRows, Progress
 from curate.engine import Engine, Item, Result
-from curate.progress import FinishedRows, Progress
 
 if TYPE_CHECKING:
     from curate.stages import MapStage
@@ -249,7 +249,7 @@ def _configure_ray_data(verbose: bool) -> None:
     # not as Ray Data's UserCodeException holding only its text.
     ctx.raise_original_map_exception = True
     # One bar per operator, redrawn several lines high: only with --verbose. The runner
-    # draws its own line per stage (curate.progress).
+    # draws its own line per stage (curate.core.progress).
     ctx.enable_progress_bars = verbose
     ctx.print_on_execution_start = verbose
     # Metrics polling that cost the driver ~2 CPU-s per 10^6-row stage on 2 cores.
@@ -264,7 +264,7 @@ def _configure_ray_data(verbose: bool) -> None:
 
 def _warm_up(_) -> None:
     """A worker's first task: the imports and the operator registry every stage needs."""
-    from curate.operators import load_registry
+    from curate.core.operators import load_registry
 
     load_registry()
 

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from curate.config import Count
-from curate.operators import Filter, register_filter
+from curate.core.config import Count
+from curate.core.operators import Filter, register_filter
 
 
 @register_filter("alt_text_frequency")

@@ -16,8 +16,8 @@ from typing import Annotated
 import numpy as np
 import pyarrow as pa
 
-from curate.config import Range
-from curate.operators import Filter, register_filter
+from curate.core.config import Range
+from curate.core.operators import Filter, register_filter
 
 
 def _sides(column: pa.ChunkedArray | pa.Array) -> np.ndarray:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from curate.operators import Filter, register_filter
+from curate.core.operators import Filter, register_filter
 
 #: Python's whitespace: ASCII \s, \v, the information separators, NEL and Unicode Z*.
 WS = r"[\t\n\x0b\x0c\r \x1c-\x1f\x85\p{Z}]"

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from curate.operators import Filter, register_filter
+from curate.core.operators import Filter, register_filter
 
 
 @register_filter("caption_valid")

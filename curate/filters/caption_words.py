@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from curate.config import Count, NonNegative
-from curate.operators import Filter, register_filter
+from curate.core.config import Count, NonNegative
+from curate.core.operators import Filter, register_filter
 
 
 @register_filter("caption_words")

@@ -61,15 +61,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from curate.clip_model import (
+from curate.clip.model import (
     embedding_matrix,
     load_model,
     normalize_rows,
     resolve_model,
     tokenizer_for,
 )
-from curate.config import ConfigError, Range
-from curate.operators import Filter, FitContext, register_filter
+from curate.core.config import ConfigError, Range
+from curate.core.operators import Filter, FitContext, register_filter
 from curate.stages.clip import EMBEDDINGS_DIR, MODEL_FILE
 
 ARTIFACT = "concept_margins"  # a folder: one Parquet file per embeddings file

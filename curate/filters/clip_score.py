@@ -62,8 +62,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from curate.config import Cosine, Range
-from curate.operators import Filter, FitContext, register_filter
+from curate.core.config import Cosine, Range
+from curate.core.operators import Filter, FitContext, register_filter
 
 if TYPE_CHECKING:
     from curate.engine import Engine

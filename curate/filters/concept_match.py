@@ -7,7 +7,7 @@ of its whitespace tokens (``text.split()``) has, as its first WordNet synset
 (``nltk.corpus.wordnet.synsets(word)[0]``, which lower-cases and lemmatises the
 word), one of the ImageNet-21k classes. WordNet's data cannot be had here, so
 this filter matches concept *names* instead, the MetaCLIP way
-(``curate.concepts``): an entry of the list occurring as whole words in the
+(``curate.text.concepts``): an entry of the list occurring as whole words in the
 caption, lower-cased on both sides by default as WordNet's look-up is. So a
 plural ("sharks") or an inflection does not match its name, a multi-word name
 ("great white shark") does, and the bundled ``imagenet1k`` list names 1,000
@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from curate.concepts import Matcher, load_concepts, matchable_captions
-from curate.operators import Filter, register_filter
+from curate.core.operators import Filter, register_filter
+from curate.text.concepts import Matcher, load_concepts, matchable_captions
 
 
 @register_filter("concept_match")

@@ -31,7 +31,7 @@ steps, each followed here:
    "Nearest" is the largest inner product with the (unnormalised) centroids,
    for the reference images (``target_centroid_ids = torch.unique(...)``) and the
    pool rows alike; a row is kept when its centroid is one of the targets.
-   Here: ``curate.semdedup.assign`` (float32, fixed blocks, ties to the lowest
+   Here: ``curate.dedup.semdedup.assign`` (float32, fixed blocks, ties to the lowest
    index as ``argmax``).
 
 With the CLIP score (``load_uids_with_image_filter(..., arch, threshold,
@@ -86,17 +86,17 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from curate.clip_model import embedding_matrix
-from curate.config import ConfigError, Count
-from curate.operators import Filter, FitContext, register_filter
-from curate.readers import IngestError
-from curate.runfolder import scratch
-from curate.schema import alive_mask
-from curate.semdedup import assign
+from curate.clip.model import embedding_matrix
+from curate.core.config import ConfigError, Count
+from curate.core.operators import Filter, FitContext, register_filter
+from curate.core.runfolder import scratch
+from curate.core.schema import alive_mask
+from curate.dedup.semdedup import assign
+from curate.io.readers import IngestError
+from curate.io.uids import fixed_width, is_member
 from curate.stages.clip import EMBEDDINGS_DIR, MODEL_FILE, embed_images, prepare_model
 from curate.stages.decontaminate import VECTOR_COLUMNS, find_beside_input, read_image_set
 from curate.stages.dedup import hashed_sample
-from curate.uids import fixed_width, is_member
 
 ASSIGNMENTS = "assignments.parquet"
 CENTROIDS = "centroids.npy"
@@ -244,7 +244,7 @@ class DataCompImage(Filter):
 
     def _vectors(self, ctx: FitContext) -> tuple[str, Batches]:
         """Where the pool's image vectors are, and a function iterating (uid, vector) batches."""
-        from curate.datacomp import MANIFEST, read_npz_embeddings
+        from curate.io.datacomp import MANIFEST, read_npz_embeddings
 
         source = self.embeddings
         run = Path(ctx.run_dir) if ctx.run_dir is not None else None

@@ -18,8 +18,8 @@ from typing import Annotated
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from curate.config import Range
-from curate.operators import Filter, register_filter
+from curate.core.config import Range
+from curate.core.operators import Filter, register_filter
 
 
 @register_filter("language")

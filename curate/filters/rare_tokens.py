@@ -27,11 +27,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from curate.config import Count
-from curate.operators import Filter, FitContext, register_filter
-from curate.runfolder import scratch
-from curate.stats import connect, partition_files, partitions_for, scatter, write_query
-from curate.text import bigrams, words
+from curate.core.config import Count
+from curate.core.operators import Filter, FitContext, register_filter
+from curate.core.runfolder import scratch
+from curate.io.stats import connect, partition_files, partitions_for, scatter, write_query
+from curate.text.words import bigrams, words
 
 ARTIFACT = "vocabulary.parquet"
 NO_COUNTS = pa.table({"gram": pa.array([], pa.string()), "n": pa.array([], pa.int64())})

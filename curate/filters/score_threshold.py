@@ -1,6 +1,6 @@
 """Threshold any numeric score column (CLIP score, language score, …).
 
-Scores are never thresholds (DESIGN.md): an annotator or stage writes the
+Scores are never thresholds: an annotator or stage writes the
 score, this filter decides, so a run can be re-thresholded without rescoring.
 A null or NaN score drops, as in pandas, where ``NaN >= x`` is False.
 
@@ -18,8 +18,8 @@ from typing import Annotated
 import numpy as np
 import pyarrow as pa
 
-from curate.config import Range
-from curate.operators import Filter, register_filter
+from curate.core.config import Range
+from curate.core.operators import Filter, register_filter
 
 
 @register_filter("score_threshold")

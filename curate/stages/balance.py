@@ -2,7 +2,7 @@
 
 MetaCLIP (Xu et al. 2023, "Demystifying CLIP Data", Algorithm 1;
 facebookresearch/MetaCLIP ``metaclip/metaclip1/balancing.py``): match every
-caption against a concept list (``curate.concepts``), count the rows matching
+caption against a concept list (``curate.text.concepts``), count the rows matching
 each concept over the whole pool, and give concept c the sampling probability
 ``p(c) = t / max(count(c), t)``. Each concept a row matches draws once; the row
 is kept when any draw passes, so its keep probability is ``1 - ∏(1 - p(c))``.
@@ -32,11 +32,11 @@ import pyarrow.compute as pc
 import pyarrow.csv
 import pyarrow.parquet as pq
 
-from curate.concepts import Matcher, load_concepts, matchable_captions
-from curate.config import ConfigError, Count
-from curate.runfolder import scratch
-from curate.schema import alive_mask, set_column
-from curate.stages.base import MapStage, StageContext, register_stage
+from curate.core.config import ConfigError, Count
+from curate.core.runfolder import scratch
+from curate.core.schema import alive_mask, set_column
+from curate.core.stage import MapStage, StageContext, register_stage
+from curate.text.concepts import Matcher, load_concepts, matchable_captions
 
 COUNTS_FILE = "concept_counts.csv"
 

@@ -5,7 +5,7 @@ pool with a model trained on data one trusts. Without downloadable weights
 that is also how CLIP-score filtering works here at all: this stage picks the
 rows that pass ``train_filters`` (a filter set; the rows are *not* dropped), or
 takes a trusted seed set of shards, trains ``model`` on them for a fixed
-budget of samples (``curate.trainer``), and writes the checkpoint to
+budget of samples (``curate.train.trainer``), and writes the checkpoint to
 ``RUN/checkpoints/<stage name>/``. A later clip stage scores the whole pool with
 ``model: run:checkpoints/<stage name>`` and a score filter keeps the top
 fraction (``pipelines/bootstrap.yaml``).
@@ -23,14 +23,14 @@ from typing import TYPE_CHECKING
 
 import pyarrow.parquet as pq
 
-from curate.config import ConfigError
-from curate.runfolder import remove_tree
-from curate.stages.base import Stage, StageContext, register_stage
+from curate.core.config import ConfigError
+from curate.core.runfolder import remove_tree
+from curate.core.stage import Stage, StageContext, register_stage
 from curate.stages.filter import FilterStage
 from curate.stages.shard import ShardStage
 
 if TYPE_CHECKING:
-    from curate.trainer import TrainConfig
+    from curate.train.trainer import TrainConfig
 
 CHECKPOINTS = "checkpoints"
 
@@ -51,7 +51,7 @@ class BootstrapStage(Stage):
         self.train_config(seed=0).check()  # a bad lr or loss stops the recipe, not its training
 
     def train_config(self, seed: int) -> TrainConfig:
-        from curate.trainer import TrainConfig
+        from curate.train.trainer import TrainConfig
 
         return TrainConfig(
             model=self.model,
@@ -75,7 +75,7 @@ class BootstrapStage(Stage):
         return (f"{CHECKPOINTS}/{self.name}",)
 
     def run(self, ctx: StageContext) -> int:
-        from curate.trainer import train
+        from curate.train.trainer import train
 
         work = ctx.out_dir / "_train"
         shards, training_rows = self._training_shards(ctx, work)
@@ -135,7 +135,7 @@ class BootstrapStage(Stage):
 
     def _select(self, ctx: StageContext, out: Path) -> list[Path]:
         """Copies of the ledger files in which only the rows passing the filters are kept."""
-        from curate.recipe import build_filters, load_filter_set
+        from curate.core.recipe import build_filters, load_filter_set
 
         entries, where = load_filter_set(self.train_filters)
         chooser = FilterStage(filters=build_filters(entries, where))

@@ -1,6 +1,6 @@
 """The clip stage: image and text embeddings and the CLIP score of every downloaded row.
 
-With a model (``model`` + ``pretrained``, see ``curate.clip_model``) the
+With a model (``model`` + ``pretrained``, see ``curate.clip.model``) the
 stage reads the download stage's images, decodes them on CPU workers and embeds
 them on a pool of model workers — Ray Data tasks feeding an actor pool, one
 model per actor, ``num_gpus=1`` each when the cluster has GPUs — or in this
@@ -35,7 +35,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from curate.clip_model import (
+from curate.clip.model import (
     Preprocess,
     ResolvedModel,
     embedding_matrix,
@@ -44,11 +44,11 @@ from curate.clip_model import (
     resolve_model,
     tokenizer_for,
 )
-from curate.config import ConfigError, Count
-from curate.progress import Progress
-from curate.runfolder import remove_tree
-from curate.schema import alive_mask, set_column
-from curate.stages.base import Stage, StageContext, register_stage
+from curate.core.config import ConfigError, Count
+from curate.core.progress import Progress
+from curate.core.runfolder import remove_tree
+from curate.core.schema import alive_mask, set_column
+from curate.core.stage import Stage, StageContext, register_stage
 from curate.stages.download import IMAGES_DIR, images_by_file
 
 if TYPE_CHECKING:
@@ -171,7 +171,7 @@ class ClipStage(Stage):
     def _embed_precomputed(self, ctx: StageContext, out: Path) -> dict:
         """DataComp's vectors: a task per source parquet reads its npz and the alive rows of
         the ledger files that source became (the ingest stage's parts, by place)."""
-        from curate.datacomp import npz_sources
+        from curate.io.datacomp import npz_sources
 
         places: dict[int, list[int]] = {}  # source → its ledger files, by place
         for j, part in enumerate(sorted(Path(ctx.ingest_dir).glob("part-*.parquet"))):
@@ -245,7 +245,7 @@ def embed_images(
 def _precomputed_source(job: tuple) -> int | None:
     """One DataComp source's image and text vectors and their cosine, for its alive rows,
     each with the ledger file (by place) it is in; the vectors' width."""
-    from curate.datacomp import read_npz_source
+    from curate.io.datacomp import read_npz_source
 
     ingest_dir, source, key, files, out = job
     image = read_npz_source(ingest_dir, source, f"{key}_img")
@@ -337,7 +337,7 @@ def _embed(
 ) -> None:
     """Chunks decoded on CPU workers, embedded by ``workers`` model workers (a GPU each on
     CUDA), written to ``out`` as Parquet parts of about ``ROWS_PER_FILE`` rows."""
-    from curate.clip_embed import DecodeSpec, Embedder, decode_chunk
+    from curate.clip.embed import DecodeSpec, Embedder, decode_chunk
 
     resolved, preprocess, _, device, _ = model_args
     engine.map_with_models(

@@ -11,7 +11,7 @@ Cosines are screened in float32 and decided in float64, as in SemDeDup.
 The driver holds the evaluation set, never the pool: a task per embeddings
 file matches its rows where they lie, and tasks per hash partition of the uid
 keep the matches of rows still alive (a join with the ledger's alive uids) and
-write the decisions that every worker then applies (``curate.dedup``).
+write the decisions that every worker then applies (``curate.dedup.decisions``).
 
 ``eval_set`` is a folder of images, a Parquet file of images (a binary
 column: ``image``, ``jpg``, ``png`` or ``webp``), or a Parquet file of
@@ -35,15 +35,22 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from curate.clip_model import embedding_matrix
-from curate.config import ConfigError, Range
-from curate.dedup import DECISIONS, REGROUP, read_tables, read_vectors, unit_rows, write_decisions
-from curate.runfolder import scratch
-from curate.semdedup import SCREEN
-from curate.stages.base import StageContext, register_stage
+from curate.clip.model import embedding_matrix
+from curate.core.config import ConfigError, Range
+from curate.core.runfolder import scratch
+from curate.core.stage import StageContext, register_stage
+from curate.dedup.decisions import (
+    DECISIONS,
+    REGROUP,
+    read_tables,
+    read_vectors,
+    unit_rows,
+    write_decisions,
+)
+from curate.dedup.semdedup import SCREEN
+from curate.io.stats import connect, partition_files, partitions_for, scatter, write_query
 from curate.stages.clip import EMBEDDINGS_DIR, MODEL_FILE, embed_images, prepare_model
 from curate.stages.dedup import ALIVE, DecidedStage, scatter_alive
-from curate.stats import connect, partition_files, partitions_for, scatter, write_query
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 IMAGE_COLUMNS = ("image", "jpg", "png", "webp")

@@ -8,11 +8,11 @@ dropped with ``dropped_by`` = the stage's name (``dedup_exact``,
 
 The driver plans and the engine's tasks do every row's work: the driver holds
 file lists, counts, per-cluster sizes and SemDeDup's centroids, never rows.
-The tasks write the decisions under ``_stats/`` (``curate.dedup``); each
+The tasks write the decisions under ``_stats/`` (``curate.dedup.decisions``); each
 worker loads them once and applies them to the ledger batch by batch.
 
 ``dedup_exact``, two rounds of tasks (the partial → partition pattern of
-``curate.stats``):
+``curate.io.stats``):
 
 1. per ledger file: its alive rows with a sha256 (uid, sha256, score), split by
    a hash of the sha256;
@@ -56,9 +56,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from curate.clip_model import embedding_matrix
-from curate.config import ConfigError, Count, Range
-from curate.dedup import (
+from curate.clip.model import embedding_matrix
+from curate.core.config import ConfigError, Count, Range
+from curate.core.runfolder import scratch
+from curate.core.stage import MapStage, StageContext, register_stage
+from curate.dedup.decisions import (
     PARENTS,
     alive_sql,
     apply_decisions,
@@ -70,11 +72,9 @@ from curate.dedup import (
     unit_rows,
     write_decisions,
 )
-from curate.runfolder import scratch
-from curate.semdedup import absorb_on_graph, absorbers, assign, pairs_between, train_centroids
-from curate.stages.base import MapStage, StageContext, register_stage
-from curate.stats import connect, partition_files, partitions_for, scatter, sql_paths
-from curate.uids import uid_keys
+from curate.dedup.semdedup import absorb_on_graph, absorbers, assign, pairs_between, train_centroids
+from curate.io.stats import connect, partition_files, partitions_for, scatter, sql_paths
+from curate.io.uids import uid_keys
 
 #: Rows of the pool per bucket of clusters deduplicated by one task.
 BUCKET_ROWS = 50_000
@@ -288,7 +288,7 @@ class SemanticDedupStage(DecidedStage):
     def _vector_sources(self, ctx: StageContext) -> tuple[list[dict], str]:
         """What each vector-reading task reads (``read_vector_source``), and what the vectors
         are (for the manifest)."""
-        from curate.datacomp import MANIFEST, npz_sources
+        from curate.io.datacomp import MANIFEST, npz_sources
 
         source = self.embeddings
         clip_files = sorted((ctx.run_dir / CLIP_EMBEDDINGS).glob("*.parquet"))
@@ -379,7 +379,7 @@ def uid_partition(uids: pa.Array | pa.ChunkedArray, parts: int) -> np.ndarray:
 def read_vector_source(source: dict) -> pa.Table:
     """(uid, vector) of one source's rows that have a vector: a clip stage's embeddings file
     (``path``, ``column``) or one DataComp source's .npz (``ingest``, ``index``, ``key``)."""
-    from curate.datacomp import read_npz_source
+    from curate.io.datacomp import read_npz_source
 
     if "path" in source:
         table = pq.read_table(source["path"], columns=["uid", source["column"]])

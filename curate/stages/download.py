@@ -3,7 +3,7 @@
 img2dataset does the downloading, resizing, face blurring and writing (one engine
 task per shard of urls: a Ray task, or on the local engine a process that dies
 with this one), with
-the crawl policy of ``curate.crawler`` built in: public addresses only unless
+the crawl policy of ``curate.download.crawler`` built in: public addresses only unless
 allowed, http(s) only, bounded size and time, robots.txt (fetched once per host
 here, on the driver), decompression bombs refused before decoding. img2dataset
 itself sends the user-agent token and honours X-Robots-Tag opt-outs.
@@ -15,7 +15,7 @@ so a re-run fetches only what did not finish. It is wiped when the url list or a
 download parameter changes.
 
 In the ledger, ``status`` is ``success`` or the failure's kind
-(``curate.download_errors``), ``error_message`` the text; a failed row is
+(``curate.download.errors``), ``error_message`` the text; a failed row is
 dropped by this stage. Rows dropped earlier are not downloaded.
 """
 
@@ -35,15 +35,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from curate import robots
-from curate.config import ConfigError, Count, NonNegative, Positive, Range
-from curate.download_errors import SUCCESS, failure_kind
-from curate.image_guard import DEFAULT_MAX_PIXELS
-from curate.netguard import guarded_opener
-from curate.progress import FinishedRows, Progress
-from curate.runfolder import remove_tree, scratch
-from curate.schema import alive_mask, set_column
-from curate.stages.base import Stage, StageContext, register_stage
+from curate.core.config import ConfigError, Count, NonNegative, Positive, Range
+from curate.core.progress import FinishedRows, Progress
+from curate.core.runfolder import remove_tree, scratch
+from curate.core.schema import alive_mask, set_column
+from curate.core.stage import Stage, StageContext, register_stage
+from curate.download import robots
+from curate.download.errors import SUCCESS, failure_kind
+from curate.download.image_guard import DEFAULT_MAX_PIXELS
+from curate.download.netguard import guarded_opener
 
 IMAGES_DIR = "images"
 INDEX = "_index.json"
@@ -167,7 +167,7 @@ class DownloadStage(Stage):
     ) -> None:
         from img2dataset.writer import ParquetSampleWriter
 
-        from curate.crawler import CheckedResizer, CrawlPolicy, PoliteDownloader
+        from curate.download.crawler import CheckedResizer, CrawlPolicy, PoliteDownloader
 
         work = images / "_work"  # outside the *.parquet glob of the image shards
         work.mkdir(exist_ok=True)

@@ -14,10 +14,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from curate.config import ConfigError
-from curate.operators import ANNOTATORS, Annotator, Filter, FitContext
-from curate.schema import alive_mask, set_column
-from curate.stages.base import MapStage, StageContext, register_stage
+from curate.core.config import ConfigError
+from curate.core.operators import ANNOTATORS, Annotator, Filter, FitContext
+from curate.core.schema import alive_mask, set_column
+from curate.core.stage import MapStage, StageContext, register_stage
 
 
 def _scatter(values: pa.Array | pa.ChunkedArray, rows: np.ndarray, n: int) -> pa.Array:

@@ -11,7 +11,7 @@ download stage drops it). Every row is kept (``keep`` true, ``dropped_by`` null)
 It streams: files are read in sorted order, batch by batch, and written as
 ``part-NNNNN.parquet`` of at most ``rows_per_file`` rows, so memory is bounded
 by a batch, not the pool (plus 8 bytes a row for the uid check, see
-``curate.uids``: uid uniqueness is global, so it is checked exactly at the end).
+``curate.io.uids``: uid uniqueness is global, so it is checked exactly at the end).
 Row numbers in error messages count a file's data rows from 0.
 """
 
@@ -29,10 +29,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from curate import datacomp
-from curate.config import ConfigError, Count
-from curate.progress import FinishedRows, Progress
-from curate.readers import (
+from curate.core.config import ConfigError, Count
+from curate.core.progress import FinishedRows, Progress
+from curate.core.runfolder import scratch
+from curate.core.schema import LEDGER_SCHEMA, ledger_type, uids_for
+from curate.core.stage import Stage, StageContext, register_stage
+from curate.io import datacomp
+from curate.io.readers import (
     IngestError,
     Source,
     as_string,
@@ -44,11 +47,8 @@ from curate.readers import (
     reading,
     repair_utf8,
 )
-from curate.runfolder import scratch
-from curate.schema import LEDGER_SCHEMA, ledger_type, uids_for
-from curate.stages.base import Stage, StageContext, register_stage
-from curate.submission import load_subset, open_pairs, uids_in
-from curate.uids import normalise_uids, uid_keys
+from curate.io.submission import load_subset, open_pairs, uids_in
+from curate.io.uids import normalise_uids, uid_keys
 
 __all__ = ["IngestError", "IngestStage"]
 

@@ -35,10 +35,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from curate.clip_embed import read_image_bytes
-from curate.config import ConfigError, Count
-from curate.progress import FinishedRows, Progress
-from curate.stages.base import Stage, StageContext, register_stage
+from curate.clip.embed import read_image_bytes
+from curate.core.config import ConfigError, Count
+from curate.core.progress import FinishedRows, Progress
+from curate.core.stage import Stage, StageContext, register_stage
 from curate.stages.clip import IMAGE_COLUMNS
 from curate.stages.download import IMAGES_DIR, images_by_file
 

@@ -1,0 +1,110 @@
+"""The two kinds of per-batch work: annotators add columns, filters return keep masks.
+
+A filter reads columns and decides; it never computes a score itself. When a
+filter needs a column an annotator provides (``lang``, ``text_count``, …), the
+filter stage runs that annotator first, on the rows still alive only, so
+expensive scores are never computed for rows a cheaper filter already dropped.
+
+Operators that need a global view of the pool (caption frequencies, token
+vocabularies) implement ``fit``: it runs once on the driver over the stage's
+input ledger and writes a small artifact under ``stats_dir``; ``setup`` loads it
+once per worker; the per-batch method then applies it. That is the
+fit → artifact → apply shape that scales to a cluster.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING, ClassVar, TypeVar
+
+import numpy as np
+import pyarrow as pa
+
+from curate.core.registry import registrar
+
+if TYPE_CHECKING:
+    from curate.engine import Engine
+
+
+@dataclass(frozen=True)
+class FitContext:
+    """What ``fit`` may read and where it writes."""
+
+    ledger_files: list[Path]  # the stage's input ledger (Parquet)
+    stats_dir: Path  # an empty folder owned by this operator
+    seed: int = 0
+    run_dir: Path | None = None  # the run folder (embeddings/ and images/ sit there)
+    ingest_dir: Path | None = None  # the ingest stage's output (DataComp .npz manifest)
+    input_path: Path | None = None  # the user's --input (relative paths are looked up beside it)
+    engine: Engine | None = None  # where the fit's work runs (curate.engine)
+
+
+class Operator:
+    """Base of annotators and filters. Subclasses are dataclasses of their parameters."""
+
+    name: ClassVar[str]
+    #: Ledger columns read by the per-batch method: the only ones its batches carry.
+    needs: ClassVar[tuple[str, ...]] = ()
+
+    def fit(self, ctx: FitContext) -> None:
+        """Compute global statistics over the input ledger (default: none needed)."""
+
+    def setup(self) -> None:
+        """Load heavy state (models, fitted statistics) once per worker."""
+
+
+class Annotator(Operator):
+    #: Ledger columns this annotator adds.
+    provides: ClassVar[tuple[str, ...]]
+
+    def annotate(self, batch: pa.Table) -> dict[str, pa.Array]:
+        """Return one array per column in ``provides``, aligned with ``batch``."""
+        raise NotImplementedError
+
+
+class Filter(Operator):
+    def keep(self, batch: pa.Table) -> pa.Array | np.ndarray:
+        """Boolean mask aligned with ``batch``: True keeps the row; null counts as a drop."""
+        raise NotImplementedError
+
+
+FILTERS: dict[str, type[Filter]] = {}
+ANNOTATORS: dict[str, type[Annotator]] = {}  # keyed by each column provided
+
+Op = TypeVar("Op", bound=type[Operator])
+
+#: Class decorator: make a filter available to filter sets under a name.
+register_filter = registrar(FILTERS, "name", "filter")
+
+
+def register_annotator(name: str):
+    """Class decorator: register an annotator as the provider of its ``provides`` columns."""
+
+    def wrap(cls: Op) -> Op:
+        cls.name = name
+        for column in cls.provides:
+            if column in ANNOTATORS:
+                raise ValueError(f"column {column!r} has two annotators")
+            ANNOTATORS[column] = cls
+        return cls
+
+    return wrap
+
+
+def _import_all(package: ModuleType) -> None:
+    for info in pkgutil.iter_modules(package.__path__):
+        importlib.import_module(f"{package.__name__}.{info.name}")
+
+
+def load_registry() -> None:
+    """Import every stage, annotator and filter module so they register themselves."""
+    import curate.annotators
+    import curate.filters
+    import curate.stages
+
+    for package in (curate.stages, curate.annotators, curate.filters):
+        _import_all(package)

@@ -1,0 +1,1 @@
+"""The bundled mini CLIP trainer, its losses and shard dataset, evaluation, and ``compare``."""

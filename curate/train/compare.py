@@ -1,0 +1,204 @@
+"""Same model, same compute, different data: train on each run's shards, evaluate, tabulate.
+
+This is DataComp's protocol in miniature: the training recipe and the budget of
+samples seen are fixed, so any difference in the table comes from the data each
+curation run kept. Each run's shards train one checkpoint per seed into
+``OUT/RUN/ckpt`` (``OUT/RUN/seed-S/ckpt`` with several seeds), which
+``curate.train.evaluate`` scores on the eval set; the rows go to ``OUT/compare.json``
+and, as a DataComp-style table, to ``OUT/compare.md``.
+
+With several seeds a row holds the mean of each metric and its sample standard
+deviation (``<metric>_std``): a gap between two runs means something only when
+it is larger than the seed-to-seed spread.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pyarrow.parquet as pq
+import yaml
+
+from curate.core.config import ConfigError
+from curate.core.runfolder import claim, remove_tree
+from curate.demo.vocab import VOCABULARY
+from curate.runner import count_rows, ledger_files
+from curate.train.evaluate import evaluate, read_labels
+
+if TYPE_CHECKING:
+    from curate.train.trainer import TrainConfig
+
+#: What a per-seed entry holds besides its metrics.
+FACTS = ("seed", "checkpoint", "samples_seen", "train_seconds")
+#: Metrics are fractions of 120–480 eval images: four decimals say all there is.
+DIGITS = 4
+
+
+def run_info(run: Path) -> dict:
+    """Name, recipe, pool and kept rows of a ``curate run`` folder whose shards hold images."""
+    run = Path(run)
+    shards = sorted((run / "shards").glob("shard-*.parquet"))
+    if not shards:
+        tars = sorted((run / "shards").glob("shard-*.tar"))
+        hint = (
+            " (its shards are webdataset tars: re-run it with --set shard.format=parquet)"
+            if tars
+            else " (a recipe with a download and a shard stage writes them)"
+        )
+        raise ConfigError(f"run {run}: no Parquet shards in {run / 'shards'}{hint}")
+    if "image" not in pq.read_schema(shards[0]).names:
+        raise ConfigError(
+            f"run {run}: its shards hold no images (the recipe has no download stage); "
+            "training needs them"
+        )
+    ledger = ledger_files(run / "ledger")
+    recipe_file = run / "recipe.yaml"
+    if not ledger or not recipe_file.is_file():
+        raise ConfigError(f"run {run}: not a `curate run` folder (no ledger/ or recipe.yaml)")
+    kept = count_rows(shards)
+    if kept == 0:
+        raise ConfigError(f"run {run}: its shards hold no rows; there is nothing to train on")
+    return {
+        "run": run.resolve().name,
+        "recipe": yaml.safe_load(recipe_file.read_text(encoding="utf-8")).get("name"),
+        "pool": count_rows(ledger),
+        "kept": kept,
+    }
+
+
+def _flatten(result: dict) -> dict:
+    """One evaluation's numbers under the row's column names."""
+    row = {"zeroshot_acc": result["zeroshot_acc"]}
+    for attribute, z in result["zeroshot"].items():
+        row[f"acc_{attribute}"] = z["accuracy"]
+    row["recall_at_1"], row["recall_at_5"] = result["recall_at_1"], result["recall_at_5"]
+    for prefix, key in (("i2t", "image_to_text"), ("t2i", "text_to_image")):
+        for name, value in result["retrieval"][key].items():
+            row[f"{prefix}_{name}"] = value
+    return {k: round(v, DIGITS) for k, v in row.items()}
+
+
+def _summarise(info: dict, seeds: list[int], per_seed: list[dict]) -> dict:
+    """A run's row: its facts, each metric's mean over seeds and, with several, its spread."""
+    row = {
+        **info,
+        "samples_seen": per_seed[0]["samples_seen"],
+        "seeds": seeds,
+        "train_seconds": round(float(np.mean([s["train_seconds"] for s in per_seed])), 1),
+    }
+    for key in (k for k in per_seed[0] if k not in FACTS):
+        values = [s[key] for s in per_seed]
+        row[key] = round(float(np.mean(values)), DIGITS)
+        spread = round(float(np.std(values, ddof=1)), DIGITS) if len(values) > 1 else None
+        row[f"{key}_std"] = spread
+    row["per_seed"] = per_seed
+    return row
+
+
+def _train_and_evaluate(
+    run: Path, out: Path, ckpt: Path, eval_set: Path, config: TrainConfig, progress: bool
+) -> dict:
+    from curate.train.trainer import train
+
+    # The trainer refuses to overwrite a checkpoint; a comparison run again trains afresh.
+    remove_tree(ckpt, out)
+    ckpt.parent.mkdir(parents=True, exist_ok=True)
+    metrics = train(run / "shards", ckpt, config, progress=progress)
+    result = evaluate(ckpt, eval_set, device=config.device)
+    (ckpt.parent / "eval.json").write_text(json.dumps(result, indent=1) + "\n")
+    return {
+        "seed": config.seed,
+        "checkpoint": str(ckpt),
+        "samples_seen": metrics["samples_seen"],
+        "train_seconds": metrics["seconds"],
+        **_flatten(result),
+    }
+
+
+def checked_seeds(seeds: list[int] | None, config: TrainConfig) -> list[int]:
+    """The seeds to train with (default ``config.seed``), each given once and each one the
+    trainer takes: checked before anything runs, not when a later seed's turn comes."""
+    seeds = list(seeds) if seeds else [config.seed]
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"seeds {' '.join(map(str, seeds))}: each seed once")
+    for seed in seeds:
+        replace(config, seed=seed).check()
+    return seeds
+
+
+def compare(
+    runs: list[Path],
+    eval_set: Path,
+    config: TrainConfig,
+    out: Path,
+    seeds: list[int] | None = None,
+    progress: bool = False,
+) -> list[dict]:
+    """Train ``config`` on each run's shards (once per seed, default ``config.seed``), evaluate
+    on ``eval_set``, write ``out/compare.json`` and ``out/compare.md``; return the rows.
+
+    Every run and the eval set are checked before any training starts, so a typo in
+    the last run name fails at once, not after the first runs have trained.
+    """
+    runs, eval_set, out = [Path(r) for r in runs], Path(eval_set), Path(out)
+    if not runs:
+        raise ConfigError("compare needs at least one run folder")
+    seeds = checked_seeds(seeds, config)
+    read_labels(eval_set)
+    infos = [run_info(r) for r in runs]
+    names = [i["run"] for i in infos]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ConfigError(f"runs named {', '.join(twice)} twice: their checkpoints would collide")
+
+    with claim(out, "compare"):  # created and marked: its checkpoints are curate's to replace
+        rows = []
+        for run, info in zip(runs, infos):
+            per_seed = []
+            for seed in seeds:
+                folder = (
+                    out / info["run"] if len(seeds) == 1 else out / info["run"] / f"seed-{seed}"
+                )
+                if progress:
+                    print(f"compare: {info['run']}, seed {seed}", file=sys.stderr, flush=True)
+                per_seed.append(
+                    _train_and_evaluate(
+                        run, out, folder / "ckpt", eval_set, replace(config, seed=seed), progress
+                    )
+                )
+            rows.append(_summarise(info, seeds, per_seed))
+
+        (out / "compare.json").write_text(json.dumps(rows, indent=1) + "\n")
+        (out / "compare.md").write_text(compare_table(rows) + "\n")
+    return rows
+
+
+def _cell(row: dict, key: str) -> str:
+    spread = row.get(f"{key}_std")
+    return f"{row[key]:.3f}" + (f" ± {spread:.3f}" if spread is not None else "")
+
+
+def compare_table(rows: list[dict]) -> str:
+    """The rows as a DataComp-style Markdown table, chance levels under it."""
+    attributes = [a for a in VOCABULARY if f"acc_{a}" in rows[0]]
+    chance = {a: 1 / len(VOCABULARY[a]) for a in attributes}
+    head = ["run", "recipe", "pool", "kept", "samples seen", "zero-shot (mean)"]
+    head += [*attributes, "I→T R@1", "T→I R@1", "R@1 (mean)", "R@5 (mean)"]
+    lines = ["| " + " | ".join(head) + " |", "| --- | --- |" + " ---: |" * (len(head) - 2)]
+    for row in rows:
+        cells = [row["run"], row["recipe"] or "", f"{row['pool']:,}", f"{row['kept']:,}"]
+        cells += [f"{row['samples_seen']:,}", _cell(row, "zeroshot_acc")]
+        cells += [_cell(row, f"acc_{a}") for a in attributes]
+        cells += [_cell(row, k) for k in ("i2t_recall_at_1", "t2i_recall_at_1")]
+        cells += [_cell(row, k) for k in ("recall_at_1", "recall_at_5")]
+        lines.append("| " + " | ".join(cells) + " |")
+    seeds = rows[0]["seeds"]
+    spread = f"mean ± std over seeds {seeds}" if len(seeds) > 1 else f"seed {seeds[0]}"
+    levels = ", ".join(f"{a} {p:.3f}" for a, p in chance.items())
+    lines += ["", f"Same model and budget for every run; {spread}. Chance: {levels}."]
+    return "\n".join(lines)

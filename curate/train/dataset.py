@@ -1,0 +1,163 @@
+"""Training samples streamed from the shard stage's Parquet shards, one row group at a time.
+
+The unit of work is a Parquet row group (1,000 rows of the shard stage, images
+included): a worker reads one, shuffles its rows, decodes and augments them,
+and only then reads the next, so memory holds one row group per worker however
+large the shards are. Each epoch permutes the row groups from (seed, epoch) and
+deals them to the DataLoader's workers round-robin, so every (epoch, row group)
+goes to exactly one worker and no row repeats within an epoch — what open_clip's
+WebDataset pipeline gets from splitting shards by worker (``open_clip_train/data.py``,
+``split_by_worker``), at row-group rather than file grain.
+
+Samples are open_clip's train transform for the model (``image_transform_v2``,
+``is_train=True``) cut before ``ToTensor``: a worker ships the random crop as
+uint8 pixels, a quarter of float32's bytes through shared memory and pinned
+memory, and the trainer applies ``ToTensor``'s /255 and ``Normalize`` on the
+device (``normalise``) — the split the clip stage makes for the same reason
+(``curate.clip.model.Preprocess``), with the same arithmetic, so the floats are
+open_clip's.
+
+Everything random comes from seeded generators, never from process state:
+row order within a group from (seed, epoch, group), and the augmentation
+(open_clip's ``RandomResizedCrop`` draws from torch's global generator) from a
+torch seed drawn from the same generator at the start of each group. The
+samples a group yields therefore depend on (seed, epoch, group) alone, not on
+the worker that reads it nor on what that worker read before.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from open_clip.transform import PreprocessCfg, image_transform_v2
+from PIL import Image
+from torch.utils.data import IterableDataset, get_worker_info
+from torchvision.transforms import Compose, ToTensor
+
+from curate.core.config import ConfigError
+
+SHARD_GLOB = "shard-*.parquet"
+#: The columns a sample needs; the shards' other columns are never read.
+COLUMNS = ("uid", "caption", "image")
+
+
+@dataclass(frozen=True)
+class RowGroup:
+    path: str
+    index: int  # the row group's number in its file
+    rows: int
+
+
+def find_shards(folder: Path) -> list[Path]:
+    """The Parquet shards in ``folder``, or in ``folder/shards`` when given a run folder."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ConfigError(f"shards {folder}: no such folder")
+    if not any(folder.glob(SHARD_GLOB)) and (folder / "shards").is_dir():
+        folder = folder / "shards"
+    files = sorted(folder.glob(SHARD_GLOB))
+    if not files:
+        if any(folder.glob("shard-*.tar")):
+            raise ConfigError(
+                f"shards {folder}: WebDataset shards; the trainer reads Parquet shards "
+                "(the shard stage's default format: parquet)"
+            )
+        raise ConfigError(f"shards {folder}: no {SHARD_GLOB} files (is it a run's shards/?)")
+    return files
+
+
+def row_groups(files: list[Path]) -> list[RowGroup]:
+    """Every row group of ``files``, after checking the shards can be trained on at all."""
+    groups = []
+    for path in files:
+        meta = pq.read_metadata(path)
+        names = meta.schema.to_arrow_schema().names
+        missing = [c for c in COLUMNS if c not in names]
+        if "image" in missing:
+            raise ConfigError(
+                f"shard {path} has no image column: the run that wrote it had no download "
+                "stage, so there are no images to train on (add a download stage before "
+                "the shard stage, as pipelines/download_basic.yaml does)"
+            )
+        if missing:
+            raise ConfigError(f"shard {path} lacks the column(s) {', '.join(missing)}")
+        for i in range(meta.num_row_groups):
+            if meta.row_group(i).num_rows:
+                groups.append(RowGroup(str(path), i, meta.row_group(i).num_rows))
+    if not groups:
+        raise ConfigError(f"the shards in {files[0].parent} hold no rows: the run kept nothing")
+    return groups
+
+
+def crop_steps(preprocess_cfg: dict) -> Compose:
+    """open_clip's train transform for a model up to ``ToTensor``: PIL in, PIL RGB crop out."""
+    steps = image_transform_v2(PreprocessCfg(**preprocess_cfg), is_train=True).transforms
+    return Compose(steps[: next(i for i, t in enumerate(steps) if isinstance(t, ToTensor))])
+
+
+def normalise(pixels: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """uint8 crops (N, H, W, 3) → ``ToTensor`` + ``Normalize``'s floats (N, 3, H, W).
+
+    ``mean`` and ``std`` are float32 (1, 3, 1, 1) tensors on ``pixels``' device.
+    """
+    return pixels.permute(0, 3, 1, 2).float().div(255).sub(mean).div(std)
+
+
+class ShardDataset(IterableDataset):
+    """(uint8 crop (H, W, 3), token ids) pairs of one epoch, this worker's row groups only.
+
+    Set ``epoch`` before creating each epoch's DataLoader iterator: workers are
+    started per epoch (``persistent_workers=False``) and copy it then.
+    """
+
+    def __init__(self, groups: list[RowGroup], crop: Compose, tokenizer, seed: int):
+        self.groups, self.crop, self.tokenizer, self.seed = groups, crop, tokenizer, seed
+        self.epoch = 0
+
+    @property
+    def rows(self) -> int:
+        return sum(g.rows for g in self.groups)
+
+    def assigned(self, worker: int, workers: int) -> list[int]:
+        """The row groups ``worker`` of ``workers`` reads this epoch, in reading order."""
+        order = np.random.default_rng((self.seed, self.epoch)).permutation(len(self.groups))
+        return [int(g) for g in order[worker::workers]]
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        for group in self.assigned(worker, workers):
+            yield from map(self.sample, self.group_rows(group))
+
+    def group_rows(self, group: int):
+        """A row group's rows (uid, caption, image bytes) in this epoch's order for it.
+
+        Also seeds torch's global generator for the augmentations of these rows.
+        With ``workers=0`` that generator is the training process's own; the
+        trainer draws nothing from it once the model is built.
+        """
+        rng = np.random.default_rng((self.seed, self.epoch, group))
+        where = self.groups[group]
+        table = pq.ParquetFile(where.path).read_row_group(where.index, columns=list(COLUMNS))
+        uids = table["uid"].to_pylist()
+        captions = table["caption"].to_pylist()
+        images = table["image"].combine_chunks().field("bytes").to_pylist()
+        order = rng.permutation(len(uids))
+        torch.manual_seed(int(rng.integers(2**63)))
+        for i in order:
+            yield {"uid": uids[i], "caption": captions[i] or "", "image": images[i],
+                   "path": where.path}  # fmt: skip
+
+    def sample(self, row: dict):
+        """Decode, crop and tokenize one row."""
+        try:
+            with Image.open(io.BytesIO(row["image"])) as image:
+                pixels = np.array(self.crop(image.convert("RGB")), dtype=np.uint8)
+        except Exception as exc:  # PIL raises many types; name the row either way
+            raise ValueError(f"shard {row['path']}: row {row['uid']}: bad image: {exc}") from exc
+        return torch.from_numpy(pixels), self.tokenizer([row["caption"]])[0]
