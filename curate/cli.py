@@ -9,14 +9,15 @@ import sys
 from pathlib import Path
 
 from curate.core.config import ConfigError
+from curate.core.layout import LEDGER
 from curate.core.runfolder import RunFolderError
 from curate.io.readers import IngestError
 
 
 def _run(args: argparse.Namespace) -> int:
+    from curate.core.layout import UIDS
     from curate.core.recipe import load_recipe
     from curate.core.runfolder import claim
-    from curate.io.submission import UIDS_FILE
     from curate.report.build import download_table, finisher, funnel_table
     from curate.runner import StageResult, run_recipe
 
@@ -67,20 +68,20 @@ def _run(args: argparse.Namespace) -> int:
             print()
             print(download_table(report["download"]))
         print(f"\nledger: {result.run_dir / 'ledger'}   report: {result.run_dir / 'report.html'}")
-        print(f"kept uids (DataComp format): {result.run_dir / UIDS_FILE} ({kept:,})")
+        print(f"kept uids (DataComp format): {result.run_dir / UIDS} ({kept:,})")
     return 0
 
 
 def _export_uids(args: argparse.Namespace) -> int:
+    from curate.core.layout import UIDS, ledger_files
     from curate.core.runfolder import claim
-    from curate.io.submission import UIDS_FILE, kept_uids, write_uids
-    from curate.runner import ledger_files
+    from curate.io.submission import kept_uids, write_uids
 
-    ledger = Path(args.run) / "ledger"
+    ledger = Path(args.run) / LEDGER
     files = ledger_files(ledger)
     if not files:
         raise ConfigError(f"{args.run}: no ledger/ (is it a run folder?)")
-    out = Path(args.output) if args.output else Path(args.run) / UIDS_FILE
+    out = Path(args.output) if args.output else Path(args.run) / UIDS
     with claim(Path(args.run), "run"):  # not while a run rewrites its ledger
         kept = write_uids(kept_uids(files), out)
     print(f"{kept:,} kept uids → {out}")

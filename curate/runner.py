@@ -27,13 +27,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
+from curate.core.layout import LEDGER, RECIPE, SUCCESS, ledger_files, stage_folder
 from curate.core.progress import Progress
 from curate.core.recipe import Recipe, stage_params
-from curate.core.runfolder import check_name, claim, remove_tree
+from curate.core.runfolder import claim, remove_tree
 from curate.engine import Engine, Kind, open_engine
 from curate.stages import MapStage, Stage, StageContext
-
-SUCCESS = "_SUCCESS"
 
 
 @dataclass
@@ -56,11 +55,6 @@ class RunResult:
     finished: Any = None  # what run_recipe's ``finish`` returned
 
 
-def ledger_files(folder: Path) -> list[Path]:
-    """The Parquet files of a ledger folder, in their deterministic order."""
-    return sorted(folder.glob("*.parquet"))
-
-
 def count_rows(files: list[Path]) -> int:
     return sum(pq.ParquetFile(f).metadata.num_rows for f in files)
 
@@ -80,14 +74,6 @@ def input_fingerprint(path: Path) -> list:
 
 
 # --- the run -------------------------------------------------------------------------------
-
-
-def stage_folder(run_dir: Path, index: int, name: str, output_dir: str | None = None) -> Path:
-    """Where stage ``index`` of a run is written: ``stages/NN_NAME``, or the folder its
-    class names (``output_dir``: the shard stage's ``shards/``)."""
-    if output_dir:
-        return run_dir / output_dir
-    return run_dir / "stages" / f"{index:02d}_{check_name(name, 'stage name')}"
 
 
 def read_manifest(stage_dir: Path) -> dict:
@@ -239,7 +225,7 @@ def _run_claimed(
     progress: bool,
     finish: Callable[[RunResult], Any] | None,
 ) -> RunResult:
-    (run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe.resolved(), sort_keys=False))
+    (run_dir / RECIPE).write_text(yaml.safe_dump(recipe.resolved(), sort_keys=False))
     digests = _plan_digests(recipe, input_path)
     stage_dirs = [
         stage_folder(run_dir, i, s.name, getattr(s, "output_dir", None))
@@ -326,7 +312,7 @@ def _run_claimed(
                 ledger_dir = stage_dir
                 files = ledger_files(stage_dir)
                 schema = pq.read_schema(files[0]) if files else None
-        final = _link_ledger(ledger_dir, run_dir / "ledger") if ledger_dir else []
+        final = _link_ledger(ledger_dir, run_dir / LEDGER) if ledger_dir else []
         run = RunResult(run_dir, results, final)
         if finish is not None:  # one more task: its work grows with the pool too
             (run.finished,) = engine.map_items(finish, [run], "finish")

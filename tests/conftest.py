@@ -105,7 +105,8 @@ def accept_as_written(run: Path, stage_dir: str, *beside: str) -> None:
     For tests that damage a stage's output on purpose to see what a *later* stage
     does with it; otherwise the run would find the damage and run the stage again.
     """
-    from curate.runner import SUCCESS, file_records
+    from curate.core.layout import SUCCESS
+    from curate.runner import file_records
 
     manifest_path = run / stage_dir / SUCCESS
     manifest = json.loads(manifest_path.read_text())

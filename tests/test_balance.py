@@ -16,13 +16,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from curate.cli import main
+from curate.core.layout import CONCEPT_COUNTS, ledger_files
 from curate.core.recipe import recipe_from_data
 from curate.core.stage import StageContext
 from curate.demo import load_manifest
 from curate.demo.vocab import SHAPES
 from curate.engine.local import LocalEngine
-from curate.runner import ledger_files, run_recipe
-from curate.stages.balance import COUNTS_FILE
+from curate.runner import run_recipe
 
 CONCEPTS = ["alpha", "beta", "gamma", "delta"]
 T = 400
@@ -62,7 +62,7 @@ def run(recipe, pool: Path, run_dir: Path, engine: str = "local"):
     """The run's ledger (by uid), its concept_counts.csv (by concept) and the stage's counters."""
     result = run_recipe(recipe, pool, run_dir, engine=engine)
     ledger = pq.read_table(run_dir / "ledger").sort_by("uid")
-    counts = pyarrow.csv.read_csv(next(run_dir.glob(f"stages/*_balance/{COUNTS_FILE}")))
+    counts = pyarrow.csv.read_csv(next(run_dir.glob(f"stages/*_balance/{CONCEPT_COUNTS}")))
     by_concept = {r["concept"]: r for r in counts.to_pylist()}
     return ledger, by_concept, result.stages[-1].counters
 
@@ -203,7 +203,7 @@ def test_demo_recipe_flattens_the_concept_histogram(demo_run):
     run_dir, manifest = demo_run
     t = 20  # the recipe's
     ledger = pq.read_table(run_dir / "ledger").to_pylist()
-    counts = pyarrow.csv.read_csv(next(run_dir.glob(f"stages/*_balance/{COUNTS_FILE}")))
+    counts = pyarrow.csv.read_csv(next(run_dir.glob(f"stages/*_balance/{CONCEPT_COUNTS}")))
     counts = {r["concept"]: r for r in counts.to_pylist()}
     entering = [r for r in ledger if r["concepts"] is not None]  # alive when balance began
     assert len(entering) == sum(r["keep"] or r["dropped_by"] == "balance" for r in ledger)

@@ -21,11 +21,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from curate.core.config import ConfigError, build
+from curate.core.layout import ledger_files
 from curate.core.operators import FILTERS, FitContext, load_registry
 from curate.core.recipe import load_recipe
 from curate.engine.local import LocalEngine
 from curate.filters.clip_score import ClipScore, ClipScoreTopFraction
-from curate.runner import ledger_files, run_recipe
+from curate.runner import run_recipe
 from curate.stages.filter import apply_filters
 
 try:

@@ -20,10 +20,10 @@ from conftest import accept_as_written
 from PIL import Image
 
 from curate.core.config import ConfigError
+from curate.core.layout import EMBEDDINGS, IMAGES
 from curate.core.recipe import recipe_from_data
+from curate.download.images import image_shards
 from curate.runner import run_recipe
-from curate.stages.clip import EMBEDDINGS_DIR
-from curate.stages.download import IMAGES_DIR, image_shards
 
 DOWNLOAD = {"stage": "download", "allow_private_networks": True, "image_size": 128}
 
@@ -79,7 +79,7 @@ def scored(downloaded, tmp_path_factory, served_pool, tiny_weights):
 
 
 def embeddings(run: Path) -> pa.Table:
-    table = pq.read_table(run / EMBEDDINGS_DIR)
+    table = pq.read_table(run / EMBEDDINGS)
     return table.sort_by("uid")
 
 
@@ -98,7 +98,7 @@ def direct_scores(run: Path, weights: Path, uids: list[str]) -> dict[str, tuple]
     model.eval()
     tokenizer = open_clip.get_tokenizer("curate-tiny")
     images = pa.concat_tables(
-        pq.read_table(f, columns=["uid", "jpg"]) for f in image_shards(run / IMAGES_DIR)
+        pq.read_table(f, columns=["uid", "jpg"]) for f in image_shards(run / IMAGES)
     )
     ledger = pq.read_table(run / "ledger", columns=["uid", "caption"])
     jpg = dict(zip(images["uid"].to_pylist(), images["jpg"].to_pylist()))
@@ -174,7 +174,7 @@ def test_top_fraction_keeps_exactly_datacomps_count(scored, tmp_path, served_poo
 
 def _corrupt_images(run: Path) -> dict[str, str]:
     """Damage some downloaded images in place; return uid → how."""
-    shard = image_shards(run / IMAGES_DIR)[0]
+    shard = image_shards(run / IMAGES)[0]
     table = pq.read_table(shard)
     ok = pc.is_valid(table["jpg"]).to_numpy(zero_copy_only=False)
     rows = np.flatnonzero(ok)[:4]
@@ -197,7 +197,7 @@ def test_corrupt_bytes_are_recorded_drops(downloaded, tmp_path, served_pool):
     run = tmp_path / "corrupt"
     shutil.copytree(downloaded, run)
     damaged = _corrupt_images(run)
-    accept_as_written(run, "stages/01_download", IMAGES_DIR)  # as if these bytes had come in
+    accept_as_written(run, "stages/01_download", IMAGES)  # as if these bytes had come in
     params = {"stage": "clip", "model": "curate-tiny", "pretrained": "random", "batch_size": 16}
     result = run_recipe(_recipe(params), served_pool.urls_path, run, engine="local")
     ledger = pq.read_table(run / "ledger").to_pylist()
@@ -336,7 +336,7 @@ def test_a_folder_whose_weights_open_clip_does_not_read_is_refused(tmp_path, tin
     from safetensors.torch import load_file
 
     from curate.clip.model import resolve_model
-    from curate.stages.clip import prepare_model
+    from curate.clip.pool import prepare_model
 
     folder = _tiny_folder(tmp_path / "ckpt", load_file(str(tiny_weights)), "model.pt")
     for load in (resolve_model, prepare_model):
@@ -351,7 +351,7 @@ def test_a_weights_file_missing_a_key_is_refused(tmp_path, tiny_weights):
     from safetensors.torch import load_file, save_file
 
     from curate.clip.model import load_model, resolve_model
-    from curate.stages.clip import prepare_model
+    from curate.clip.pool import prepare_model
 
     state = load_file(str(tiny_weights))
     del state["text_projection"]
@@ -371,7 +371,7 @@ def test_a_weights_file_with_unexpected_keys_is_refused(tmp_path, tiny_weights):
     from safetensors.torch import load_file, save_file
 
     from curate.clip.model import load_model, resolve_model
-    from curate.stages.clip import prepare_model
+    from curate.clip.pool import prepare_model
 
     state = load_file(str(tiny_weights))
     path = tmp_path / "extra.safetensors"

@@ -17,7 +17,7 @@ import pytest
 from conftest import bad_pool_rows
 from pools import write_datacomp_pool
 
-from curate.runner import ledger_files
+from curate.core.layout import ledger_files
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))

@@ -278,7 +278,7 @@ def test_reference_images_are_embedded_with_the_pools_model(tmp_path):
     from safetensors.torch import save_file
 
     from curate.clip.model_configs import register_model_configs
-    from curate.stages.clip import embed_images, prepare_model
+    from curate.clip.pool import embed_images, prepare_model
 
     register_model_configs()
     torch.manual_seed(0)

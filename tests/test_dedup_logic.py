@@ -200,7 +200,7 @@ def test_group_ids_differ_for_uids_that_share_a_prefix():
 
 def test_eval_sets_in_every_accepted_form(tmp_path):
     from curate.core.config import ConfigError
-    from curate.stages.decontaminate import find_beside_input, read_image_set
+    from curate.io.image_sets import find_beside_input, read_image_set
 
     pool = tmp_path / "pool"
     (pool / "eval" / "sub").mkdir(parents=True)

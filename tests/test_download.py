@@ -28,10 +28,10 @@ from curate.demo.serve import LoopbackServer, Rule
 from curate.download import netguard
 from curate.download.errors import failure_kind
 from curate.download.image_guard import image_problem
+from curate.download.images import image_shards
 from curate.download.robots import RobotsRules
 from curate.report.build import write_report
 from curate.runner import run_recipe
-from curate.stages.download import image_shards
 
 CAPTION = "a photo of a red square on a white background"
 

@@ -88,7 +88,7 @@ def test_a_random_model_is_at_chance(random_model, demo_pool):
 
 
 def test_eval_images_get_the_clip_stages_vectors(fixture_model, demo_pool, tmp_path):
-    from curate.stages.clip import embed_images, prepare_model
+    from curate.clip.pool import embed_images, prepare_model
     from curate.train.evaluate import _embed_pairs, read_labels
 
     eval_set = demo_pool / "eval"

@@ -24,7 +24,9 @@ import pytest
 from PIL import Image
 
 from curate.cli import main
+from curate.core.layout import IMAGES
 from curate.core.recipe import recipe_from_data
+from curate.download.images import image_shards
 from curate.report.build import write_report
 from curate.report.data import (
     clean_text,
@@ -42,7 +44,6 @@ from curate.report.plots import (
     thumbnail,
 )
 from curate.runner import run_recipe
-from curate.stages.download import IMAGES_DIR, image_shards
 
 STAGES = [
     {"stage": "ingest"},
@@ -193,7 +194,7 @@ def test_read_images_returns_the_downloaded_bytes_by_uid(full_run):
     images = read_images(run, ok + failed + ["f" * 32])
     assert sorted(images) == sorted(ok)
     stored = pa.concat_tables(
-        pq.read_table(f, columns=["uid", "jpg"]) for f in image_shards(run / IMAGES_DIR)
+        pq.read_table(f, columns=["uid", "jpg"]) for f in image_shards(run / IMAGES)
     )
     jpg = dict(zip(stored["uid"].to_pylist(), stored["jpg"].to_pylist()))
     assert all(images[u] == jpg[u] for u in ok)
@@ -302,7 +303,7 @@ def metadata_run(tmp_path: Path, filters: list[dict] | None) -> tuple[Path, dict
 
 def test_a_metadata_run_with_hostile_captions(tmp_path):
     run, report = metadata_run(tmp_path, [{"caption_valid": {}}, {"image_size": {"min_side": 200}}])
-    assert report["download"] is None and not (run / IMAGES_DIR).exists()
+    assert report["download"] is None and not (run / IMAGES).exists()
     assert report["dropped"] == {"caption_valid": 1, "image_size": 1} and report["rows_out"] == 4
     page = check_page(run, report)
     assert (

@@ -18,9 +18,10 @@ import pytest
 
 from curate.cli import main
 from curate.core.config import ConfigError
+from curate.core.layout import ledger_files
 from curate.core.recipe import load_recipe
 from curate.core.runfolder import LOCK, MARKER, RunFolderError, claim, remove_tree, scratch, staged
-from curate.runner import ledger_files, run_recipe
+from curate.runner import run_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 CURATE = [sys.executable, "-m", "curate.cli"]

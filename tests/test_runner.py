@@ -13,12 +13,13 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
+from curate.core.layout import ledger_files
 from curate.core.progress import Progress
 from curate.core.recipe import load_recipe
 from curate.engine.local import LocalEngine
 from curate.engine.ray_cluster import RayEngine
 from curate.report.build import write_report
-from curate.runner import ledger_files, run_recipe
+from curate.runner import run_recipe
 from curate.stages import MapStage
 
 

@@ -20,9 +20,10 @@ from PIL import Image
 
 import curate.stages.shard as shard_stage
 from curate.core.config import ConfigError
+from curate.core.layout import IMAGES
 from curate.core.recipe import recipe_from_data
+from curate.download.images import image_shards
 from curate.runner import run_recipe
-from curate.stages.download import IMAGES_DIR, image_shards
 
 DOWNLOAD = {"stage": "download", "allow_private_networks": True, "image_size": 64}
 ROWS_PER_SHARD = 100
@@ -68,7 +69,7 @@ def kept_rows(run: Path) -> list[dict]:
 
 
 def downloaded_bytes(run: Path) -> dict[str, bytes]:
-    images = [pq.read_table(f, columns=["uid", "jpg"]) for f in image_shards(run / IMAGES_DIR)]
+    images = [pq.read_table(f, columns=["uid", "jpg"]) for f in image_shards(run / IMAGES)]
     table = pa.concat_tables(images)
     return dict(zip(table["uid"].to_pylist(), table["jpg"].to_pylist()))
 
@@ -192,13 +193,13 @@ def test_webdataset_samples_group_as_in_open_clip(downloaded, served_pool, tmp_p
 def test_a_kept_row_without_its_image_is_an_error_naming_it(downloaded, tmp_path):
     """The stage given a ledger whose images are gone. (A run never gets there: it finds
     images/ changed since the download finished and downloads again, test_run_folder.)"""
+    from curate.core.layout import ledger_files
     from curate.engine.local import LocalEngine
-    from curate.runner import ledger_files
     from curate.stages import StageContext
 
     run = tmp_path / "run"
     shutil.copytree(downloaded, run)
-    for shard in image_shards(run / IMAGES_DIR):  # the images gone, their index left
+    for shard in image_shards(run / IMAGES):  # the images gone, their index left
         shard.unlink()
     first = kept_rows(run)[0]["uid"]
     ledger = ledger_files(run / "ledger")

@@ -28,9 +28,9 @@ from torch.utils.data import DataLoader
 
 import curate.stages.shard as shard_stage
 from curate.core.config import ConfigError
+from curate.core.layout import EMBEDDINGS
 from curate.core.recipe import recipe_from_data
 from curate.runner import run_recipe
-from curate.stages.clip import EMBEDDINGS_DIR
 from curate.train.dataset import ShardDataset, crop_steps, find_shards, normalise, row_groups
 from curate.train.losses import clip_loss, siglip_loss
 from curate.train.trainer import TrainConfig, model_name, train
@@ -240,7 +240,7 @@ def test_the_checkpoint_scores_identically_through_the_clip_stage(trained, run, 
     clip = {"stage": "clip", "model": str(ckpt), "batch_size": 64}
     result = run_recipe(_recipe(clip), served_pool.urls_path, scored, engine="local")
     assert result.stages[1].skipped, "the download should have been reused"
-    table = pq.read_table(scored / EMBEDDINGS_DIR, columns=["uid", "clip_score"])
+    table = pq.read_table(scored / EMBEDDINGS, columns=["uid", "clip_score"])
     by_stage = dict(zip(table["uid"].to_pylist(), table["clip_score"].to_pylist()))
 
     model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{ckpt}")

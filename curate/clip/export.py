@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 
 from curate.clip.model import embedding_matrix
 from curate.core.config import ConfigError
-from curate.stages.clip import EMBEDDINGS_DIR, MODEL_FILE
+from curate.core.layout import EMBEDDINGS, LEDGER, MODEL_FILE
 
 #: DataComp's array names for the models it used.
 PREFIXES = {"ViT-B-32": "b32", "ViT-L-14": "l14"}
@@ -32,7 +32,7 @@ PREFIXES = {"ViT-B-32": "b32", "ViT-L-14": "l14"}
 
 def default_prefix(run_dir: Path) -> str:
     """b32 / l14 for DataComp's models, else the architecture's name in lower case."""
-    described = json.loads((Path(run_dir) / EMBEDDINGS_DIR / MODEL_FILE).read_text())
+    described = json.loads((Path(run_dir) / EMBEDDINGS / MODEL_FILE).read_text())
     if described.get("precomputed"):
         return described["precomputed"]
     model = str(described.get("model", "clip"))
@@ -42,11 +42,11 @@ def default_prefix(run_dir: Path) -> str:
 def export_embeddings(run_dir: Path, out_dir: Path, prefix: str | None = None) -> list[Path]:
     """Write one ``NNNNNNNN.parquet`` + ``.npz`` pair per embeddings file; return the parquets."""
     run_dir, out_dir = Path(run_dir), Path(out_dir)
-    folder = run_dir / EMBEDDINGS_DIR
+    folder = run_dir / EMBEDDINGS
     if not (folder / MODEL_FILE).is_file():
-        raise ConfigError(f"{run_dir}: no {EMBEDDINGS_DIR}/ (run a recipe with a clip stage first)")
+        raise ConfigError(f"{run_dir}: no {EMBEDDINGS}/ (run a recipe with a clip stage first)")
     prefix = prefix or default_prefix(run_dir)
-    ledger = pq.read_table(run_dir / "ledger", columns=["uid", "url", "caption"])
+    ledger = pq.read_table(run_dir / LEDGER, columns=["uid", "url", "caption"])
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for i, path in enumerate(sorted(folder.glob("*.parquet"))):

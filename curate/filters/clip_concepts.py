@@ -69,8 +69,8 @@ from curate.clip.model import (
     tokenizer_for,
 )
 from curate.core.config import ConfigError, Range
+from curate.core.layout import EMBEDDINGS, MODEL_FILE
 from curate.core.operators import Filter, FitContext, register_filter
-from curate.stages.clip import EMBEDDINGS_DIR, MODEL_FILE
 
 ARTIFACT = "concept_margins"  # a folder: one Parquet file per embeddings file
 PROMPTS_JSON = "prompts.json"
@@ -100,11 +100,11 @@ def _check_prompts(prompts: list[str], what: str) -> list[str]:
 
 def read_model_description(run_dir: Path | None) -> dict:
     """``RUN/embeddings/_model.json``, or a ConfigError saying a clip stage must run first."""
-    path = None if run_dir is None else Path(run_dir) / EMBEDDINGS_DIR / MODEL_FILE
+    path = None if run_dir is None else Path(run_dir) / EMBEDDINGS / MODEL_FILE
     if path is None or not path.is_file():
         raise ConfigError(
             f"filter clip_concepts needs image embeddings: a clip stage must run before this "
-            f"filter (no {path or EMBEDDINGS_DIR + '/' + MODEL_FILE})"
+            f"filter (no {path or EMBEDDINGS + '/' + MODEL_FILE})"
         )
     return json.loads(path.read_text())
 
@@ -213,7 +213,7 @@ class ClipConcepts(Filter):
         stats.mkdir(parents=True, exist_ok=True)
         self._write_prompts(stats, described, unwanted, reference)
 
-        files = sorted((Path(ctx.run_dir) / EMBEDDINGS_DIR).glob("*.parquet"))
+        files = sorted((Path(ctx.run_dir) / EMBEDDINGS).glob("*.parquet"))
         out = stats / ARTIFACT
         out.mkdir()
         jobs = [(f, out / f"{i:05d}.parquet", unwanted, reference, self.unwanted)

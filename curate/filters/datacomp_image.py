@@ -87,16 +87,16 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curate.clip.model import embedding_matrix
+from curate.clip.pool import embed_images, prepare_model
 from curate.core.config import ConfigError, Count
+from curate.core.layout import EMBEDDINGS, MODEL_FILE
 from curate.core.operators import Filter, FitContext, register_filter
 from curate.core.runfolder import scratch
 from curate.core.schema import alive_mask
 from curate.dedup.semdedup import assign
+from curate.io.image_sets import VECTOR_COLUMNS, find_beside_input, read_image_set
 from curate.io.readers import IngestError
-from curate.io.uids import fixed_width, is_member
-from curate.stages.clip import EMBEDDINGS_DIR, MODEL_FILE, embed_images, prepare_model
-from curate.stages.decontaminate import VECTOR_COLUMNS, find_beside_input, read_image_set
-from curate.stages.dedup import hashed_sample
+from curate.io.uids import fixed_width, hashed_sample, is_member
 
 ASSIGNMENTS = "assignments.parquet"
 CENTROIDS = "centroids.npy"
@@ -248,7 +248,7 @@ class DataCompImage(Filter):
 
         source = self.embeddings
         run = Path(ctx.run_dir) if ctx.run_dir is not None else None
-        clip_files = sorted((run / EMBEDDINGS_DIR).glob("*.parquet")) if run else []
+        clip_files = sorted((run / EMBEDDINGS).glob("*.parquet")) if run else []
         files = ctx.ledger_files
         has_clip = bool(files) and "clip_score" in pq.read_schema(files[0]).names
         has_npz = ctx.ingest_dir is not None and (Path(ctx.ingest_dir) / MANIFEST).is_file()
@@ -326,7 +326,7 @@ class DataCompImage(Filter):
     def _model(self, ctx: FitContext, path: Path):
         if self.model is not None:
             return prepare_model(self.model, self.pretrained)
-        described = None if ctx.run_dir is None else Path(ctx.run_dir) / EMBEDDINGS_DIR / MODEL_FILE
+        described = None if ctx.run_dir is None else Path(ctx.run_dir) / EMBEDDINGS / MODEL_FILE
         about = json.loads(described.read_text()) if described and described.is_file() else {}
         if about.get("precomputed") or not about.get("model"):
             raise ConfigError(

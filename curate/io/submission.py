@@ -22,7 +22,6 @@ from curate.core.schema import alive_mask
 from curate.io.uids import fixed_width, is_member
 
 UID_DTYPE = np.dtype("u8,u8")
-UIDS_FILE = "uids.npy"  # in the run folder
 _HEX = np.frombuffer(b"0123456789abcdef", np.uint8)
 
 

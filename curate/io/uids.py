@@ -92,3 +92,16 @@ def is_member(keys: np.ndarray, sorted_keys: np.ndarray) -> np.ndarray:
         return np.zeros(len(keys), bool)
     at = np.minimum(np.searchsorted(sorted_keys, keys), len(sorted_keys) - 1)
     return sorted_keys[at] == keys
+
+
+def sample_keys(uids: pa.Array | pa.ChunkedArray, seed: int) -> np.ndarray:
+    """Each uid's seeded 64-bit key: samples take the smallest, the same in every process."""
+    keys = uid_keys(uids.combine_chunks() if isinstance(uids, pa.ChunkedArray) else uids)
+    return (keys ^ np.uint64(seed & 0xFFFFFFFFFFFFFFFF)) * np.uint64(0xBF58476D1CE4E5B9)
+
+
+def hashed_sample(uids: pa.Array, size: int, seed: int) -> pa.Array:
+    """``size`` uids chosen by a seeded hash of each uid: the same rows whatever the file order."""
+    if size >= len(uids):
+        return uids
+    return uids.take(pa.array(np.argpartition(sample_keys(uids, seed), size - 1)[:size]))

@@ -23,12 +23,13 @@ import duckdb
 import yaml
 
 from curate.core.config import ConfigError
+from curate.core.layout import FIGURES, LEDGER, RECIPE, UIDS
 from curate.core.operators import load_registry
 from curate.core.recipe import Recipe
 from curate.core.runfolder import claim, remove_tree
-from curate.io.submission import UIDS_FILE, kept_uids, write_uids
+from curate.io.submission import kept_uids, write_uids
 from curate.report.data import (
-    LEDGER,
+    LEDGER_SQL,
     SCORE_COLUMNS,
     check_ledger,
     dup_groups,
@@ -51,7 +52,6 @@ from curate.report.render import Section, Table, markdown_table, render_html, re
 from curate.runner import RunResult, StageResult, read_manifest
 from curate.stages import STAGES
 
-FIGURES_DIR = "report"
 #: Example rows per drop reason, and of kept rows (one line of thumbnails each).
 EXAMPLES = 6
 
@@ -76,7 +76,7 @@ def funnel(run_dir: Path, order: list[str]) -> dict:
     """Rows in, rows kept, and the drop count of every reason (pipeline order first)."""
     con = duckdb.connect()
     rows = con.execute(
-        f"SELECT dropped_by, count(*) FILTER (WHERE keep), count(*) FROM {LEDGER} "
+        f"SELECT dropped_by, count(*) FILTER (WHERE keep), count(*) FROM {LEDGER_SQL} "
         "GROUP BY dropped_by",
         [ledger_glob(run_dir)],
     ).fetchall()
@@ -102,7 +102,7 @@ def download_summary(run_dir: Path) -> dict | None:
     rows = (
         duckdb.connect()
         .execute(
-            f"SELECT status, count(*), min(error_message) FROM {LEDGER} "
+            f"SELECT status, count(*), min(error_message) FROM {LEDGER_SQL} "
             "WHERE status IS NOT NULL GROUP BY status ORDER BY count(*) DESC, status",
             [ledger_glob(run_dir)],
         )
@@ -310,14 +310,14 @@ def _write(run_dir: Path, recipe: dict, source: str, stages: list[StageResult]) 
     sections.append(Section("Stages: time and throughput", table=stage_rows(stages)))
     more, figures = _sections(run_dir, report)
     figures["funnel.png"] = png_bytes(funnel_figure(summary))
-    folder = run_dir / FIGURES_DIR
+    folder = run_dir / FIGURES
     remove_tree(folder, run_dir)
     folder.mkdir()
     for name, data in figures.items():
         (folder / name).write_bytes(data)
     title = f"Run report: {recipe['name']}"
     (run_dir / "report.md").write_text(
-        render_markdown(title, sections + more, FIGURES_DIR), encoding="utf-8"
+        render_markdown(title, sections + more, FIGURES), encoding="utf-8"
     )
     (run_dir / "report.html").write_text(
         render_html(title, sections + more, figures), encoding="utf-8"
@@ -344,7 +344,7 @@ def finisher(recipe: Recipe) -> Callable[[RunResult], tuple[dict, int]]:
 def _finish(resolved: dict, source: str, result: RunResult) -> tuple[dict, int]:
     """The report and how many uids were kept."""
     report = _write(Path(result.run_dir), resolved, source, result.stages)
-    kept = write_uids(kept_uids(result.ledger_files), Path(result.run_dir) / UIDS_FILE)
+    kept = write_uids(kept_uids(result.ledger_files), Path(result.run_dir) / UIDS)
     return report, kept
 
 
@@ -367,11 +367,11 @@ def report_run(run_dir: Path) -> dict:
     recipe's source is kept from an earlier report.json when there is one.
     """
     run_dir = Path(run_dir)
-    if not (run_dir / "ledger").is_dir() or not (run_dir / "recipe.yaml").is_file():
+    if not (run_dir / LEDGER).is_dir() or not (run_dir / RECIPE).is_file():
         raise FileNotFoundError(f"{run_dir} has no ledger/ or recipe.yaml: is it a run folder?")
     check_ledger(run_dir)
     try:
-        recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text(encoding="utf-8"))
+        recipe = yaml.safe_load((run_dir / RECIPE).read_text(encoding="utf-8"))
     except (UnicodeDecodeError, yaml.YAMLError) as error:
         raise ConfigError(f"{run_dir / 'recipe.yaml'}: not the YAML a run writes") from error
     if not isinstance(recipe, dict) or not isinstance(recipe.get("stages"), list):
@@ -379,6 +379,6 @@ def report_run(run_dir: Path) -> dict:
     try:
         source = json.loads((run_dir / "report.json").read_text())["source"]
     except (OSError, ValueError, KeyError):
-        source = str(run_dir / "recipe.yaml")
+        source = str(run_dir / RECIPE)
     with claim(run_dir, "run"):
         return _write(run_dir, recipe, source, finished_stages(run_dir))

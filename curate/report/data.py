@@ -20,15 +20,15 @@ import pyarrow.parquet as pq
 import yaml
 
 from curate.clip.embed import read_image_bytes
+from curate.clip.pool import IMAGE_COLUMNS
 from curate.core.config import ConfigError
+from curate.core.layout import CONCEPT_COUNTS, IMAGES, LEDGER, RECIPE, ledger_files, stage_folder
 from curate.core.operators import load_registry
-from curate.runner import ledger_files, read_manifest, stage_folder
+from curate.download.images import image_shards
+from curate.runner import read_manifest
 from curate.stages import STAGES
-from curate.stages.balance import COUNTS_FILE
-from curate.stages.clip import IMAGE_COLUMNS
-from curate.stages.download import IMAGES_DIR, image_shards
 
-LEDGER = "read_parquet(?, union_by_name = true)"
+LEDGER_SQL = "read_parquet(?, union_by_name = true)"
 #: Score columns worth a histogram: the clip stage's, and DataComp metadata's own.
 SCORE_COLUMNS = ("clip_score", "clip_l14_similarity_score", "clip_b32_similarity_score")
 
@@ -47,13 +47,13 @@ def clean_text(value: object, limit: int = 200) -> str:
 
 
 def ledger_glob(run_dir: Path) -> str:
-    return str(Path(run_dir) / "ledger" / "*.parquet")
+    return str(Path(run_dir) / LEDGER / "*.parquet")
 
 
 def check_ledger(run_dir: Path) -> None:
     """Stop with a clear error where DuckDB would fail mid-report: a ledger with no
     Parquet file, or one cut short (a run killed while writing it)."""
-    files = ledger_files(Path(run_dir) / "ledger")
+    files = ledger_files(Path(run_dir) / LEDGER)
     if not files:
         raise ConfigError(f"{run_dir}/ledger holds no Parquet file: the run did not finish")
     for file in files:
@@ -73,7 +73,7 @@ def stage_folders(run_dir: Path) -> list[tuple[dict, Path]]:
     """
     load_registry()
     run_dir = Path(run_dir)
-    stages = yaml.safe_load((run_dir / "recipe.yaml").read_text())["stages"]
+    stages = yaml.safe_load((run_dir / RECIPE).read_text())["stages"]
     out = []
     for i, entry in enumerate(stages):
         output = getattr(STAGES[entry["stage"]], "output_dir", None)
@@ -88,7 +88,7 @@ def _quote(column: str) -> str:
 def ledger_columns(run_dir: Path) -> set[str]:
     """The column names of a run's ledger (union over its files)."""
     con = duckdb.connect()
-    rows = con.execute(f"DESCRIBE SELECT * FROM {LEDGER}", [ledger_glob(run_dir)]).fetchall()
+    rows = con.execute(f"DESCRIBE SELECT * FROM {LEDGER_SQL}", [ledger_glob(run_dir)]).fetchall()
     return {r[0] for r in rows}
 
 
@@ -119,7 +119,7 @@ def score_histogram(
     con = duckdb.connect()
     scores = (
         f"SELECT CAST({_quote(column)} AS DOUBLE) AS x, coalesce(keep, false) AS k "
-        f"FROM {LEDGER} WHERE isfinite({_quote(column)})"
+        f"FROM {LEDGER_SQL} WHERE isfinite({_quote(column)})"
     )
     lo, hi, n = con.execute(
         f"SELECT min(x), max(x), count(*) FROM ({scores})", [ledger_glob(run_dir)]
@@ -156,9 +156,9 @@ class ConceptCounts:
 def concept_counts(run_dir: Path, top: int = 30) -> ConceptCounts | None:
     """The last balance stage's ``concept_counts.csv``, top ``top`` concepts (None: no balance)."""
     found = [
-        folder / COUNTS_FILE
+        folder / CONCEPT_COUNTS
         for entry, folder in stage_folders(run_dir)
-        if entry["stage"] == "balance" and (folder / COUNTS_FILE).is_file()
+        if entry["stage"] == "balance" and (folder / CONCEPT_COUNTS).is_file()
     ]
     if not found:
         return None
@@ -199,7 +199,7 @@ def dup_groups(run_dir: Path, groups: int = 4, members: int = 6) -> list[list[di
     rows = (
         duckdb.connect()
         .execute(
-            f"WITH s AS (SELECT * FROM {LEDGER} WHERE dup_group IS NOT NULL), "
+            f"WITH s AS (SELECT * FROM {LEDGER_SQL} WHERE dup_group IS NOT NULL), "
             "g AS (SELECT dup_group, count(*) AS n FROM s GROUP BY dup_group "
             f"ORDER BY n DESC, dup_group LIMIT {int(groups)}) "
             f"SELECT {select} FROM s JOIN g USING (dup_group) "
@@ -222,7 +222,7 @@ def dup_summary(run_dir: Path) -> tuple[int, int]:
     return (
         duckdb.connect()
         .execute(
-            f"SELECT count(DISTINCT dup_group), count(dup_group) FROM {LEDGER}",
+            f"SELECT count(DISTINCT dup_group), count(dup_group) FROM {LEDGER_SQL}",
             [ledger_glob(run_dir)],
         )
         .fetchone()
@@ -238,7 +238,7 @@ def read_images(run_dir: Path, uids: list[str]) -> dict[str, bytes]:
     """
     column_of = {
         str(path): column
-        for path in image_shards(Path(run_dir) / IMAGES_DIR)
+        for path in image_shards(Path(run_dir) / IMAGES)
         if (column := next((c for c in IMAGE_COLUMNS if c in pq.read_schema(path).names), None))
     }
     wanted = sorted(set(uids))

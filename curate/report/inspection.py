@@ -7,6 +7,7 @@ from pathlib import Path
 
 import duckdb
 
+from curate.core.layout import LEDGER
 from curate.report.build import funnel, funnel_table, ledger_glob
 from curate.report.data import check_ledger
 
@@ -50,7 +51,7 @@ def examples(run_dir: Path, reason: str | None, limit: int) -> list[dict]:
 def inspect_run(run_dir: Path, limit: int = 3) -> str:
     """A text report: the funnel, then examples for every drop reason and for kept rows."""
     run_dir = Path(run_dir)
-    if not (run_dir / "ledger").is_dir():
+    if not (run_dir / LEDGER).is_dir():
         raise FileNotFoundError(f"{run_dir} has no ledger/: is it a run folder of `curate run`?")
     check_ledger(run_dir)
     try:  # an earlier report's order of drop reasons, when it left a readable one

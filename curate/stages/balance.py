@@ -33,12 +33,11 @@ import pyarrow.csv
 import pyarrow.parquet as pq
 
 from curate.core.config import ConfigError, Count
+from curate.core.layout import CONCEPT_COUNTS
 from curate.core.runfolder import scratch
 from curate.core.schema import alive_mask, set_column
 from curate.core.stage import MapStage, StageContext, register_stage
 from curate.text.concepts import Matcher, load_concepts, matchable_captions
-
-COUNTS_FILE = "concept_counts.csv"
 
 
 def _hash64(data: bytes, key: bytes = b"") -> int:
@@ -95,7 +94,7 @@ class BalanceStage(MapStage):
         table = pa.table(
             {"concept": self._matcher.names, "matches": matches, "p": self._p, "kept": kept}
         )
-        pyarrow.csv.write_csv(table, ctx.out_dir / COUNTS_FILE)
+        pyarrow.csv.write_csv(table, ctx.out_dir / CONCEPT_COUNTS)
         ctx.counters.update(
             concepts=n_concepts,
             t=self.t,
@@ -104,7 +103,7 @@ class BalanceStage(MapStage):
             rows_without_concept=rows - matched,
             concepts_matched=int(np.count_nonzero(matches)),
             concepts_capped=int(np.count_nonzero(matches > self.t)),
-            counts_file=COUNTS_FILE,
+            counts_file=CONCEPT_COUNTS,
         )
 
     # --- per batch ---------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 import pyarrow.parquet as pq
 
 from curate.core.config import ConfigError
+from curate.core.layout import CHECKPOINTS
 from curate.core.runfolder import remove_tree
 from curate.core.stage import Stage, StageContext, register_stage
 from curate.stages.filter import FilterStage
@@ -31,8 +32,6 @@ from curate.stages.shard import ShardStage
 
 if TYPE_CHECKING:
     from curate.train.trainer import TrainConfig
-
-CHECKPOINTS = "checkpoints"
 
 
 @register_stage("bootstrap")

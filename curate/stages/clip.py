@@ -36,29 +36,21 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curate.clip.model import (
-    Preprocess,
-    ResolvedModel,
     embedding_matrix,
-    load_model,
     normalize_rows,
-    resolve_model,
-    tokenizer_for,
 )
+from curate.clip.pool import IMAGE_COLUMNS, embed, prepare_model
 from curate.core.config import ConfigError, Count
+from curate.core.layout import EMBEDDINGS, IMAGES, MODEL_FILE
 from curate.core.progress import Progress
 from curate.core.runfolder import remove_tree
 from curate.core.schema import alive_mask, set_column
 from curate.core.stage import Stage, StageContext, register_stage
-from curate.stages.download import IMAGES_DIR, images_by_file
+from curate.download.images import images_by_file
 
 if TYPE_CHECKING:
     from curate.engine import Engine
 
-EMBEDDINGS_DIR = "embeddings"
-MODEL_FILE = "_model.json"
-#: Embeddings files hold about this many rows.
-ROWS_PER_FILE = 50_000
-IMAGE_COLUMNS = ("jpg", "png", "webp")
 TODO = pa.schema([("uid", pa.string()), ("caption", pa.string()), ("shard", pa.string()),
                   ("column", pa.string()), ("row", pa.int64())])  # fmt: skip
 SCORES = pa.schema(
@@ -98,10 +90,10 @@ class ClipStage(Stage):
         self._resolved, self._preprocess, self._dim = prepare_model(self.model, self.pretrained)
 
     def outputs(self) -> tuple[str, ...]:
-        return (EMBEDDINGS_DIR,)
+        return (EMBEDDINGS,)
 
     def run(self, ctx: StageContext) -> int:
-        out = ctx.run_dir / EMBEDDINGS_DIR
+        out = ctx.run_dir / EMBEDDINGS
         tmp = out.with_name(out.name + ".tmp")
         remove_tree(tmp, ctx.run_dir)
         tmp.mkdir(parents=True)
@@ -145,7 +137,7 @@ class ClipStage(Stage):
         with Progress(self.name, images, unit="images", enabled=ctx.progress) as progress:
             if work:
                 have = ctx.engine.resources()["GPU" if device == "cuda" else "CPU"]
-                _embed(
+                embed(
                     ctx.engine,
                     work,
                     (self._resolved, self._preprocess, self._dim, device, self.precision),
@@ -190,58 +182,6 @@ class ClipStage(Stage):
         }
 
 
-def prepare_model(model: str, pretrained: str | None) -> tuple[ResolvedModel, Preprocess, int]:
-    """Resolve the weights and build the model once: its preprocessing and embedding width."""
-    resolved = resolve_model(model, pretrained)
-    built = load_model(resolved)
-    dim = int(built.encode_text(_blank_tokens(resolved)).shape[-1])
-    return resolved, Preprocess.of(built), dim
-
-
-def embed_images(
-    images: pa.Table, work: Path, prepared: tuple[ResolvedModel, Preprocess, int], engine: Engine
-) -> pa.Table:
-    """Embed a small table of (uid, image bytes) with one model worker: evaluation or
-    reference sets.
-
-    The same decode and model code as the pool's, so a pool row and a set image
-    holding the same picture get the same vector. Returns uid, image_embedding
-    (null where the image could not be decoded) and clip_error.
-    """
-    work.mkdir(parents=True, exist_ok=True)
-    n = images.num_rows
-    source = work / "images.parquet"
-    pq.write_table(images.rename_columns(["uid", "image"]), source)
-    todo = pa.table(
-        {
-            "uid": images.column(0),
-            "caption": pa.nulls(n, pa.string()),
-            "shard": pa.array([str(source)] * n, pa.string()),
-            "column": pa.array(["image"] * n, pa.string()),
-            "row": pa.array(np.arange(n), pa.int64()),
-        }
-    )
-    pq.write_table(todo, work / "todo.parquet")
-    batch = 256
-    items = [
-        {
-            "chunk": k,
-            "file": 0,
-            "todo": str(work / "todo.parquet"),
-            "start": s,
-            "stop": min(s + batch, n),
-        }
-        for k, s in enumerate(range(0, n, batch))
-    ]
-    device = "cuda" if engine.resources()["GPU"] >= 1 else "cpu"
-    out = work / "embedded"
-    out.mkdir(exist_ok=True)
-    _embed(engine, items, (*prepared, device, "bf16"), 1, out)
-    columns = ["uid", "image_embedding", "clip_error"]
-    parts = sorted(out.glob("*.parquet"))
-    return pa.concat_tables(pq.read_table(f, columns=columns) for f in parts)
-
-
 def _precomputed_source(job: tuple) -> int | None:
     """One DataComp source's image and text vectors and their cosine, for its alive rows,
     each with the ledger file (by place) it is in; the vectors' width."""
@@ -274,10 +214,6 @@ def _precomputed_source(job: tuple) -> int | None:
     return int(img.shape[1]) if len(img) else None
 
 
-def _blank_tokens(resolved: ResolvedModel):
-    return tokenizer_for(resolved)([""])
-
-
 def _chunks(ctx: StageContext, work: Path, batch_size: int) -> list[dict]:
     """Cut the rows to embed into chunks of ``batch_size`` rows (the last of each file: fewer).
 
@@ -287,7 +223,7 @@ def _chunks(ctx: StageContext, work: Path, batch_size: int) -> list[dict]:
     todo. Equal chunks let Ray Data hand each model worker one whole chunk per batch.
     """
     work.mkdir(parents=True)
-    images = ctx.run_dir / IMAGES_DIR
+    images = ctx.run_dir / IMAGES
     jobs = [
         (path, images, names, work / f"todo-{i:05d}.parquet")
         for i, (path, names) in enumerate(zip(ctx.input_files, images_by_file(images)))
@@ -325,33 +261,6 @@ def _file_todo(job: tuple[Path, Path, list[str], Path]) -> int:
     todo = pa.concat_tables(parts) if parts else TODO.empty_table()
     pq.write_table(todo, out)
     return todo.num_rows
-
-
-def _embed(
-    engine: Engine,
-    chunks: list[dict],
-    model_args: tuple,
-    workers: int,
-    out: Path,
-    progress: Progress | None = None,
-) -> None:
-    """Chunks decoded on CPU workers, embedded by ``workers`` model workers (a GPU each on
-    CUDA), written to ``out`` as Parquet parts of about ``ROWS_PER_FILE`` rows."""
-    from curate.clip.embed import DecodeSpec, Embedder, decode_chunk
-
-    resolved, preprocess, _, device, _ = model_args
-    engine.map_with_models(
-        chunks,
-        decode_chunk,
-        {"spec": DecodeSpec(resolved, preprocess)},
-        Embedder,
-        model_args,
-        workers,
-        1 if device == "cuda" else 0,
-        out,
-        ROWS_PER_FILE,
-        progress,
-    )
 
 
 def _embeddings_by_file(folder: Path, files: int) -> list[list[Path]]:

@@ -36,9 +36,12 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curate.clip.model import embedding_matrix
+from curate.clip.pool import embed_images, prepare_model
 from curate.core.config import ConfigError, Range
+from curate.core.layout import EMBEDDINGS, MODEL_FILE
 from curate.core.runfolder import scratch
 from curate.core.stage import StageContext, register_stage
+from curate.dedup.decided import ALIVE, DecidedStage, scatter_alive
 from curate.dedup.decisions import (
     DECISIONS,
     REGROUP,
@@ -48,13 +51,9 @@ from curate.dedup.decisions import (
     write_decisions,
 )
 from curate.dedup.semdedup import SCREEN
+from curate.io.image_sets import VECTOR_COLUMNS, find_beside_input, read_image_set
 from curate.io.stats import connect, partition_files, partitions_for, scatter, write_query
-from curate.stages.clip import EMBEDDINGS_DIR, MODEL_FILE, embed_images, prepare_model
-from curate.stages.dedup import ALIVE, DecidedStage, scatter_alive
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-IMAGE_COLUMNS = ("image", "jpg", "png", "webp")
-VECTOR_COLUMNS = ("image_embedding", "embedding")
 MATCHES = pa.schema([("uid", pa.string()), ("eval_index", pa.int64()), ("cosine", pa.float64())])
 FOUND = pa.schema([("uid", pa.string()), ("eval_item", pa.string()), ("cosine", pa.float64())])
 
@@ -93,7 +92,7 @@ class DecontaminateStage(DecidedStage):
         np.save(work / "eval.npy", unit_rows(vectors))
         pq.write_table(pa.table({"eval_item": pa.array(names, pa.string())}), work / "names.pq")
         parts = partitions_for(ctx.input_files)
-        files = enumerate(sorted((ctx.run_dir / EMBEDDINGS_DIR).glob("*.parquet")))
+        files = enumerate(sorted((ctx.run_dir / EMBEDDINGS).glob("*.parquet")))
         jobs = [{"path": f, "eval": work / "eval.npy", "threshold": self.threshold,
                  "out": work / "matches" / f"{i:06d}", "parts": parts}
                 for i, f in files]  # fmt: skip
@@ -136,7 +135,7 @@ class DecontaminateStage(DecidedStage):
     def _prepared(self, ctx: StageContext):
         if self.model is not None:
             return prepare_model(self.model, self.pretrained)
-        described = ctx.run_dir / EMBEDDINGS_DIR / MODEL_FILE
+        described = ctx.run_dir / EMBEDDINGS / MODEL_FILE
         about = json.loads(described.read_text()) if described.is_file() else {}
         if about.get("precomputed") or not about.get("model"):
             raise ConfigError(
@@ -145,63 +144,6 @@ class DecontaminateStage(DecidedStage):
                 "eval_set as Parquet with an image_embedding column"
             )
         return prepare_model(about["model"], about.get("pretrained"))
-
-
-def find_beside_input(eval_set: str, input_path: Path | None) -> Path:
-    """A set's path; a relative one is looked up beside the run's input first."""
-    path = Path(eval_set).expanduser()
-    if not path.is_absolute() and input_path is not None:
-        base = Path(input_path)
-        beside = (base if base.is_dir() else base.parent) / path
-        if beside.exists():
-            return beside
-    if not path.exists():
-        raise ConfigError(f"{eval_set!r}: no such file or folder")
-    return path
-
-
-def read_image_set(path: Path) -> pa.Table:
-    """(name, image bytes) or (name, vector): images of a folder, or a Parquet file's rows."""
-    if path.is_dir():
-        files = sorted(
-            p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-        )
-        if not files:
-            raise ConfigError(f"{path}: no image files ({', '.join(IMAGE_SUFFIXES)})")
-        names = [str(p.relative_to(path)) for p in files]
-        return pa.table({"name": names, "image": [p.read_bytes() for p in files]})
-    try:
-        table = pq.read_table(path)
-    except (OSError, pa.ArrowInvalid) as exc:
-        raise ConfigError(f"{path}: not a folder or a readable Parquet file: {exc}") from exc
-    column = next((c for c in (*VECTOR_COLUMNS, *IMAGE_COLUMNS) if c in table.column_names), None)
-    if column is None:
-        wanted = ", ".join((*VECTOR_COLUMNS, *IMAGE_COLUMNS))
-        raise ConfigError(f"{path}: needs one of the columns {wanted}")
-    if column in IMAGE_COLUMNS and pa.types.is_struct(table[column].type):
-        table = table.set_column(  # Hugging Face datasets' Image feature: {bytes, path}
-            table.schema.get_field_index(column), column, pc.struct_field(table[column], "bytes")
-        )
-    if column in VECTOR_COLUMNS:
-        table = table.set_column(
-            table.schema.get_field_index(column), column, _fixed_size(table[column], path)
-        )
-    named = next((c for c in ("uid", "path", "name") if c in table.column_names), None)
-    names = table[named].cast(pa.string()) if named else pa.array(map(str, range(len(table))))
-    return pa.table({"name": names, column: table[column]})
-
-
-def _fixed_size(vectors: pa.ChunkedArray, path: Path) -> pa.ChunkedArray:
-    """Vectors as fixed_size_list (a plain list column is accepted if all rows are as long)."""
-    kind = vectors.type
-    if pa.types.is_fixed_size_list(kind):
-        return vectors
-    if not (pa.types.is_list(kind) or pa.types.is_large_list(kind)):
-        raise ConfigError(f"{path}: vectors of type {kind}; expected lists of floats")
-    lengths = pc.unique(pc.list_value_length(vectors).drop_null()).to_pylist()
-    if len(lengths) != 1:
-        raise ConfigError(f"{path}: vectors of different lengths {sorted(lengths)[:5]}")
-    return vectors.cast(pa.list_(kind.value_type, lengths[0]))
 
 
 def _match_task(item: dict) -> None:

@@ -58,14 +58,14 @@ import pyarrow.parquet as pq
 
 from curate.clip.model import embedding_matrix
 from curate.core.config import ConfigError, Count, Range
+from curate.core.layout import EMBEDDINGS
 from curate.core.runfolder import scratch
-from curate.core.stage import MapStage, StageContext, register_stage
+from curate.core.stage import StageContext, register_stage
+from curate.dedup.decided import ALIVE, DecidedStage, scatter_alive
 from curate.dedup.decisions import (
     PARENTS,
     alive_sql,
-    apply_decisions,
     final_decisions,
-    read_decisions,
     read_tables,
     survivor_order,
     survivor_rank,
@@ -74,45 +74,10 @@ from curate.dedup.decisions import (
 )
 from curate.dedup.semdedup import absorb_on_graph, absorbers, assign, pairs_between, train_centroids
 from curate.io.stats import connect, partition_files, partitions_for, scatter, sql_paths
-from curate.io.uids import uid_keys
+from curate.io.uids import hashed_sample, sample_keys
 
 #: Rows of the pool per bucket of clusters deduplicated by one task.
 BUCKET_ROWS = 50_000
-CLIP_EMBEDDINGS = "embeddings"
-STATS = "_stats"
-ALIVE = pa.schema([("uid", pa.string()), ("score", pa.float32())])
-
-
-class DecidedStage(MapStage):
-    """A stage whose ``plan`` has engine tasks write decisions under ``_stats/``, which
-    ``setup`` loads once per worker and ``__call__`` applies to each batch.
-
-    The stage carries only the folder's path to the workers, never the tables.
-    """
-
-    def setup(self) -> None:
-        decided = getattr(self, "_decided", None)
-        if decided is None:
-            raise RuntimeError(f"stage {self.name}: plan() must run before setup()")
-        self._decisions, self._regroup = read_decisions(decided)
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        return apply_decisions(batch, self._decisions, self.name, self._regroup)
-
-    def columns_after(self, columns: set[str]) -> set[str]:
-        score = getattr(self, "score", "clip_score")
-        if score != "clip_score" and score not in columns:
-            raise ConfigError(f"stage {self.name}: no column {score!r} to rank survivors by")
-        return columns | {"dup_group"}
-
-    def _decisions_dir(self, ctx: StageContext) -> Path:
-        """Where this run's tasks write the decisions and statistics (``_stats/``)."""
-        self._decided = ctx.out_dir / STATS
-        self._decided.mkdir(exist_ok=True)
-        return self._decided
-
-    def _map(self, ctx: StageContext, fn, jobs: list, label: str) -> list:
-        return ctx.engine.map_items(fn, jobs, f"{self.name}: {label}", ctx.progress)
 
 
 @register_stage("dedup_exact")
@@ -291,7 +256,7 @@ class SemanticDedupStage(DecidedStage):
         from curate.io.datacomp import MANIFEST, npz_sources
 
         source = self.embeddings
-        clip_files = sorted((ctx.run_dir / CLIP_EMBEDDINGS).glob("*.parquet"))
+        clip_files = sorted((ctx.run_dir / EMBEDDINGS).glob("*.parquet"))
         has_clip = ctx.input_schema is not None and "clip_score" in ctx.input_schema.names
         if source == "auto":
             if has_clip and clip_files:
@@ -327,19 +292,6 @@ _CLUSTERS = pa.schema([("cluster", pa.int32()), ("rows", pa.int64()), ("dropped"
 _EDGES = pa.schema(
     [("a", pa.string()), ("a_score", pa.float32()), ("b", pa.string()), ("b_score", pa.float32())]
 )
-
-
-def sample_keys(uids: pa.Array | pa.ChunkedArray, seed: int) -> np.ndarray:
-    """Each uid's seeded 64-bit key: samples take the smallest, the same in every process."""
-    keys = uid_keys(uids.combine_chunks() if isinstance(uids, pa.ChunkedArray) else uids)
-    return (keys ^ np.uint64(seed & 0xFFFFFFFFFFFFFFFF)) * np.uint64(0xBF58476D1CE4E5B9)
-
-
-def hashed_sample(uids: pa.Array, size: int, seed: int) -> pa.Array:
-    """``size`` uids chosen by a seeded hash of each uid: the same rows whatever the file order."""
-    if size >= len(uids):
-        return uids
-    return uids.take(pa.array(np.argpartition(sample_keys(uids, seed), size - 1)[:size]))
 
 
 #: The k-means candidates exceed the sample by this many standard deviations, and more.
@@ -399,16 +351,6 @@ def _write_arrow(table: pa.Table, path: Path) -> None:
 
 def _read_arrow(*paths: Path) -> pa.Table:
     return pa.concat_tables(pa.ipc.open_file(p).read_all() for p in paths)
-
-
-def scatter_alive(job: tuple[Path, str, Path, int]) -> int:
-    """One ledger file's alive (uid, score), split by the uid's hash; returns how many."""
-    path, score, folder, parts = job
-    with connect() as con:
-        alive = con.sql(alive_sql(path, score)).to_arrow_table()
-        con.register("alive", alive)
-        scatter(con, "SELECT * FROM alive", "uid", folder, parts)
-    return alive.num_rows
 
 
 def _scatter_vectors(job: dict) -> None:

@@ -36,6 +36,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curate.core.config import ConfigError, Count, NonNegative, Positive, Range
+from curate.core.layout import IMAGES
 from curate.core.progress import FinishedRows, Progress
 from curate.core.runfolder import remove_tree, scratch
 from curate.core.schema import alive_mask, set_column
@@ -43,10 +44,9 @@ from curate.core.stage import Stage, StageContext, register_stage
 from curate.download import robots
 from curate.download.errors import SUCCESS, failure_kind
 from curate.download.image_guard import DEFAULT_MAX_PIXELS
+from curate.download.images import images_by_file, write_index
 from curate.download.netguard import guarded_opener
 
-IMAGES_DIR = "images"
-INDEX = "_index.json"
 RESULT_COLUMNS = (
     "uid",
     "status",
@@ -96,10 +96,10 @@ class DownloadStage(Stage):
         return columns | set(RESULT_COLUMNS)
 
     def outputs(self) -> tuple[str, ...]:
-        return (IMAGES_DIR,)
+        return (IMAGES,)
 
     def run(self, ctx: StageContext) -> int:
-        images = ctx.run_dir / IMAGES_DIR
+        images = ctx.run_dir / IMAGES
         files = ctx.input_files
         bbox = self._bbox_column(files)
         n = self.number_sample_per_shard
@@ -267,23 +267,6 @@ def _join_file(job: tuple) -> dict[str, int]:
     return counts
 
 
-def write_index(images: Path, names: list[list[str]]) -> None:
-    """``images/_index.json``: each ledger file's image shards, by the file's place in the
-    ledger, for the stages that read images (clip, shard)."""
-    (images / INDEX).write_text(json.dumps({"shards": names}) + "\n")
-
-
-def images_by_file(images: Path) -> list[list[str]]:
-    """Each ledger file's image shard names (without .parquet), by the file's place."""
-    try:
-        return json.loads((Path(images) / INDEX).read_text())["shards"]
-    except (OSError, ValueError, KeyError) as exc:
-        raise FileNotFoundError(
-            f"{images}: no readable {INDEX} (were the downloaded images deleted or replaced? "
-            "Re-run the download stage)"
-        ) from exc
-
-
 def _blurrer():
     from img2dataset.blurrer import BoundingBoxBlurrer
 
@@ -293,11 +276,6 @@ def _blurrer():
 def _shard_rows(stats: Path) -> int:
     """Rows of a shard img2dataset has finished, from its stats file."""
     return json.loads(stats.read_text())["count"]
-
-
-def image_shards(images: Path) -> list[Path]:
-    """The Parquet files of a download's images folder (uid, image bytes, sizes, sha256)."""
-    return sorted(images.glob("*.parquet"))
 
 
 def _join(ledger: pa.Table, results: pa.Table | None, stage: str, counts: dict) -> pa.Table:

@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from curate.core.config import ConfigError
+from curate.core.layout import STATS
 from curate.core.operators import ANNOTATORS, Annotator, Filter, FitContext
 from curate.core.schema import alive_mask, set_column
 from curate.core.stage import MapStage, StageContext, register_stage
@@ -119,7 +120,7 @@ class FilterStage(MapStage):
         annotators = self._annotators()
         for op in [*annotators, *self.filters]:
             kind = "annotator" if isinstance(op, Annotator) else "filter"
-            stats_dir = ctx.out_dir / "_stats" / f"{kind}-{op.name}"
+            stats_dir = ctx.out_dir / STATS / f"{kind}-{op.name}"
             stats_dir.mkdir(parents=True, exist_ok=True)
             op.fit(
                 FitContext(

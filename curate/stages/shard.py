@@ -36,11 +36,12 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curate.clip.embed import read_image_bytes
+from curate.clip.pool import IMAGE_COLUMNS
 from curate.core.config import ConfigError, Count
+from curate.core.layout import IMAGES
 from curate.core.progress import FinishedRows, Progress
 from curate.core.stage import Stage, StageContext, register_stage
-from curate.stages.clip import IMAGE_COLUMNS
-from curate.stages.download import IMAGES_DIR, images_by_file
+from curate.download.images import images_by_file
 
 DECISION_COLUMNS = ("keep", "dropped_by", "caption_error")
 #: Rows per Parquet row group of image shards: the images of one group are all that is
@@ -73,7 +74,7 @@ class ShardStage(Stage):
         downloaded = ctx.input_schema is not None and "status" in ctx.input_schema.names
         files = ctx.input_files
         kept = ctx.engine.map_items(_count_kept, files, f"{self.name}: count")
-        images = ctx.run_dir / IMAGES_DIR
+        images = ctx.run_dir / IMAGES
         by_file = images_by_file(images) if downloaded else [[] for _ in files]
         tar = self.format == "webdataset"
         jobs = []

@@ -25,9 +25,10 @@ import pyarrow.parquet as pq
 import yaml
 
 from curate.core.config import ConfigError
+from curate.core.layout import LEDGER, RECIPE, SHARDS, ledger_files
 from curate.core.runfolder import claim, remove_tree
 from curate.demo.vocab import VOCABULARY
-from curate.runner import count_rows, ledger_files
+from curate.runner import count_rows
 from curate.train.evaluate import evaluate, read_labels
 
 if TYPE_CHECKING:
@@ -42,9 +43,9 @@ DIGITS = 4
 def run_info(run: Path) -> dict:
     """Name, recipe, pool and kept rows of a ``curate run`` folder whose shards hold images."""
     run = Path(run)
-    shards = sorted((run / "shards").glob("shard-*.parquet"))
+    shards = sorted((run / SHARDS).glob("shard-*.parquet"))
     if not shards:
-        tars = sorted((run / "shards").glob("shard-*.tar"))
+        tars = sorted((run / SHARDS).glob("shard-*.tar"))
         hint = (
             " (its shards are webdataset tars: re-run it with --set shard.format=parquet)"
             if tars
@@ -56,8 +57,8 @@ def run_info(run: Path) -> dict:
             f"run {run}: its shards hold no images (the recipe has no download stage); "
             "training needs them"
         )
-    ledger = ledger_files(run / "ledger")
-    recipe_file = run / "recipe.yaml"
+    ledger = ledger_files(run / LEDGER)
+    recipe_file = run / RECIPE
     if not ledger or not recipe_file.is_file():
         raise ConfigError(f"run {run}: not a `curate run` folder (no ledger/ or recipe.yaml)")
     kept = count_rows(shards)
@@ -108,7 +109,7 @@ def _train_and_evaluate(
     # The trainer refuses to overwrite a checkpoint; a comparison run again trains afresh.
     remove_tree(ckpt, out)
     ckpt.parent.mkdir(parents=True, exist_ok=True)
-    metrics = train(run / "shards", ckpt, config, progress=progress)
+    metrics = train(run / SHARDS, ckpt, config, progress=progress)
     result = evaluate(ckpt, eval_set, device=config.device)
     (ckpt.parent / "eval.json").write_text(json.dumps(result, indent=1) + "\n")
     return {

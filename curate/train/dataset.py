@@ -40,6 +40,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from torchvision.transforms import Compose, ToTensor
 
 from curate.core.config import ConfigError
+from curate.core.layout import SHARDS
 
 SHARD_GLOB = "shard-*.parquet"
 #: The columns a sample needs; the shards' other columns are never read.
@@ -58,8 +59,8 @@ def find_shards(folder: Path) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
         raise ConfigError(f"shards {folder}: no such folder")
-    if not any(folder.glob(SHARD_GLOB)) and (folder / "shards").is_dir():
-        folder = folder / "shards"
+    if not any(folder.glob(SHARD_GLOB)) and (folder / SHARDS).is_dir():
+        folder = folder / SHARDS
     files = sorted(folder.glob(SHARD_GLOB))
     if not files:
         if any(folder.glob("shard-*.tar")):

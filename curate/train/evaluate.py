@@ -220,7 +220,7 @@ def evaluate(checkpoint: Path, eval_set: Path, device: str = "auto", batch_size:
     directions) and ``images``. Captions with the same text count as the same
     caption: retrieving either is right.
     """
-    from curate.stages.clip import prepare_model
+    from curate.clip.pool import prepare_model
 
     checkpoint, eval_set = Path(checkpoint), Path(eval_set)
     check_checkpoint(checkpoint)

@@ -1,0 +1,116 @@
+"""The pool's CLIP vectors: the model that makes them, embedding sets of images with it.
+
+The clip stage embeds a whole pool; evaluation sets, decontamination's eval set
+and ``datacomp_image``'s reference images are embedded with the same decode and
+model code (``embed_images``), so a pool row and a set image holding the same
+picture get the same vector.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from curate.clip.model import (
+    Preprocess,
+    ResolvedModel,
+    load_model,
+    resolve_model,
+    tokenizer_for,
+)
+from curate.core.progress import Progress
+
+if TYPE_CHECKING:
+    from curate.engine import Engine
+
+#: Embeddings files hold about this many rows.
+ROWS_PER_FILE = 50_000
+#: The image columns img2dataset writes, by encoding (also the file extension).
+IMAGE_COLUMNS = ("jpg", "png", "webp")
+
+
+def prepare_model(model: str, pretrained: str | None) -> tuple[ResolvedModel, Preprocess, int]:
+    """Resolve the weights and build the model once: its preprocessing and embedding width."""
+    resolved = resolve_model(model, pretrained)
+    built = load_model(resolved)
+    dim = int(built.encode_text(_blank_tokens(resolved)).shape[-1])
+    return resolved, Preprocess.of(built), dim
+
+
+def embed_images(
+    images: pa.Table, work: Path, prepared: tuple[ResolvedModel, Preprocess, int], engine: Engine
+) -> pa.Table:
+    """Embed a small table of (uid, image bytes) with one model worker: evaluation or
+    reference sets.
+
+    The same decode and model code as the pool's, so a pool row and a set image
+    holding the same picture get the same vector. Returns uid, image_embedding
+    (null where the image could not be decoded) and clip_error.
+    """
+    work.mkdir(parents=True, exist_ok=True)
+    n = images.num_rows
+    source = work / "images.parquet"
+    pq.write_table(images.rename_columns(["uid", "image"]), source)
+    todo = pa.table(
+        {
+            "uid": images.column(0),
+            "caption": pa.nulls(n, pa.string()),
+            "shard": pa.array([str(source)] * n, pa.string()),
+            "column": pa.array(["image"] * n, pa.string()),
+            "row": pa.array(np.arange(n), pa.int64()),
+        }
+    )
+    pq.write_table(todo, work / "todo.parquet")
+    batch = 256
+    items = [
+        {
+            "chunk": k,
+            "file": 0,
+            "todo": str(work / "todo.parquet"),
+            "start": s,
+            "stop": min(s + batch, n),
+        }
+        for k, s in enumerate(range(0, n, batch))
+    ]
+    device = "cuda" if engine.resources()["GPU"] >= 1 else "cpu"
+    out = work / "embedded"
+    out.mkdir(exist_ok=True)
+    embed(engine, items, (*prepared, device, "bf16"), 1, out)
+    columns = ["uid", "image_embedding", "clip_error"]
+    parts = sorted(out.glob("*.parquet"))
+    return pa.concat_tables(pq.read_table(f, columns=columns) for f in parts)
+
+
+def _blank_tokens(resolved: ResolvedModel):
+    return tokenizer_for(resolved)([""])
+
+
+def embed(
+    engine: Engine,
+    chunks: list[dict],
+    model_args: tuple,
+    workers: int,
+    out: Path,
+    progress: Progress | None = None,
+) -> None:
+    """Chunks decoded on CPU workers, embedded by ``workers`` model workers (a GPU each on
+    CUDA), written to ``out`` as Parquet parts of about ``ROWS_PER_FILE`` rows."""
+    from curate.clip.embed import DecodeSpec, Embedder, decode_chunk
+
+    resolved, preprocess, _, device, _ = model_args
+    engine.map_with_models(
+        chunks,
+        decode_chunk,
+        {"spec": DecodeSpec(resolved, preprocess)},
+        Embedder,
+        model_args,
+        workers,
+        1 if device == "cuda" else 0,
+        out,
+        ROWS_PER_FILE,
+        progress,
+    )
