@@ -48,6 +48,7 @@ from bench_filters import busy_cpu_seconds, curate_version, machine, tree  # noq
 from pool import pool_table  # noqa: E402
 
 from curate.core.stage import StageContext  # noqa: E402
+from curate.engine.local import LocalEngine  # noqa: E402
 from curate.stages.balance import BalanceStage  # noqa: E402
 from curate.text.concepts import Matcher, load_concepts  # noqa: E402
 
@@ -163,9 +164,11 @@ def balance_in_process(files: list[Path], work: Path) -> dict:
     out = work / "stage"
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    ctx = StageContext(work, out, files, pq.read_schema(files[0]))
+    ctx = StageContext(work, out, files, pq.read_schema(files[0]), engine=LocalEngine())
+    stage.output_dir = out
     start = time.perf_counter()
     stage.plan(ctx)
+    stage.setup()
     planned = time.perf_counter()
     kept = sum(pc.sum(stage(pq.read_table(f))["keep"]).as_py() for f in files)
     return {

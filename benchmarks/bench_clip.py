@@ -114,7 +114,7 @@ class GpuSampler:
                 "gpu_util_median": float(np.median(self.samples))}  # fmt: skip
 
 
-def _decode_rate(stage: ClipStage, run: Path, processes: int, chunks: int) -> float:
+def _decode_rate(stage: ClipStage, prepared, run: Path, processes: int, chunks: int) -> float:
     """Images/s of decode_chunk alone, ``processes`` at a time."""
     from curate.clip.embed import DecodeSpec
     from curate.stages.clip import _chunks
@@ -122,7 +122,8 @@ def _decode_rate(stage: ClipStage, run: Path, processes: int, chunks: int) -> fl
     ctx = StageContext(run, run / "tmp", [run / "ledger_in" / "part-00000.parquet"], None,
                        engine=open_engine("local"))  # fmt: skip
     work = _chunks(ctx, run / "decode_work", stage.batch_size)[:chunks]
-    spec = DecodeSpec(stage._resolved, stage._preprocess)
+    resolved, preprocess, _ = prepared
+    spec = DecodeSpec(resolved, preprocess)
     with ProcessPoolExecutor(processes) as pool:
         list(pool.map(_decode_one, [(w, spec) for w in work[:processes]]))  # warm: imports
         start = time.perf_counter()
@@ -138,14 +139,15 @@ def _decode_one(args) -> int:
     return len(decode_chunk(pa.Table.from_pylist([work]), spec)["errors"][0])
 
 
-def _model_rate(stage: ClipStage, device: str, batches: int) -> float:
+def _model_rate(stage: ClipStage, prepared, device: str, batches: int) -> float:
     """Images/s of the model alone (image and text towers) on decoded crops."""
     from curate.clip.embed import Embedder
     from curate.clip.model import tokenizer_for
 
-    size, n = stage._preprocess.size, stage.batch_size
-    context = tokenizer_for(stage._resolved).context_length
-    embedder = Embedder(stage._resolved, stage._preprocess, stage._dim, device, stage.precision)
+    resolved, preprocess, dim = prepared
+    size, n = preprocess.size, stage.batch_size
+    context = tokenizer_for(resolved).context_length
+    embedder = Embedder(resolved, preprocess, dim, device, stage.precision)
     rng = np.random.default_rng(0)
     batch = pa.table(
         {
@@ -186,12 +188,12 @@ def main() -> None:
     stage = ClipStage(model=args.model, pretrained="random", device=args.device,
                       batch_size=args.batch_size)  # fmt: skip
     stage.name = "clip"
-    stage.preflight()
     engine = open_engine(args.engine)
     out_dir = args.work / "stage_out"
     out_dir.mkdir()
     ctx = StageContext(args.work, out_dir, [args.work / "ledger_in" / "part-00000.parquet"], None,
                        engine=engine)  # fmt: skip
+    ctx.plan = stage.plan(ctx)
     device = stage._device(engine)
     with GpuSampler() if device == "cuda" else contextlib.nullcontext() as sampler:
         start = time.perf_counter()
@@ -210,11 +212,14 @@ def main() -> None:
         "seconds": round(seconds, 2),
         "images_per_s": round(args.images / seconds, 1),
         "decode_only_images_per_s": round(
-            _decode_rate(stage, args.work, decode_processes, chunks=max(decode_processes * 4, 8)), 1
+            _decode_rate(
+                stage, ctx.plan, args.work, decode_processes, chunks=max(decode_processes * 4, 8)
+            ),
+            1,
         ),
         "decode_processes": decode_processes,
         "model_only_images_per_s": round(
-            _model_rate(stage, device, 20 if device == "cuda" else 2), 1
+            _model_rate(stage, ctx.plan, device, 20 if device == "cuda" else 2), 1
         ),
         **(sampler.summary() if device == "cuda" else {}),
         "machine": f"{platform.machine()}, {cpus} CPUs, {_gpu_name() or 'no GPU'}",

@@ -51,7 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_clip import GpuSampler  # noqa: E402
 from bench_filters import busy_cpu_seconds, curate_version, machine  # noqa: E402
 
-from curate.stages.shard import HF_METADATA, IMAGE_TYPE  # noqa: E402
+from curate.train.shards import HF_METADATA, IMAGE_TYPE  # noqa: E402
 from curate.train.trainer import TrainConfig, model_name, train  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "bench_train_cpu.json"

@@ -228,7 +228,7 @@ def _run_claimed(
     (run_dir / RECIPE).write_text(yaml.safe_dump(recipe.resolved(), sort_keys=False))
     digests = _plan_digests(recipe, input_path)
     stage_dirs = [
-        stage_folder(run_dir, i, s.name, getattr(s, "output_dir", None))
+        stage_folder(run_dir, i, s.name, s.folder)
         for i, s in enumerate(recipe.stages)
     ]
     manifests = [read_manifest(d) for d in stage_dirs]
@@ -280,7 +280,8 @@ def _run_claimed(
         files = ledger_files(stage_dirs[0])
         check_columns(recipe.stages[1:], set(pq.read_schema(files[0]).names) if files else set())
     else:
-        check_columns(recipe.stages[1:], set(recipe.stages[0].plan(first).schema.names))
+        first.plan = recipe.stages[0].plan(first)
+        check_columns(recipe.stages[1:], set(first.plan.schema.names))
     first.engine = engine = open_engine("ray" if needs_ray else "local", address, verbose)
 
     files: list[Path] = []
@@ -329,7 +330,9 @@ def _run_stage(stage: Stage, ctx: StageContext, stage_dir: Path, digest: str) ->
     start = time.perf_counter()
     placed = ctx.engine.tasks_per_node()
     rows_in = count_rows(ctx.input_files)
-    stage.plan(ctx)
+    stage.output_dir = ctx.out_dir
+    if ctx.plan is None:  # ingest is planned before any stage runs, to check the columns
+        ctx.plan = stage.plan(ctx)
     if isinstance(stage, MapStage):
         with Progress(stage.name, rows_in, enabled=ctx.progress) as shown:
             ctx.engine.map_files(stage, ctx.input_files, ctx.out_dir, shown)

@@ -114,6 +114,8 @@ def run_ingest(input_path: Path, tmp_path: Path, **params):
         input_path=input_path,
         engine=LocalEngine(),
     )
-    rows = IngestStage(**params).run(ctx)
+    stage = IngestStage(**params)
+    ctx.plan = stage.plan(ctx)  # as the runner does
+    rows = stage.run(ctx)
     parts = sorted(out.glob("part-*.parquet"))
     return pa.concat_tables([pq.read_table(p) for p in parts]), rows, ctx

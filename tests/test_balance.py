@@ -157,9 +157,11 @@ def test_decisions_do_not_depend_on_batch_boundaries(tmp_path, concept_list):
     stage = recipe.stages[1]
     out = tmp_path / "plan"
     out.mkdir()
+    stage.output_dir = out
     stage.plan(
         StageContext(tmp_path, out, ingested, pq.read_schema(ingested[0]), engine=LocalEngine())
     )
+    stage.setup()  # as each worker does
     whole = pq.read_table(ingested[0])
     in_one = stage(whole)
     sliced = pa.concat_tables(stage(whole.slice(i, 777)) for i in range(0, whole.num_rows, 777))

@@ -61,3 +61,43 @@ def test_a_seed_set_without_shards_is_a_clear_error(served_pool, tmp_path):
     )
     with pytest.raises(ConfigError, match="no Parquet shards"):
         run_recipe(recipe, served_pool.urls_path, tmp_path / "run", engine="local")
+
+
+def test_editing_the_training_filter_set_runs_bootstrap_again(served_pool, tmp_path):
+    """The training filters are part of the recipe: inlined, hashed with the stage, and
+    reachable by ``--set``; a finished bootstrap stage is not reused after its set changed."""
+    trusted = tmp_path / "trusted.yaml"
+    trusted.write_text("filters:\n  - caption_words: {min_words: 2}\n")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        "stages:\n"
+        "  - stage: ingest\n"
+        "  - stage: download\n"
+        "    image_size: 64\n"
+        "    allow_private_networks: true\n"
+        "  - stage: bootstrap\n"
+        f"    train_filters: {trusted}\n"
+        "    samples_seen: 64\n"
+        "    batch_size: 32\n"
+        "    workers: 1\n"
+    )
+    run = tmp_path / "run"
+
+    def ran() -> dict[str, bool]:
+        result = run_recipe(load_recipe(str(recipe)), served_pool.urls_path, run, engine="local")
+        return {s.name: not s.skipped for s in result.stages}
+
+    first = ran()
+    assert first == {"ingest": True, "download": True, "bootstrap": True}
+    saved = (run / "recipe.yaml").read_text()
+    assert "min_words: 2" in saved  # the set is inlined in what runs
+    assert ran() == {"ingest": False, "download": False, "bootstrap": False}
+
+    trusted.write_text("filters:\n  - caption_words: {min_words: 3}\n")
+    assert ran() == {"ingest": False, "download": False, "bootstrap": True}
+    assert "min_words: 3" in (run / "recipe.yaml").read_text()
+
+    override = "bootstrap.train_filters.caption_words.min_words=4"
+    edited = load_recipe(str(recipe), [override])
+    (bootstrap,) = [s for s in edited.stages if s.name == "bootstrap"]
+    assert bootstrap.train_filters[0].min_words == 4

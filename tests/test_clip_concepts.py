@@ -19,6 +19,7 @@ from test_clip_stage import downloaded, run_clip  # noqa: F401  (a module fixtur
 
 from curate.clip.model_configs import register_model_configs
 from curate.core.config import ConfigError, build
+from curate.core.filtering import apply_filters
 from curate.core.operators import FILTERS, FitContext, load_registry
 from curate.demo import VOCABULARY, load_manifest
 from curate.engine.local import LocalEngine
@@ -29,7 +30,6 @@ from curate.filters.clip_concepts import (
     PROMPTS_NPZ,
     ClipConcepts,
 )
-from curate.stages.filter import apply_filters
 
 load_registry()
 FILTER_SETS = Path(__file__).resolve().parent.parent / "filters"
@@ -109,7 +109,7 @@ def fitted(run: Path, ledger_file: Path, stats: Path, **params) -> ClipConcepts:
     stats.mkdir(parents=True)
     flt.fit(FitContext([ledger_file], stats, 0, run, engine=LocalEngine()))
     flt = pickle.loads(pickle.dumps(flt))  # as shipped to a Ray worker
-    flt.setup()
+    flt.load(stats)  # as each worker does, from the folder the stage declares
     return flt
 
 
@@ -152,12 +152,10 @@ def test_exact_decisions_concepts_and_margins(hand_run, tiny, tmp_path):
     # keeps every row whose margin is at most it (the boundary is kept), and still drops
     # the rows it cannot judge.
     loose = ClipConcepts(UNWANTED, margin=max(margins[:4]))
-    loose.artifact = flt.artifact
-    loose.setup()
+    loose.load(tmp_path / "stats")
     assert loose.keep(batch).tolist() == [True, True, True, True, False, False]
     just_below = ClipConcepts(UNWANTED, margin=float(np.nextafter(np.float32(margins[1]), -1)))
-    just_below.artifact = flt.artifact
-    just_below.setup()
+    just_below.load(tmp_path / "stats")
     assert just_below.keep(batch).tolist()[:4] == [margins[0] < margins[1], False, True, True]
 
 

@@ -21,13 +21,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from curate.core.config import ConfigError, build
+from curate.core.filtering import apply_filters
 from curate.core.layout import ledger_files
 from curate.core.operators import FILTERS, FitContext, load_registry
 from curate.core.recipe import load_recipe
 from curate.engine.local import LocalEngine
-from curate.filters.clip_score import ClipScore, ClipScoreTopFraction
+from curate.filters.clip_score import ARTIFACT, ClipScore, ClipScoreTopFraction
 from curate.runner import run_recipe
-from curate.stages.filter import apply_filters
 
 try:
     import pandas as pd
@@ -103,7 +103,7 @@ def fitted(flt, files: list[Path], tmp_path: Path):
     stats = tmp_path / "stats"
     stats.mkdir(parents=True, exist_ok=True)
     flt.fit(FitContext(files, stats, engine=LocalEngine()))
-    flt.setup()
+    flt.load(stats)
     return flt
 
 
@@ -118,7 +118,7 @@ def top_fraction(scores, fraction, tmp_path, dtype=None, keep=None, parts=1):
     flt = fitted(
         ClipScoreTopFraction(fraction=fraction), write_parts(tmp_path / "l", table, parts), tmp_path
     )
-    return decide(flt, table), json.loads(flt.artifact.read_text())
+    return decide(flt, table), json.loads((tmp_path / "stats" / ARTIFACT).read_text())
 
 
 def oracle_top_fraction(scores, fraction, dtype=np.float32, keep=None) -> list[int] | None:
@@ -297,11 +297,6 @@ def test_a_non_numeric_column_fails_clearly(tmp_path):
         ClipScore(min=0.1).keep(table)
     with pytest.raises(TypeError, match="'clip_score' holds string"):
         fitted(ClipScoreTopFraction(fraction=0.5), write_parts(tmp_path, table), tmp_path)
-
-
-def test_setup_before_fit_fails():
-    with pytest.raises(RuntimeError, match="fit"):
-        ClipScoreTopFraction(fraction=0.5).setup()
 
 
 # --- parity through the runner on a DataComp-style metadata pool -----------------------------

@@ -28,11 +28,11 @@ def _scores(run: Path, engine, device: str) -> dict[str, float]:
 
     stage = ClipStage(model="ViT-B-32", pretrained="random", device=device, batch_size=64)
     stage.name = "clip"
-    stage.preflight()
     out = run / f"out_{engine.name}_{device}"
     out.mkdir()
     ledger = [run / "ledger_in" / "part-00000.parquet"]
     counters = StageContext(run, out, ledger, None, engine=engine)  # a started engine
+    counters.plan = stage.plan(counters)
     stage.run(counters)
     table = pq.read_table(run / "embeddings", columns=["uid", "clip_score"])
     shutil.rmtree(run / "embeddings")

@@ -22,13 +22,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from curate.core.config import ConfigError, build
+from curate.core.filtering import apply_filters
 from curate.core.operators import FILTERS, FitContext, load_registry
 from curate.core.recipe import load_recipe
 from curate.core.schema import stable_uid
 from curate.engine.local import LocalEngine
 from curate.filters.datacomp_image import ASSIGNMENTS, CENTROIDS, FIT_JSON, REFERENCE
 from curate.runner import run_recipe
-from curate.stages.filter import apply_filters
 
 load_registry()
 DIM = 16
@@ -265,7 +265,7 @@ def fit(run: Path, ledger_file: Path, stats_dir: Path, **params):
     stats_dir.mkdir(parents=True)
     flt.fit(FitContext([ledger_file], stats_dir, 0, run, engine=LocalEngine()))
     flt = pickle.loads(pickle.dumps(flt))  # as shipped to a Ray worker
-    flt.setup()  # as the worker does, once
+    flt.load(stats_dir)  # as each worker does, once
     return flt
 
 

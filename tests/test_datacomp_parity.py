@@ -24,8 +24,8 @@ import yaml
 
 from curate.annotators.language import LanguageAnnotator, model_path
 from curate.core.config import build
+from curate.core.filtering import apply_filters
 from curate.core.operators import ANNOTATORS, FILTERS, load_registry
-from curate.stages.filter import apply_filters
 
 FILTER_SETS = Path(__file__).resolve().parent.parent / "filters"
 N_FILES, ROWS_PER_FILE = 4, 1000

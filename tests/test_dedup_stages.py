@@ -208,6 +208,7 @@ def test_bad_vectors_fail_in_a_task_with_the_usual_error(tmp_path, engine, reque
                        ingest_dir=ingest, engine=open_engine(engine))  # fmt: skip
     stage = SemanticDedupStage(embeddings="l14")
     stage.name = "dedup_semantic"
+    stage.output_dir = out
     try:
         with pytest.raises(IngestError, match=r"has shape \(5, 24\), but 0000001\.parquet"):
             stage.plan(ctx)
@@ -271,6 +272,7 @@ def test_exact_dedup_ties_nan_and_earlier_drops(tmp_path):
     path, ctx = ledger_stage(tmp_path, rows)
     stage = ExactDedupStage()
     stage.name = "dedup_exact"
+    stage.output_dir = ctx.out_dir
     stage.plan(ctx)
     stage.setup()
     out = stage(pq.read_table(path)).to_pydict()

@@ -15,12 +15,15 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from curate.annotators import text_count
 from curate.annotators.language import LanguageAnnotator
 from curate.annotators.text import TextAnnotator
 from curate.annotators.text_count import TextCountAnnotator
 from curate.core.config import ConfigError, build
-from curate.core.operators import ANNOTATORS, FILTERS, FitContext, load_registry
+from curate.core.filtering import apply_filters
+from curate.core.operators import ANNOTATORS, FILTERS, FitContext, Fitted, load_registry
 from curate.engine.local import LocalEngine
+from curate.filters import rare_tokens
 from curate.filters.alt_text_frequency import AltTextFrequency
 from curate.filters.aspect_ratio import AspectRatio
 from curate.filters.boilerplate import PATTERNS, Boilerplate
@@ -30,7 +33,6 @@ from curate.filters.image_size import ImageSize
 from curate.filters.language import Language
 from curate.filters.rare_tokens import RareTokens
 from curate.filters.score_threshold import ScoreThreshold
-from curate.stages.filter import apply_filters
 
 load_registry()
 FILTER_SETS = Path(__file__).resolve().parent.parent / "filters"
@@ -241,19 +243,19 @@ def fitted_counter(files: list[Path], tmp_path: Path) -> TextCountAnnotator:
     stats.mkdir()
     annotator = TextCountAnnotator()
     annotator.fit(FitContext(files, stats, engine=LocalEngine()))
+    annotator = pickle.loads(pickle.dumps(annotator))  # as shipped to a Ray worker
+    annotator.load(stats)  # as each worker does, from the folder the stage declares
     return annotator
 
 
 def test_text_count_counts_exact_captions_over_all_files(frequency_pool, tmp_path):
     annotator = fitted_counter(frequency_pool, tmp_path)
-    artifact = pq.read_table(annotator.artifact)
+    artifact = pq.read_table(tmp_path / "stats" / text_count.ARTIFACT)
     assert dict(zip(*artifact.to_pydict().values(), strict=True)) == {
         "ten": 10,
         "eleven": 11,
         "twice": 2,
     }  # only captions seen more than once; nulls not counted
-    annotator = pickle.loads(pickle.dumps(annotator))  # as shipped to a Ray worker
-    annotator.setup()
     batch = ledger(caption=pa.array(["ten", "eleven", "Ten", "ten ", "never seen", None, "twice"]))
     counts = annotator.annotate(batch)["text_count"]
     assert counts.type == pa.int32()
@@ -263,14 +265,12 @@ def test_text_count_counts_exact_captions_over_all_files(frequency_pool, tmp_pat
 @pytest.mark.parametrize("max_count, expected", [(10, [True, False]), (11, [True, True])])
 def test_alt_text_frequency_boundary(frequency_pool, tmp_path, max_count, expected):
     annotator = fitted_counter(frequency_pool, tmp_path)
-    annotator.setup()
     batch = annotated(ledger(caption=pa.array(["ten", "eleven"])), annotator)
     assert mask(AltTextFrequency(max_count=max_count), batch) == expected
 
 
 def test_alt_text_frequency_through_apply_filters(frequency_pool, tmp_path):
     annotator = fitted_counter(frequency_pool, tmp_path)
-    annotator.setup()
     batch = pa.concat_tables(pq.read_table(f) for f in frequency_pool)
     out = apply_filters(
         batch, [CaptionValid(), AltTextFrequency(max_count=10)], {"text_count": annotator}
@@ -283,14 +283,8 @@ def test_alt_text_frequency_through_apply_filters(frequency_pool, tmp_path):
     assert pc.all(pc.is_null(out.filter(pc.is_null(out["caption"]))["text_count"])).as_py()
 
 
-def test_text_count_without_fit_fails_clearly():
-    with pytest.raises(RuntimeError, match="fit"):
-        TextCountAnnotator().setup()
-
-
 def test_text_count_of_an_empty_pool(tmp_path):
     annotator = fitted_counter([], tmp_path)
-    annotator.setup()
     assert annotator.annotate(ledger(caption=pa.array(["x"])))["text_count"].to_pylist() == [1]
 
 
@@ -307,9 +301,14 @@ def fitted_vocab(tmp_path: Path, captions: list, **params) -> RareTokens:
     stats.mkdir()
     flt = RareTokens(**params)
     flt.fit(FitContext(files, stats, engine=LocalEngine()))
-    flt = pickle.loads(pickle.dumps(flt))
-    flt.setup()
+    flt = pickle.loads(pickle.dumps(flt))  # as shipped to a Ray worker
+    flt.load(stats)
     return flt
+
+
+def vocab_file(tmp_path: Path) -> Path:
+    """The vocabulary ``fitted_vocab`` fitted."""
+    return tmp_path / "vocab" / rare_tokens.ARTIFACT
 
 
 # Unigram/bigram counts (lower-cased): cat 6, dog 6, "cat dog" 4, bird 3, fish 2,
@@ -331,13 +330,13 @@ def oracle_vocabulary(captions: list, k: int) -> list[str]:
 
 @pytest.mark.parametrize("k", [1, 2, 3, 4, 5, 6, 7, 8, 100])
 def test_rare_tokens_vocabulary_equals_python_oracle(tmp_path, k):
-    flt = fitted_vocab(tmp_path, POOL, vocab_size=k)
-    assert pq.read_table(flt.artifact)["gram"].to_pylist() == oracle_vocabulary(POOL, k)
+    fitted_vocab(tmp_path, POOL, vocab_size=k)
+    assert pq.read_table(vocab_file(tmp_path))["gram"].to_pylist() == oracle_vocabulary(POOL, k)
 
 
 def test_rare_tokens_vocabulary_boundaries(tmp_path):
     flt = fitted_vocab(tmp_path, POOL, vocab_size=4)
-    vocab = pq.read_table(flt.artifact).to_pydict()
+    vocab = pq.read_table(vocab_file(tmp_path)).to_pydict()
     # cat and dog tie at 6 (byte order decides), then "cat dog" 4, bird 3.
     assert vocab == {"gram": ["cat", "dog", "cat dog", "bird"], "n": [6, 6, 4, 3]}
     captions = ["cat dog", "CAT  Dog", "dog cat", "bird", "fish", "", None]
@@ -356,7 +355,7 @@ def test_rare_tokens_vocabulary_boundaries(tmp_path):
 def test_rare_tokens_tie_at_the_cutoff_is_deterministic(tmp_path):
     # K=5: "bird fish" and "fish" tie at 2 for the last slot; "bird fish" < "fish".
     flt = fitted_vocab(tmp_path, POOL, vocab_size=5)
-    assert pq.read_table(flt.artifact)["gram"].to_pylist()[-1] == "bird fish"
+    assert pq.read_table(vocab_file(tmp_path))["gram"].to_pylist()[-1] == "bird fish"
     # A known bigram does not rescue a rare unigram.
     assert mask(flt, ledger(caption=pa.array(["bird fish", "fish", "bird"]))) == [
         False,
@@ -699,8 +698,11 @@ def prepared(filters: list, ledger_file: Path, stats: Path) -> dict:
     for op in [*by_name.values(), *filters]:
         folder = stats / f"{type(op).__name__}"
         folder.mkdir(parents=True)
-        op.fit(FitContext([ledger_file], folder, engine=LocalEngine()))
-        op.setup()
+        if isinstance(op, Fitted):
+            op.fit(FitContext([ledger_file], folder, engine=LocalEngine()))
+            op.load(folder)
+        else:
+            op.setup()
     return {c: a for a in by_name.values() for c in a.provides}
 
 

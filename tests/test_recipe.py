@@ -22,6 +22,7 @@ from curate.core.recipe import (
     load_filter_set,
     load_recipe,
     recipe_from_data,
+    stage_params,
 )
 from curate.stages import STAGES
 from curate.stages.filter import FilterStage
@@ -159,6 +160,41 @@ def test_override_can_swap_the_filter_set():
 def test_bad_overrides_fail_clearly(override, message):
     with pytest.raises(ConfigError, match=message):
         load_recipe("datacomp_basic", [override])
+
+
+def test_bootstrap_training_filters_are_a_filter_list_of_the_recipe():
+    """Inlined from the default set, hashed with the stage, reachable by ``--set``."""
+    recipe = load_recipe("bootstrap")
+    (stage,) = [s for s in recipe.stages if s.kind == "bootstrap"]
+    basic = load_recipe("datacomp_basic").stages[1].filters
+    assert stage.train_filters == basic
+    (params,) = [p for p in recipe.resolved()["stages"] if p["stage"] == "bootstrap"]
+    assert params["train_filters"][1] == {"image_size": {"min_side": 200}}
+
+    edited = load_recipe("bootstrap", ["bootstrap.train_filters.image_size.min_side=150"])
+    (changed,) = [s for s in edited.stages if s.kind == "bootstrap"]
+    assert {f.name: f for f in changed.train_filters}["image_size"].min_side == 150
+    assert stage_params(changed) != stage_params(stage)
+
+    swapped = load_recipe("bootstrap", ["bootstrap.train_filters=align"])
+    (align,) = [s for s in swapped.stages if s.kind == "bootstrap"]
+    assert "rare_tokens" in [f.name for f in align.train_filters]
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("bootstrap.train_filters.nofilter.x=1", "has no filter 'nofilter' in train_filters"),
+        ("bootstrap.image_size.min_side=1", "no filter list .filters. .its filter lists: train_f"),
+        ("shard.image_size.min_side=1", "too many key components"),
+        ("filter.nolist.image_size.min_side=1", "has no filter list 'nolist'"),
+        ("bootstrap.train_filters.image_size.min_side=-1", "min_side must be at least 0"),
+        ("bootstrap.train_filters=nosuchset", "no filter set named 'nosuchset'"),
+    ],
+)
+def test_bad_training_filter_overrides_fail_clearly(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_recipe("bootstrap", [override])
 
 
 def test_resolved_recipe_round_trips():

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-import curate.stages.shard as shard_stage
+import curate.train.shards as shard_stage
 from curate.core.config import ConfigError
 from curate.core.layout import IMAGES
 from curate.core.recipe import recipe_from_data
@@ -195,7 +195,6 @@ def test_a_kept_row_without_its_image_is_an_error_naming_it(downloaded, tmp_path
     images/ changed since the download finished and downloads again, test_run_folder.)"""
     from curate.core.layout import ledger_files
     from curate.engine.local import LocalEngine
-    from curate.stages import StageContext
 
     run = tmp_path / "run"
     shutil.copytree(downloaded, run)
@@ -205,10 +204,8 @@ def test_a_kept_row_without_its_image_is_an_error_naming_it(downloaded, tmp_path
     ledger = ledger_files(run / "ledger")
     out = tmp_path / "shards"
     out.mkdir()
-    stage = shard_stage.ShardStage()
-    stage.name = "shard"
     with pytest.raises(FileNotFoundError, match=f"kept row {first} has no image"):
-        stage.run(StageContext(run, out, ledger, pq.read_schema(ledger[0]), engine=LocalEngine()))
+        shard_stage.write_shards(ledger, out, run / IMAGES, 10_000, False, LocalEngine(), "shard")
 
 
 def test_runs_without_a_download_write_shards_without_images(served_pool, tmp_path):

@@ -26,7 +26,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
-import curate.stages.shard as shard_stage
+import curate.train.shards as shard_stage
 from curate.core.config import ConfigError
 from curate.core.layout import EMBEDDINGS
 from curate.core.recipe import recipe_from_data

@@ -5,7 +5,7 @@ ALIGN drops alt-texts shared by more than 10 images: boilerplate such as
 counts exact caption equality over every row of the stage's input ledger on the
 cluster (``curate.io.stats``: counts per ledger file, split by a hash of the
 caption, summed per partition) and keeps only the captions seen more than once,
-usually a small fraction of the pool. ``setup`` loads that artifact (a file per
+usually a small fraction of the pool. ``load`` reads that artifact (a file per
 partition) once per worker; ``annotate`` is then a hash lookup per batch.
 """
 
@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from curate.core.operators import Annotator, FitContext, register_annotator
+from curate.core.operators import Annotator, FitContext, Fitted, register_annotator
 from curate.core.runfolder import scratch
 from curate.io.stats import (
     connect,
@@ -35,14 +35,12 @@ COUNTS = pa.schema([("caption", pa.string()), ("n", pa.int64())])
 
 @register_annotator("text_count")
 @dataclass
-class TextCountAnnotator(Annotator):
+class TextCountAnnotator(Fitted, Annotator):
     """``text_count``: rows in the pool with this exact caption (null for a null caption)."""
 
     needs = ("caption",)
     provides = ("text_count",)
 
-    # Set by fit; a path, not the data, so the fitted object pickles small to Ray workers.
-    artifact: Path | None = field(default=None, init=False, compare=False)
     _captions: pa.Array | None = field(default=None, init=False, repr=False, compare=False)
     _counts: pa.Array | None = field(default=None, init=False, repr=False, compare=False)
 
@@ -58,12 +56,9 @@ class TextCountAnnotator(Annotator):
                 (partition_files(work, p), out / f"part-{p:04d}.parquet") for p in range(parts)
             ]
             ctx.engine.map_items(_merge_counts, merges, "text_count: merge")
-        self.artifact = out
 
-    def setup(self) -> None:
-        if self.artifact is None:
-            raise RuntimeError("text_count: fit() must run over the pool before setup()")
-        table = pq.read_table(self.artifact)
+    def load(self, stats_dir: Path) -> None:
+        table = pq.read_table(stats_dir / ARTIFACT)
         self._captions = table["caption"].combine_chunks()
         self._counts = table["n"].combine_chunks().cast(pa.int32())
 

@@ -41,9 +41,9 @@ def ledger_files(folder: Path) -> list[Path]:
     return sorted(Path(folder).glob("*.parquet"))
 
 
-def stage_folder(run_dir: Path, index: int, name: str, output_dir: str | None = None) -> Path:
-    """Where stage ``index`` of a run is written: ``stages/NN_NAME``, or the folder its
-    class names (``output_dir``: the shard stage's ``shards/``)."""
-    if output_dir:
-        return run_dir / output_dir
+def stage_folder(run_dir: Path, index: int, name: str, folder: str | None = None) -> Path:
+    """Where stage ``index`` of a run is written: ``stages/NN_NAME``, or the run folder its
+    class names (``Stage.folder``: the shard stage's ``shards/``)."""
+    if folder:
+        return run_dir / folder
     return run_dir / STAGES / f"{index:02d}_{check_name(name, 'stage name')}"

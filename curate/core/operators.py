@@ -6,10 +6,11 @@ filter stage runs that annotator first, on the rows still alive only, so
 expensive scores are never computed for rows a cheaper filter already dropped.
 
 Operators that need a global view of the pool (caption frequencies, token
-vocabularies) implement ``fit``: it runs once on the driver over the stage's
-input ledger and writes a small artifact under ``stats_dir``; ``setup`` loads it
-once per worker; the per-batch method then applies it. That is the
-fit → artifact → apply shape that scales to a cluster.
+vocabularies) are ``Fitted``: ``fit`` runs once per stage, hands its work to the
+engine, and writes an artifact into a folder the stage declares; ``load`` reads
+it from that folder once per worker; the per-batch method then applies it. Only
+the folder's path travels to the workers. That is the fit → artifact → apply
+shape that scales to a cluster.
 """
 
 from __future__ import annotations
@@ -50,11 +51,25 @@ class Operator:
     #: Ledger columns read by the per-batch method: the only ones its batches carry.
     needs: ClassVar[tuple[str, ...]] = ()
 
-    def fit(self, ctx: FitContext) -> None:
-        """Compute global statistics over the input ledger (default: none needed)."""
-
     def setup(self) -> None:
-        """Load heavy state (models, fitted statistics) once per worker."""
+        """Load heavy state (a model) once per worker."""
+
+
+class Fitted:
+    """The base of operators fitted to the whole pool (mixed in before Annotator or Filter).
+
+    ``fit`` writes the operator's artifact into ``ctx.stats_dir``; ``load`` reads it
+    from that folder on each worker instead of ``setup``. The operator keeps no
+    fitted state of its own between the two: the folder is the plan's result.
+    """
+
+    def fit(self, ctx: FitContext) -> None:
+        """Compute the pool-wide statistic and write it under ``ctx.stats_dir``."""
+        raise NotImplementedError
+
+    def load(self, stats_dir: Path) -> None:
+        """Read what ``fit`` wrote in ``stats_dir`` (once per worker)."""
+        raise NotImplementedError
 
 
 class Annotator(Operator):
@@ -71,6 +86,10 @@ class Filter(Operator):
         """Boolean mask aligned with ``batch``: True keeps the row; null counts as a drop."""
         raise NotImplementedError
 
+
+#: Metadata key of a stage field typed ``list[Filter]``: the filter set (a name in
+#: ``filters/``) it holds when a recipe omits it.
+DEFAULT_SET = "default_set"
 
 FILTERS: dict[str, type[Filter]] = {}
 ANNOTATORS: dict[str, type[Annotator]] = {}  # keyed by each column provided

@@ -12,24 +12,28 @@ A recipe names its stages as a list so the order is explicit::
 
 Any value can be overridden with ``--set STAGE.KEY=VALUE`` (the value is YAML),
 where STAGE is a stage's ``name`` (default: its kind). Filter parameters are
-reached through the filter's name: ``--set filter.image_size.min_side=150``.
-The resolved recipe — filter sets inlined, overrides applied, defaults filled —
-is what runs, what is hashed for resume, and what is saved in the run folder.
+reached through the filter's name: ``--set filter.image_size.min_side=150``;
+in a filter list of another field, through the field too:
+``--set bootstrap.train_filters.image_size.min_side=150``. Any stage field typed
+``list[Filter]`` is a filter list: a set name or an inline list, read the same
+way. The resolved recipe (filter sets inlined, overrides applied, defaults
+filled) is what runs, what is hashed for resume, and what is saved in the run
+folder.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from curate.core.config import ConfigError, Where, build, load_yaml, params_of, parse_yaml
-from curate.core.operators import FILTERS, Filter, load_registry
+from curate.core.operators import DEFAULT_SET, FILTERS, Filter, load_registry
 from curate.core.runfolder import check_name
-from curate.stages import STAGES, Stage
-from curate.stages.filter import FilterStage
+from curate.core.stage import STAGES, Stage
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 FILTER_SET_DIRS = [Path.cwd() / "filters", REPO_ROOT / "filters"]
@@ -55,13 +59,21 @@ class Recipe:
         }
 
 
+def filter_fields(cls: type) -> dict[str, dataclasses.Field]:
+    """The fields of a stage class that hold a filter list (typed ``list[Filter]``)."""
+    hints = typing.get_type_hints(cls)
+    return {
+        f.name: f for f in dataclasses.fields(cls) if f.init and hints[f.name] == list[Filter]
+    }
+
+
 def stage_params(stage: Stage) -> dict:
-    """A stage's resolved parameters, starting with its kind and name."""
+    """A stage's resolved parameters, starting with its kind and name; filter lists as
+    ``[{filter: {params}}]``, so editing a filter's parameter changes the stage's hash."""
+    lists = filter_fields(type(stage))
     out: dict[str, Any] = {"stage": stage.kind, "name": stage.name}
-    if isinstance(stage, FilterStage):
-        out["filters"] = [{f.name: params_of(f)} for f in stage.filters]
-    else:
-        out.update(params_of(stage))
+    for key, value in params_of(stage).items():
+        out[key] = [{f.name: params_of(f)} for f in value] if key in lists else value
     return out
 
 
@@ -99,7 +111,7 @@ def build_filters(
     when that is not ``where`` (a ``--set`` override), so its errors name that place.
     """
     if not isinstance(entries, list):
-        raise ConfigError(f"{where}: 'filters' is a filter set name or a list")
+        raise ConfigError(f"{where}: a filter list is a filter set name or a list")
     origins = origins or {}
     filters, seen = [], set()
     for i, entry in enumerate(entries):
@@ -155,18 +167,27 @@ def _apply_override(data: dict, path: list[str], value: Any, text: str) -> tuple
     if len(path) == 2:
         target[path[1]] = value
         return ("stages", index, path[1])
-    filters = target.get("filters")
-    if len(path) == 3 and isinstance(filters, list):
-        for entry in filters:
-            name = entry if isinstance(entry, str) else next(iter(entry), None)
-            if name == path[1]:
-                params = {} if isinstance(entry, str) else entry[name]
-                params = dict(params or {})
-                params[path[2]] = value
-                filters[filters.index(entry)] = {name: params}
-                return ("stages", index, "filters", name, path[2])
-        raise ConfigError(f"--set {text}: stage {path[0]!r} has no filter {path[1]!r}")
-    raise ConfigError(f"--set {text}: too many key components")
+    # STAGE.FILTER.KEY reaches the list in ``filters``; STAGE.FIELD.FILTER.KEY any list.
+    kind = target.get("stage")
+    lists = filter_fields(STAGES[kind]) if isinstance(kind, str) and kind in STAGES else {}
+    field, (flt, key) = ("filters", path[1:]) if len(path) == 3 else (path[1], path[2:4])
+    if len(path) > 4 or field not in lists:
+        if len(path) > 4 or not lists:
+            raise ConfigError(f"--set {text}: too many key components")
+        raise ConfigError(
+            f"--set {text}: stage {path[0]!r} has no filter list {field!r} "
+            f"(its filter lists: {', '.join(lists)}; write STAGE.LIST.FILTER.KEY)"
+        )
+    filters = target.get(field)
+    for entry in filters if isinstance(filters, list) else []:
+        name = entry if isinstance(entry, str) else next(iter(entry), None)
+        if name == flt:
+            params = {} if isinstance(entry, str) else entry[name]
+            params = dict(params or {})
+            params[key] = value
+            filters[filters.index(entry)] = {name: params}
+            return ("stages", index, field, name, key)
+    raise ConfigError(f"--set {text}: stage {path[0]!r} has no filter {flt!r} in {field}")
 
 
 def load_recipe(name_or_path: str, overrides: list[str] = ()) -> Recipe:
@@ -211,14 +232,20 @@ def recipe_from_data(data: Any, lines: Where, source: str, overrides: list[str] 
     stages_data = data.get("stages")
     if not isinstance(stages_data, list) or not stages_data:
         raise ConfigError(f"{at('stages')}: 'stages' must be a non-empty list")
-    filter_where: dict[int, str] = {}
+    filter_where: dict[tuple[int, str], str] = {}  # (stage, field) -> the set's file
     for i, entry in enumerate(stages_data):
-        if isinstance(entry, dict) and isinstance(entry.get("filters"), str):
-            try:
-                found = find_file(entry["filters"], FILTER_SET_DIRS, "filter set")
-            except ConfigError as exc:
-                raise ConfigError(f"{at('stages', i, 'filters')}: {exc}") from exc
-            entry["filters"], filter_where[i] = load_filter_set(str(found))
+        kind = entry.get("stage") if isinstance(entry, dict) else None
+        if not isinstance(kind, str) or kind not in STAGES:
+            continue  # reported below
+        for key, spec in filter_fields(STAGES[kind]).items():
+            if key not in entry and DEFAULT_SET in spec.metadata:
+                entry[key] = spec.metadata[DEFAULT_SET]
+            if isinstance(entry.get(key), str):
+                try:
+                    found = find_file(entry[key], FILTER_SET_DIRS, "filter set")
+                except ConfigError as exc:
+                    raise ConfigError(f"{at('stages', i, key)}: {exc}") from exc
+                entry[key], filter_where[i, key] = load_filter_set(str(found))
     for (path, value), text in parsed:
         if len(path) > 2:
             overridden[_apply_override(data, path, value, text)] = text
@@ -268,20 +295,22 @@ def recipe_from_data(data: Any, lines: Where, source: str, overrides: list[str] 
             for key in params
             if ("stages", i, key) in overridden
         }
-        if kind == "filter":
-            if "filters" not in params:
-                raise ConfigError(f"{what}: missing required key 'filters'")
-            filter_src = filter_where.get(i, at("stages", i, "filters"))
-            filter_origins = {
-                (path[3], path[4]): f"--set {text}"
-                for path, text in overridden.items()
-                if len(path) == 5 and path[:3] == ("stages", i, "filters")
-            }
-            filters = build_filters(params.pop("filters"), filter_src, filter_origins)
-            stage = build(STAGES[kind], params, what, skip=("filters",), origins=origins)
-            stage.filters = filters
-        else:
-            stage = build(STAGES[kind], params, what, origins=origins)
+        lists = {}
+        for key in filter_fields(STAGES[kind]):
+            if key not in params:
+                raise ConfigError(f"{what}: missing required key {key!r}")
+            lists[key] = build_filters(
+                params.pop(key),
+                filter_where.get((i, key), at("stages", i, key)),
+                {
+                    (path[3], path[4]): f"--set {text}"
+                    for path, text in overridden.items()
+                    if len(path) == 5 and path[:3] == ("stages", i, key)
+                },
+            )
+        stage = build(STAGES[kind], params, what, skip=tuple(lists), origins=origins)
+        for key, filters in lists.items():
+            setattr(stage, key, filters)
         stage.name = name
         stages.append(stage)
     seed = data.get("seed", 0)

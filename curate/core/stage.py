@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import pyarrow as pa
 
@@ -36,6 +36,7 @@ class StageContext:
     progress: bool = False  # draw progress lines on stderr (curate.core.progress); decided per run
     engine: Engine | None = None  # where the row work runs (curate.engine); set by the runner
     counters: dict = field(default_factory=dict)  # stage-specific numbers for the manifest
+    plan: Any = None  # what the stage's ``plan`` returned, for its ``run`` (set by the runner)
 
 
 class Stage:
@@ -44,6 +45,14 @@ class Stage:
     kind: ClassVar[str]
     #: False for stages whose output is not a ledger (shard).
     produces_ledger: ClassVar[bool] = True
+    #: The run's folder this stage writes instead of ``stages/NN_name`` (shard: ``shards``).
+    folder: ClassVar[str | None] = None
+    #: Set from the recipe: it names the stage's folder and its ``--set`` overrides.
+    name: str
+    #: The folder the stage writes while it runs, set by the runner before ``plan``.
+    #: What ``plan`` decides (fitted statistics, dedup decisions) is written under it,
+    #: and workers read it from there by path: the stage object carries no plan state.
+    output_dir: Path | None = None
 
     def preflight(self) -> None:
         """Checks that must pass before the first stage of the run starts (weights present …).
@@ -60,8 +69,12 @@ class Stage:
         """
         return ()
 
-    def plan(self, ctx: StageContext) -> None:
-        """Driver-side preparation: validate the input schema, fit global statistics."""
+    def plan(self, ctx: StageContext) -> Any:
+        """Driver-side preparation: validate the input schema, fit global statistics.
+
+        What it writes goes under ``output_dir``; what it returns reaches ``run`` as
+        ``ctx.plan``.
+        """
 
     def columns_after(self, columns: set[str]) -> set[str]:
         """The ledger columns this stage leaves, given those it gets.

@@ -26,26 +26,23 @@ class DecidedStage(MapStage):
     """A stage whose ``plan`` has engine tasks write decisions under ``_stats/``, which
     ``setup`` loads once per worker and ``__call__`` applies to each batch."""
 
+    #: The column that ranks the rows of a group (a dataclass field in stages that have one).
+    score = "clip_score"
+
     def setup(self) -> None:
-        decided = getattr(self, "_decided", None)
-        if decided is None:
-            raise RuntimeError(f"stage {self.name}: plan() must run before setup()")
-        self._decisions, self._regroup = read_decisions(decided)
+        self._decisions, self._regroup = read_decisions(self._decisions_dir())
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         return apply_decisions(batch, self._decisions, self.name, self._regroup)
 
     def columns_after(self, columns: set[str]) -> set[str]:
-        score = getattr(self, "score", "clip_score")
-        if score != "clip_score" and score not in columns:
-            raise ConfigError(f"stage {self.name}: no column {score!r} to rank survivors by")
+        if self.score != "clip_score" and self.score not in columns:
+            raise ConfigError(f"stage {self.name}: no column {self.score!r} to rank survivors by")
         return columns | {"dup_group"}
 
-    def _decisions_dir(self, ctx: StageContext) -> Path:
-        """Where this run's tasks write the decisions and statistics (``_stats/``)."""
-        self._decided = ctx.out_dir / STATS
-        self._decided.mkdir(exist_ok=True)
-        return self._decided
+    def _decisions_dir(self) -> Path:
+        """Where the plan's tasks write the decisions and statistics, and workers read them."""
+        return self.output_dir / STATS
 
     def _map(self, ctx: StageContext, fn, jobs: list, label: str) -> list:
         return ctx.engine.map_items(fn, jobs, f"{self.name}: {label}", ctx.progress)

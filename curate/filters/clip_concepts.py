@@ -40,7 +40,7 @@ Mechanics (fit → artifact → apply):
   (``precomputed: b32``), ``_model.json``'s ``model`` / ``pretrained`` are the
   clip stage's: set them to the model that made the vectors (ViT-B-32 /
   openai for b32) so the prompts land in the same space.
-* ``setup`` (per worker) loads the uids whose margin passes;
+* ``load`` (per worker) reads the uids whose margin passes;
 * ``keep`` looks each batch's uids up in that set (``pyarrow.compute.index_in``).
 
 The margins do not depend on ``margin``, so the artifact can be re-read with
@@ -70,7 +70,7 @@ from curate.clip.model import (
 )
 from curate.core.config import ConfigError, Range
 from curate.core.layout import EMBEDDINGS, MODEL_FILE
-from curate.core.operators import Filter, FitContext, register_filter
+from curate.core.operators import Filter, FitContext, Fitted, register_filter
 
 ARTIFACT = "concept_margins"  # a folder: one Parquet file per embeddings file
 PROMPTS_JSON = "prompts.json"
@@ -179,7 +179,7 @@ def score_batch(
 
 @register_filter("clip_concepts")
 @dataclass
-class ClipConcepts(Filter):
+class ClipConcepts(Fitted, Filter):
     """Drop images nearer an ``unwanted`` prompt than every ``reference`` prompt (zero-shot)."""
 
     unwanted: list[str]
@@ -189,8 +189,6 @@ class ClipConcepts(Filter):
 
     needs = ("uid",)
 
-    # Set by fit; a path, not the data, so the fitted object pickles small to Ray workers.
-    artifact: Path | None = field(default=None, init=False, compare=False)
     _kept: pa.Array | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -219,7 +217,6 @@ class ClipConcepts(Filter):
         jobs = [(f, out / f"{i:05d}.parquet", unwanted, reference, self.unwanted)
                 for i, f in enumerate(files)]  # fmt: skip
         ctx.engine.map_items(_score_file, jobs, f"{self.name}: score")
-        self.artifact = out
 
     def _write_prompts(
         self, stats: Path, described: dict, unwanted: np.ndarray, reference: np.ndarray
@@ -243,11 +240,9 @@ class ClipConcepts(Filter):
         }
         (stats / PROMPTS_JSON).write_text(json.dumps(info, indent=1) + "\n")
 
-    def setup(self) -> None:
-        if self.artifact is None:
-            raise RuntimeError("clip_concepts: fit() must run over the pool before setup()")
+    def load(self, stats_dir: Path) -> None:
         table = pq.read_table(
-            self.artifact, columns=["uid", "concept_margin"], schema=ARTIFACT_SCHEMA
+            stats_dir / ARTIFACT, columns=["uid", "concept_margin"], schema=ARTIFACT_SCHEMA
         )
         margins = table["concept_margin"]
         passes = pc.less_equal(margins, pa.scalar(np.float32(self.margin), pa.float32()))

@@ -63,7 +63,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curate.core.config import Cosine, Range
-from curate.core.operators import Filter, FitContext, register_filter
+from curate.core.operators import Filter, FitContext, Fitted, register_filter
 
 if TYPE_CHECKING:
     from curate.engine import Engine
@@ -208,14 +208,12 @@ class ClipScore(Filter):
 
 @register_filter("clip_score_top_fraction")
 @dataclass
-class ClipScoreTopFraction(Filter):
+class ClipScoreTopFraction(Fitted, Filter):
     """Keep the top ``fraction`` of the pool by ``column``, ties included (DataComp --fraction)."""
 
     fraction: Annotated[float, Range(0, 1, low_open=True, why="the share of the pool to keep")]
     column: str = "clip_score"
 
-    # Set by fit; a path, not the data, so the fitted object pickles small to Ray workers.
-    artifact: Path | None = field(default=None, init=False, compare=False)
     _rule: tuple[str, float | None] | None = field(
         default=None, init=False, repr=False, compare=False
     )
@@ -240,14 +238,12 @@ class ClipScoreTopFraction(Filter):
         tmp = out.with_name(out.name + ".tmp")
         tmp.write_text(json.dumps(fitted, indent=2) + "\n")
         os.replace(tmp, out)
-        self.artifact = out
 
-    def setup(self) -> None:
-        if self.artifact is None:
-            raise RuntimeError(f"{self.name}: fit() must run over the pool before setup()")
-        fitted = json.loads(Path(self.artifact).read_text())
+    def load(self, stats_dir: Path) -> None:
+        artifact = stats_dir / ARTIFACT
+        fitted = json.loads(artifact.read_text())
         if fitted["column"] != self.column or fitted["fraction"] != self.fraction:
-            raise RuntimeError(f"{self.artifact}: fitted for other parameters than {self}")
+            raise RuntimeError(f"{artifact}: fitted for other parameters than {self}")
         hexed = fitted["threshold"]
         self._rule = (fitted["decision"], None if hexed is None else float.fromhex(hexed))
 

@@ -67,7 +67,7 @@ given centroids), then one streaming pass that assigns every alive row and
 writes ``assignments.parquet`` (uid, cluster, match); also ``centroids.npy``,
 ``reference.parquet`` (each reference item's cluster) and ``fit.json``.
 Vectors never leave the driver: they are not in the ledger, and looking them up
-per batch would read the vector files once per batch. ``setup`` loads only the
+per batch would read the vector files once per batch. ``load`` reads only the
 kept uids, as a sorted array of 32-byte keys, and ``keep`` is a binary search.
 Memory: the training vectors (rows × D × 4 bytes; ``max_train_rows`` bounds
 it), one vector file at a time, 32 bytes per kept row in each worker.
@@ -90,7 +90,7 @@ from curate.clip.model import embedding_matrix
 from curate.clip.pool import embed_images, prepare_model
 from curate.core.config import ConfigError, Count
 from curate.core.layout import EMBEDDINGS, MODEL_FILE
-from curate.core.operators import Filter, FitContext, register_filter
+from curate.core.operators import Filter, FitContext, Fitted, register_filter
 from curate.core.runfolder import scratch
 from curate.core.schema import alive_mask
 from curate.dedup.semdedup import assign
@@ -148,7 +148,7 @@ def usable(uids: pa.Array, vectors: pa.Array, wanted: np.ndarray) -> tuple[pa.Ar
 
 @register_filter("datacomp_image")
 @dataclass
-class DataCompImage(Filter):
+class DataCompImage(Fitted, Filter):
     """Keep rows whose nearest k-means centroid is nearest to some ``reference`` image."""
 
     reference: str  # folder of images, Parquet of images, or Parquet of vectors
@@ -164,8 +164,6 @@ class DataCompImage(Filter):
 
     needs = ("uid",)
 
-    # Set by fit; a path, not the data, so the fitted object pickles small to Ray workers.
-    artifact: Path | None = field(default=None, init=False, compare=False)
     _kept: np.ndarray | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -222,11 +220,9 @@ class DataCompImage(Filter):
         self._fitted(stats, about, kept=kept)
 
     def _fitted(self, stats: Path, about: dict, kept: int) -> None:
-        """``fit.json`` for people; the artifact path for ``setup``."""
+        """``fit.json``, for people."""
         about.update(kept=kept, rule="keep when argmax(x @ centroids.T) is a reference item's")
         (stats / FIT_JSON).write_text(json.dumps(about, indent=1) + "\n")
-        self.artifact = stats / ASSIGNMENTS
-        self._kept = None
 
     def _train(self, alive, extra, batches: Batches, seed: int, about: dict) -> np.ndarray:
         """k-means on the alive rows and the ``kmeans_also_dropped_by`` rows (or a sample)."""
@@ -339,10 +335,8 @@ class DataCompImage(Filter):
 
     # --- apply ---------------------------------------------------------------------------
 
-    def setup(self) -> None:
-        if self.artifact is None:
-            raise RuntimeError(f"{self.name}: fit() must run over the pool before setup()")
-        table = pq.read_table(self.artifact, columns=["uid", "match"])
+    def load(self, stats_dir: Path) -> None:
+        table = pq.read_table(stats_dir / ASSIGNMENTS, columns=["uid", "match"])
         self._kept = np.sort(uid_bytes(table["uid"].filter(table["match"])))
 
     def keep(self, batch: pa.Table) -> np.ndarray:

@@ -28,7 +28,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curate.core.config import Count
-from curate.core.operators import Filter, FitContext, register_filter
+from curate.core.operators import Filter, FitContext, Fitted, register_filter
 from curate.core.runfolder import scratch
 from curate.io.stats import connect, partition_files, partitions_for, scatter, write_query
 from curate.text.words import bigrams, words
@@ -71,7 +71,7 @@ def _top_grams(job: tuple[list[Path], Path, int]) -> None:
 
 @register_filter("rare_tokens")
 @dataclass
-class RareTokens(Filter):
+class RareTokens(Fitted, Filter):
     """Keep captions whose unigrams and bigrams are all among the pool's top ``vocab_size``."""
 
     vocab_size: Count = 100_000
@@ -79,7 +79,6 @@ class RareTokens(Filter):
 
     needs = ("caption",)
 
-    artifact: Path | None = field(default=None, init=False, compare=False)
     _vocab: pa.Array | None = field(default=None, init=False, repr=False, compare=False)
 
     def fit(self, ctx: FitContext) -> None:
@@ -95,12 +94,9 @@ class RareTokens(Filter):
             merges = [(partition_files(work, p), top, k) for p, top in enumerate(tops)]
             ctx.engine.map_items(_top_grams, merges, f"{self.name}: merge")
             ctx.engine.map_items(_top_grams, [(tops, stats / ARTIFACT, k)], f"{self.name}: top")
-        self.artifact = stats / ARTIFACT
 
-    def setup(self) -> None:
-        if self.artifact is None:
-            raise RuntimeError("rare_tokens: fit() must run over the pool before setup()")
-        self._vocab = pq.read_table(self.artifact, columns=["gram"])["gram"].combine_chunks()
+    def load(self, stats_dir: Path) -> None:
+        self._vocab = pq.read_table(stats_dir / ARTIFACT, columns=["gram"])["gram"].combine_chunks()
 
     def keep(self, batch: pa.Table) -> np.ndarray:
         captions = batch["caption"]

@@ -76,8 +76,8 @@ def stage_folders(run_dir: Path) -> list[tuple[dict, Path]]:
     stages = yaml.safe_load((run_dir / RECIPE).read_text())["stages"]
     out = []
     for i, entry in enumerate(stages):
-        output = getattr(STAGES[entry["stage"]], "output_dir", None)
-        out.append((entry, stage_folder(run_dir, i, entry["name"], output)))
+        folder = STAGES[entry["stage"]].folder
+        out.append((entry, stage_folder(run_dir, i, entry["name"], folder)))
     return out
 
 

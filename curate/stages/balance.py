@@ -33,11 +33,14 @@ import pyarrow.csv
 import pyarrow.parquet as pq
 
 from curate.core.config import ConfigError, Count
-from curate.core.layout import CONCEPT_COUNTS
+from curate.core.layout import CONCEPT_COUNTS, STATS
 from curate.core.runfolder import scratch
 from curate.core.schema import alive_mask, set_column
 from curate.core.stage import MapStage, StageContext, register_stage
 from curate.text.concepts import Matcher, load_concepts, matchable_captions
+
+#: Each concept's keep probability ``p`` and the run's seed: what every worker's draws use.
+DRAWS = "draws.npz"
 
 
 def _hash64(data: bytes, key: bytes = b"") -> int:
@@ -62,7 +65,9 @@ class BalanceStage(MapStage):
 
     def __post_init__(self) -> None:
         self._matcher = Matcher(load_concepts(self.concepts), self.lowercase)
-        self._p: np.ndarray | None = None  # per concept, set by plan
+        self._concept_keys = np.array(
+            [_hash64(name.encode()) for name in self._matcher.names], np.uint64
+        )
 
     def columns_after(self, columns: set[str]) -> set[str]:
         if "caption" not in columns:
@@ -73,10 +78,6 @@ class BalanceStage(MapStage):
 
     def plan(self, ctx: StageContext) -> None:
         self.columns_after(set(ctx.input_schema.names) if ctx.input_schema else set())
-        self._seed_key = ctx.seed.to_bytes(8, "little", signed=True)
-        self._concept_keys = np.array(
-            [_hash64(name.encode()) for name in self._matcher.names], np.uint64
-        )
         n_concepts = len(self._matcher)
         # Two rounds of one task per ledger file: count the matches, then, once p is known,
         # decide (the matches are kept in scratch files meanwhile) to report what is kept.
@@ -87,13 +88,13 @@ class BalanceStage(MapStage):
             matches = np.sum([c for c, _, _ in counted], axis=0, dtype=np.int64)
             matches = matches if len(counted) else np.zeros(n_concepts, np.int64)
             rows, matched = sum(r for _, r, _ in counted), sum(m for _, _, m in counted)
-            self._p = self.t / np.maximum(matches, self.t)
+            p = self.t / np.maximum(matches, self.t)
+            (self.output_dir / STATS).mkdir()
+            np.savez(self.output_dir / STATS / DRAWS, p=p, seed=ctx.seed)
             jobs = [(self, path, keep) for path, keep in zip(ctx.input_files, saved)]
             decided = ctx.engine.map_items(_kept_in_file, jobs, f"{self.name}: decide")
             kept = np.sum(decided, axis=0, dtype=np.int64) if decided else np.zeros(n_concepts)
-        table = pa.table(
-            {"concept": self._matcher.names, "matches": matches, "p": self._p, "kept": kept}
-        )
+        table = pa.table({"concept": self._matcher.names, "matches": matches, "p": p, "kept": kept})
         pyarrow.csv.write_csv(table, ctx.out_dir / CONCEPT_COUNTS)
         ctx.counters.update(
             concepts=n_concepts,
@@ -107,6 +108,11 @@ class BalanceStage(MapStage):
         )
 
     # --- per batch ---------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        with np.load(self.output_dir / STATS / DRAWS) as draws:
+            self._p = draws["p"]
+            self._seed_key = int(draws["seed"]).to_bytes(8, "little", signed=True)
 
     def _match(self, batch: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Matches of the rows alive entering this stage (the others match nothing)."""
@@ -139,8 +145,6 @@ class BalanceStage(MapStage):
         return keep
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        if self._p is None:
-            raise RuntimeError(f"stage {self.name}: plan() must count the pool before batches")
         offsets, ids, alive = self._match(batch)
         names = pa.array(self._matcher.names, pa.string()).take(pa.array(ids))
         concepts = pa.ListArray.from_arrays(
@@ -167,6 +171,7 @@ def _count_file(job: tuple[BalanceStage, Path, Path]) -> tuple[np.ndarray, int, 
 def _kept_in_file(job: tuple[BalanceStage, Path, Path]) -> np.ndarray:
     """Rows of one ledger file kept per concept, once the stage knows p."""
     stage, path, saved = job
+    stage.setup()
     with np.load(saved) as matched:
         offsets, ids = matched["offsets"], matched["ids"]
     keep = stage._decide(pq.read_table(path, columns=["uid"])["uid"], offsets, ids)

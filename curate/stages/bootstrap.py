@@ -3,7 +3,9 @@
 Bootstrapped filtering (Fang et al., 2023, Data Filtering Networks) ranks a
 pool with a model trained on data one trusts. Without downloadable weights
 that is also how CLIP-score filtering works here at all: this stage picks the
-rows that pass ``train_filters`` (a filter set; the rows are *not* dropped), or
+rows that pass ``train_filters`` (a filter list, like the filter stage's: a set
+name or inline, hashed with the stage and reachable with
+``--set NAME.train_filters.FILTER.KEY``; the rows are *not* dropped), or
 takes a trusted seed set of shards, trains ``model`` on them for a fixed
 budget of samples (``curate.train.trainer``), and writes the checkpoint to
 ``RUN/checkpoints/<stage name>/``. A later clip stage scores the whole pool with
@@ -17,18 +19,19 @@ from __future__ import annotations
 
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pyarrow.parquet as pq
 
 from curate.core.config import ConfigError
-from curate.core.layout import CHECKPOINTS
+from curate.core.filtering import FilterSet
+from curate.core.layout import CHECKPOINTS, IMAGES
+from curate.core.operators import DEFAULT_SET, Filter
 from curate.core.runfolder import remove_tree
 from curate.core.stage import Stage, StageContext, register_stage
-from curate.stages.filter import FilterStage
-from curate.stages.shard import ShardStage
+from curate.train.shards import write_shards
 
 if TYPE_CHECKING:
     from curate.train.trainer import TrainConfig
@@ -37,7 +40,11 @@ if TYPE_CHECKING:
 @register_stage("bootstrap")
 @dataclass
 class BootstrapStage(Stage):
-    train_filters: str = "datacomp_basic"  # filter set choosing the training rows (not dropped)
+    # The filters choosing the training rows (not dropped); in a recipe, filters/datacomp_basic
+    # unless given. Built in Python without it: every downloaded row trains.
+    train_filters: list[Filter] = field(
+        default_factory=list, metadata={DEFAULT_SET: "datacomp_basic"}
+    )
     seed_set: str | None = None  # or a folder of Parquet shards (with images) to train on
     model: str = "curate-tiny"
     samples_seen: int = 20_000
@@ -63,11 +70,13 @@ class BootstrapStage(Stage):
         )
 
     def columns_after(self, columns: set[str]) -> set[str]:
-        if self.seed_set is None and "status" not in columns:
-            raise ConfigError(
-                f"stage {self.name}: training on the pool needs its images (a download stage "
-                "before it), or a `seed_set` of shards"
-            )
+        if self.seed_set is None:
+            if "status" not in columns:
+                raise ConfigError(
+                    f"stage {self.name}: training on the pool needs its images (a download "
+                    "stage before it), or a `seed_set` of shards"
+                )
+            self._chooser().columns_after(columns)
         return columns
 
     def outputs(self) -> tuple[str, ...]:
@@ -112,36 +121,28 @@ class BootstrapStage(Stage):
         selected = self._select(ctx, work / "ledger")
         shards = work / "shards"
         shards.mkdir(parents=True)
-        writer = ShardStage(rows_per_shard=10_000)
-        writer.name = f"{self.name}.shards"
-        schema = pq.read_schema(selected[0])
-        rows = writer.run(
-            StageContext(
-                ctx.run_dir,
-                shards,
-                selected,
-                schema,
-                ctx.seed,
-                progress=ctx.progress,
-                engine=ctx.engine,
-            )
-        )
+        rows = write_shards(selected, shards, ctx.run_dir / IMAGES, 10_000, False, ctx.engine,
+                            f"{self.name}: shards", ctx.progress)  # fmt: skip
         if not rows:
+            names = ", ".join(f.name for f in self.train_filters) or "no filter"
             raise ConfigError(
-                f"stage {self.name}: no row passes {self.train_filters!r}: nothing to train on"
+                f"stage {self.name}: no row passes train_filters ({names}): nothing to train on"
             )
         return shards, rows
 
     def _select(self, ctx: StageContext, out: Path) -> list[Path]:
         """Copies of the ledger files in which only the rows passing the filters are kept."""
-        from curate.core.recipe import build_filters, load_filter_set
-
-        entries, where = load_filter_set(self.train_filters)
-        chooser = FilterStage(filters=build_filters(entries, where))
-        chooser.name = f"{self.name}.train_filters"
+        chooser = self._chooser()
+        chooser.output_dir = out
         out.mkdir(parents=True)
         plan = StageContext(ctx.run_dir, out, ctx.input_files, ctx.input_schema, ctx.seed,
                             engine=ctx.engine)  # fmt: skip
         chooser.plan(plan)
         ctx.engine.map_files(chooser, ctx.input_files, out)
         return sorted(out.glob("*.parquet"))
+
+    def _chooser(self) -> FilterSet:
+        """The filter set that picks the training rows."""
+        chooser = FilterSet(filters=self.train_filters)
+        chooser.name = f"{self.name}.train_filters"
+        return chooser

@@ -80,14 +80,23 @@ class ClipStage(Stage):
         return columns | {"clip_score", "clip_error"}
 
     def preflight(self) -> None:
-        """Find the weights and build the model once here, before any stage runs.
+        """Find the weights and build the model once before any stage runs, so weights
+        that are missing or do not load stop the run now, not after the download.
 
         ``model: run:PATH`` names a folder inside the run that an earlier stage
-        writes (the bootstrap stage's checkpoint): it is resolved when this stage runs.
+        writes (the bootstrap stage's checkpoint): it is checked when this stage runs.
         """
-        if self.precomputed is not None or self.model.startswith(RUN_PREFIX):
-            return
-        self._resolved, self._preprocess, self._dim = prepare_model(self.model, self.pretrained)
+        if self.precomputed is None and not self.model.startswith(RUN_PREFIX):
+            prepare_model(self.model, self.pretrained)
+
+    def plan(self, ctx: StageContext) -> tuple | None:
+        """The prepared model (weights, preprocessing, width), or None for DataComp vectors."""
+        if self.precomputed is not None:
+            return None
+        weights = self.model
+        if weights.startswith(RUN_PREFIX):
+            weights = str(ctx.run_dir / weights[len(RUN_PREFIX) :])
+        return prepare_model(weights, self.pretrained)
 
     def outputs(self) -> tuple[str, ...]:
         return (EMBEDDINGS,)
@@ -126,11 +135,7 @@ class ClipStage(Stage):
     # --- with a model --------------------------------------------------------------------
 
     def _embed_images(self, ctx: StageContext, out: Path) -> dict:
-        if self.model.startswith(RUN_PREFIX):
-            folder = str(ctx.run_dir / self.model[len(RUN_PREFIX) :])
-            self._resolved, self._preprocess, self._dim = prepare_model(folder, self.pretrained)
-        elif not hasattr(self, "_resolved"):
-            self.preflight()
+        resolved, preprocess, dim = ctx.plan
         work = _chunks(ctx, out / "_work", self.batch_size)
         device = self._device(ctx.engine)
         images = sum(item["stop"] - item["start"] for item in work)
@@ -140,15 +145,15 @@ class ClipStage(Stage):
                 embed(
                     ctx.engine,
                     work,
-                    (self._resolved, self._preprocess, self._dim, device, self.precision),
+                    (resolved, preprocess, dim, device, self.precision),
                     self.concurrency or max(1, int(have)),
                     out,
                     progress,
                 )
         return {
-            **self._resolved.description,
-            "embed_dim": self._dim,
-            "image_size": self._preprocess.size,
+            **resolved.description,
+            "embed_dim": dim,
+            "image_size": preprocess.size,
             "device": device,
             "precision": self.precision if device == "cuda" else "fp32",
         }

@@ -80,7 +80,8 @@ class DecontaminateStage(DecidedStage):
         return super().columns_after(columns)
 
     def plan(self, ctx: StageContext) -> None:
-        decided = self._decisions_dir(ctx)
+        decided = self._decisions_dir()
+        decided.mkdir()
         with scratch(ctx.out_dir) as work:
             self._decide(ctx, work, decided)
 

@@ -96,7 +96,8 @@ class ExactDedupStage(DecidedStage):
         return super().columns_after(columns)
 
     def plan(self, ctx: StageContext) -> None:
-        decided = self._decisions_dir(ctx)
+        decided = self._decisions_dir()
+        decided.mkdir()
         parts = partitions_for(ctx.input_files)
         with scratch(ctx.out_dir) as work:
             files = enumerate(ctx.input_files)
@@ -166,7 +167,8 @@ class SemanticDedupStage(DecidedStage):
         return super().columns_after(columns)
 
     def plan(self, ctx: StageContext) -> None:
-        decided = self._decisions_dir(ctx)
+        decided = self._decisions_dir()
+        decided.mkdir()
         with scratch(ctx.out_dir) as work:
             self._decide(ctx, work, decided)
 

@@ -35,7 +35,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from curate.core.config import ConfigError, Count, NonNegative, Positive, Range
+from curate.core.config import ConfigError, Count, NonNegative, Positive, Range, params_of
 from curate.core.layout import IMAGES
 from curate.core.progress import FinishedRows, Progress
 from curate.core.runfolder import remove_tree, scratch
@@ -154,7 +154,7 @@ class DownloadStage(Stage):
 
     def _download_params(self) -> dict:
         skip = ("processes_count", "thread_count")  # how fast, not what: resume across them
-        return {k: v for k, v in self.__dict__.items() if k not in skip and k != "name"}
+        return params_of(self, skip)
 
     def _download(
         self,

@@ -93,7 +93,6 @@ class IngestStage(Stage):
     # A DataComp uid file (``curate run --input-uids``): rows whose uid it does not list are
     # dropped here, with dropped_by "input_uids".
     uids: str | None = None
-    _plan: tuple | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
@@ -110,12 +109,10 @@ class IngestStage(Stage):
         """Find the input files and check their columns before anything is written."""
         if ctx.input_path is None:
             raise IngestError("ingest needs an input path (a file or a folder of files)")
-        if self._plan is None or self._plan[0] is not ctx:  # the runner plans, then runs
-            self._plan = (ctx, self._make_plan(Path(ctx.input_path)))
-        return self._plan[1]
+        return self._make_plan(Path(ctx.input_path))
 
     def run(self, ctx: StageContext) -> int:
-        plan = self.plan(ctx)
+        plan: IngestPlan = ctx.plan
         started = time.perf_counter()
         out = Path(ctx.out_dir)
         jobs = _jobs(plan, self.rows_per_file, self.compression, out)
