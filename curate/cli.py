@@ -165,8 +165,8 @@ def _demo_serve(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from curate.demo.walkthrough import run_demo
     from curate.train.compare import compare_table
+    from curate.walkthrough import run_demo
 
     output = Path(args.output)
     rows = run_demo(output, args.size, seeds=args.seeds, engine=args.engine, quiet=args.quiet)

@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
-from curate.core.layout import LEDGER, RECIPE, SUCCESS, ledger_files, stage_folder
+from curate.core.layout import LEDGER, RECIPE, SUCCESS, count_rows, ledger_files, stage_folder
 from curate.core.progress import Progress
 from curate.core.recipe import Recipe, stage_params
 from curate.core.runfolder import claim, remove_tree
@@ -53,10 +53,6 @@ class RunResult:
     stages: list[StageResult]
     ledger_files: list[Path]
     finished: Any = None  # what run_recipe's ``finish`` returned
-
-
-def count_rows(files: list[Path]) -> int:
-    return sum(pq.ParquetFile(f).metadata.num_rows for f in files)
 
 
 def _hash(*parts: object) -> str:
@@ -227,10 +223,7 @@ def _run_claimed(
 ) -> RunResult:
     (run_dir / RECIPE).write_text(yaml.safe_dump(recipe.resolved(), sort_keys=False))
     digests = _plan_digests(recipe, input_path)
-    stage_dirs = [
-        stage_folder(run_dir, i, s.name, s.folder)
-        for i, s in enumerate(recipe.stages)
-    ]
+    stage_dirs = [stage_folder(run_dir, i, s.name, s.folder) for i, s in enumerate(recipe.stages)]
     manifests = [read_manifest(d) for d in stage_dirs]
     done = [m.get("hash") == h for m, h in zip(manifests, digests)]
     # A stage that re-runs invalidates everything after it, whatever is on disk.

@@ -14,8 +14,8 @@ from curate.dedup.decisions import (
     apply_decisions,
     group_id,
     survivor_order,
-    unit_rows,
 )
+from curate.io.vectors import unit_rows
 
 
 def sequential_greedy(x: np.ndarray, threshold: float) -> np.ndarray:
@@ -37,7 +37,7 @@ def clustered(rng: np.random.Generator, n: int, copies: int, dim: int = 16) -> n
     noise = rng.uniform(0.02, 0.4, size=(copies, 1))
     copies_of = base[rng.integers(0, n, copies)] + noise * rng.normal(size=(copies, dim))
     x = np.concatenate([base, copies_of])[rng.permutation(n + copies)]
-    return unit_rows(x)
+    return unit_rows(x, np.float64)
 
 
 @pytest.mark.parametrize("block", [1, 3, 17, 64, 512])
@@ -79,7 +79,7 @@ def test_a_chain_keeps_one_survivor_per_group_and_never_drops_everyone():
 
 
 def test_nan_and_zero_vectors_never_match():
-    x = unit_rows(np.array([[1.0, 0.0], [0.0, 0.0], [np.nan, 1.0], [1.0, 0.0]]))
+    x = unit_rows(np.array([[1.0, 0.0], [0.0, 0.0], [np.nan, 1.0], [1.0, 0.0]]), np.float64)
     assert semdedup.absorbers(x, 0.95).tolist() == [-1, -1, -1, 0]
 
 
@@ -88,7 +88,10 @@ def test_pairs_between_finds_every_pair_above_the_threshold(monkeypatch):
     monkeypatch.setattr(semdedup, "KEPT_CHUNK", 11)
     rng = np.random.default_rng(5)
     a = clustered(rng, 40, 30)
-    b = unit_rows(np.concatenate([a[:30] + 0.2 * rng.normal(size=(30, 16)), clustered(rng, 20, 5)]))
+    b = unit_rows(
+        np.concatenate([a[:30] + 0.2 * rng.normal(size=(30, 16)), clustered(rng, 20, 5)]),
+        np.float64,
+    )
     i, j = semdedup.pairs_between(a, b, 0.9)
     expected = np.argwhere(a @ b.T > 0.9)
     assert sorted(zip(i.tolist(), j.tolist())) == sorted(map(tuple, expected.tolist()))

@@ -17,7 +17,7 @@ from test_cli import curate
 from curate.cli import main
 from curate.demo import load_manifest
 from curate.demo.plan import NO_IMAGE
-from curate.demo.walkthrough import BOOTSTRAP_KEEP, RECIPES, SIZES
+from curate.walkthrough import BOOTSTRAP_KEEP, RECIPES, SIZES
 
 KEYS = ("run", "recipe", "pool", "kept", "samples_seen", "zeroshot_acc", "recall_at_1")
 

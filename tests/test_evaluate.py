@@ -25,11 +25,11 @@ from clip_fixture import MODEL, save_local_dir
 from safetensors.torch import load_file, save_file
 
 from curate.cli import main
-from curate.clip.model import embedding_matrix
 from curate.clip.model_configs import register_model_configs
 from curate.core.config import ConfigError
 from curate.demo.vocab import VOCABULARY
 from curate.engine.local import LocalEngine
+from curate.io.vectors import embedding_matrix
 from curate.train.evaluate import TEMPLATES, evaluate, prompts, recalls
 
 

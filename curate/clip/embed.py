@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from curate.clip.model import Preprocess, ResolvedModel, load_model, tokenizer_for
-from curate.download.image_guard import DEFAULT_MAX_PIXELS, image_problem
+from curate.io.image_guard import DEFAULT_MAX_PIXELS, image_problem
 
 #: Captions are cut to this many characters per context token before tokenizing (after
 #: collapsing whitespace, as open_clip does): a 1 MB alt-text cannot stall a worker,

@@ -22,9 +22,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from curate.clip.model import embedding_matrix
 from curate.core.config import ConfigError
 from curate.core.layout import EMBEDDINGS, LEDGER, MODEL_FILE
+from curate.io.vectors import embedding_matrix
 
 #: DataComp's array names for the models it used.
 PREFIXES = {"ViT-B-32": "b32", "ViT-L-14": "l14"}

@@ -34,8 +34,6 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from curate.core.config import ConfigError
 
 RANDOM = "random"
@@ -322,27 +320,3 @@ def describe(resolved: ResolvedModel, embed_dim: int, preprocess: Preprocess) ->
         {**resolved.description, "embed_dim": embed_dim, "image_size": preprocess.size},
         indent=1,
     )
-
-
-def embedding_matrix(column) -> np.ndarray:
-    """A fixed_size_list embedding column as a (rows, D) array of its value type; null rows NaN."""
-    import pyarrow as pa
-
-    if isinstance(column, pa.ChunkedArray):
-        column = column.combine_chunks()
-    dim = column.type.list_size
-    valid = column.is_valid().to_numpy(zero_copy_only=False)
-    dense = column if valid.all() else column.filter(pa.array(valid))
-    values = dense.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
-    if valid.all():
-        return values
-    out = np.full((len(column), dim), np.nan, values.dtype)
-    out[valid] = values
-    return out
-
-
-def normalize_rows(vectors: np.ndarray) -> np.ndarray:
-    """L2-normalise float vectors row by row in float32 (zero rows stay zero)."""
-    vectors = np.asarray(vectors, dtype=np.float32)
-    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-    return vectors / np.where(norms == 0, 1, norms)

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pyarrow.parquet as pq
+
 from curate.core.runfolder import check_name
 
 RECIPE = "recipe.yaml"
@@ -47,3 +49,8 @@ def stage_folder(run_dir: Path, index: int, name: str, folder: str | None = None
     if folder:
         return run_dir / folder
     return run_dir / STAGES / f"{index:02d}_{check_name(name, 'stage name')}"
+
+
+def count_rows(files: list[Path]) -> int:
+    """The rows of Parquet files, from their footers."""
+    return sum(pq.ParquetFile(f).metadata.num_rows for f in files)

@@ -19,7 +19,6 @@ import importlib
 import pkgutil
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 from typing import TYPE_CHECKING, ClassVar, TypeVar
 
 import numpy as np
@@ -114,16 +113,14 @@ def register_annotator(name: str):
     return wrap
 
 
-def _import_all(package: ModuleType) -> None:
-    for info in pkgutil.iter_modules(package.__path__):
-        importlib.import_module(f"{package.__name__}.{info.name}")
+#: The packages whose modules register stages, annotators and filters when imported.
+#: Named, not imported here: they sit above this layer and import it.
+PLUGIN_PACKAGES = ("curate.stages", "curate.annotators", "curate.filters")
 
 
 def load_registry() -> None:
     """Import every stage, annotator and filter module so they register themselves."""
-    import curate.annotators
-    import curate.filters
-    import curate.stages
-
-    for package in (curate.stages, curate.annotators, curate.filters):
-        _import_all(package)
+    for name in PLUGIN_PACKAGES:
+        package = importlib.import_module(name)
+        for info in pkgutil.iter_modules(package.__path__):
+            importlib.import_module(f"{name}.{info.name}")

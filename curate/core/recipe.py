@@ -62,9 +62,7 @@ class Recipe:
 def filter_fields(cls: type) -> dict[str, dataclasses.Field]:
     """The fields of a stage class that hold a filter list (typed ``list[Filter]``)."""
     hints = typing.get_type_hints(cls)
-    return {
-        f.name: f for f in dataclasses.fields(cls) if f.init and hints[f.name] == list[Filter]
-    }
+    return {f.name: f for f in dataclasses.fields(cls) if f.init and hints[f.name] == list[Filter]}
 
 
 def stage_params(stage: Stage) -> dict:

@@ -24,9 +24,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from curate.clip.model import embedding_matrix
 from curate.core.schema import alive_mask, set_column
 from curate.io.stats import sql_string
+from curate.io.vectors import embedding_matrix
 
 DECISIONS = pa.schema([("uid", pa.string()), ("dup_group", pa.int64()), ("drop", pa.bool_())])
 REGROUP = pa.schema([("old", pa.int64()), ("new", pa.int64())])
@@ -140,14 +140,6 @@ def read_vectors(path: Path, column: str) -> tuple[pa.Array, np.ndarray]:
     table = pq.read_table(path, columns=["uid", column])
     table = table.filter(pc.is_valid(table[column]))
     return table["uid"].combine_chunks(), embedding_matrix(table[column])
-
-
-def unit_rows(vectors: np.ndarray, dtype=np.float64) -> np.ndarray:
-    """Rows scaled to length 1 in ``dtype``; zero or non-finite rows become NaN (never match)."""
-    x = np.asarray(vectors, dtype=dtype)
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where((norms > 0) & np.isfinite(norms), x / norms, np.nan)
 
 
 def apply_decisions(

@@ -7,7 +7,7 @@ pulls in webdataset, torch and albumentations), which no other command should pa
   ``curate.download.netguard`` (public addresses only unless allowed, http(s) only,
   bounded size and time) with ``curate.download.robots`` rules. img2dataset calls
   ``urllib.request.urlopen``, which uses the installed opener.
-* ``CheckedResizer`` asks ``curate.download.image_guard`` before OpenCV decodes anything.
+* ``CheckedResizer`` asks ``curate.io.image_guard`` before OpenCV decodes anything.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from img2dataset.downloader import Downloader
 from img2dataset.resizer import Resizer
 
 from curate.download import robots
-from curate.download.image_guard import DEFAULT_MAX_PIXELS, image_problem
 from curate.download.netguard import guarded_opener
+from curate.io.image_guard import DEFAULT_MAX_PIXELS, image_problem
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from curate.core.progress import Progress
-from curate.engine import Engine, Item, Result
+from curate.engine.base import Engine, Item, Result
 
 if TYPE_CHECKING:
     from curate.stages import MapStage

@@ -62,15 +62,14 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curate.clip.model import (
-    embedding_matrix,
     load_model,
-    normalize_rows,
     resolve_model,
     tokenizer_for,
 )
 from curate.core.config import ConfigError, Range
 from curate.core.layout import EMBEDDINGS, MODEL_FILE
 from curate.core.operators import Filter, FitContext, Fitted, register_filter
+from curate.io.vectors import embedding_matrix, unit_rows
 
 ARTIFACT = "concept_margins"  # a folder: one Parquet file per embeddings file
 PROMPTS_JSON = "prompts.json"
@@ -133,14 +132,14 @@ def embed_prompts(resolved, model, prompts: list[str]) -> np.ndarray:
     tokens = tokenizer_for(resolved)(prompts)
     with torch.inference_mode():
         out = model.encode_text(tokens).float()
-    return normalize_rows(out.cpu().numpy())
+    return unit_rows(out.cpu().numpy())
 
 
 def margins_of(
     image: np.ndarray, unwanted: np.ndarray, reference: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per row: max cos with ``unwanted`` − max cos with ``reference``, and the best unwanted."""
-    image = normalize_rows(image)
+    image = unit_rows(image)
     to_unwanted = image @ unwanted.T
     best = np.argmax(to_unwanted, axis=1)
     top = np.take_along_axis(to_unwanted, best[:, None], axis=1)[:, 0]

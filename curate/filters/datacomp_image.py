@@ -86,7 +86,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from curate.clip.model import embedding_matrix
 from curate.clip.pool import embed_images, prepare_model
 from curate.core.config import ConfigError, Count
 from curate.core.layout import EMBEDDINGS, MODEL_FILE
@@ -97,6 +96,7 @@ from curate.dedup.semdedup import assign
 from curate.io.image_sets import VECTOR_COLUMNS, find_beside_input, read_image_set
 from curate.io.readers import IngestError
 from curate.io.uids import fixed_width, hashed_sample, is_member
+from curate.io.vectors import embedding_matrix
 
 ASSIGNMENTS = "assignments.parquet"
 CENTROIDS = "centroids.npy"

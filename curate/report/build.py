@@ -34,6 +34,7 @@ from curate.report.data import (
     check_ledger,
     dup_groups,
     dup_summary,
+    examples,
     ledger_columns,
     ledger_glob,
     read_images,
@@ -264,8 +265,6 @@ def _example_sections(
 def _sections(run_dir: Path, report: dict) -> tuple[list[Section], dict[str, bytes]]:
     """Everything after the funnel, download and stage tables: scores, concepts,
     duplicates and examples, with their figures as PNG bytes by file name."""
-    from curate.report.inspection import examples  # inspection imports this module
-
     figures: dict[str, bytes] = {}
     groups = dup_groups(run_dir)
     picked = {None: examples(run_dir, None, EXAMPLES)}

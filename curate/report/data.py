@@ -262,3 +262,32 @@ def read_images(run_dir: Path, uids: list[str]) -> dict[str, bytes]:
     )
     data = read_image_bytes(todo)
     return {u: blob for u, blob in zip(where, data) if isinstance(blob, bytes) and blob}
+
+
+#: Columns worth showing next to an example, when the ledger has them.
+CONTEXT_COLUMNS = (
+    "original_width",
+    "original_height",
+    "n_words",
+    "lang",
+    "lang_score",
+    "text_count",
+    "clip_score",
+    "status",
+)
+
+
+def examples(run_dir: Path, reason: str | None, limit: int) -> list[dict]:
+    """Up to ``limit`` ledger rows dropped by ``reason`` (None: kept rows), in uid order."""
+    con = duckdb.connect()
+    glob = ledger_glob(run_dir)
+    source = "read_parquet(?, union_by_name = true)"
+    names = {r[0] for r in con.execute(f"DESCRIBE SELECT * FROM {source}", [glob]).fetchall()}
+    cols = ["uid", "caption"] + [c for c in CONTEXT_COLUMNS if c in names]
+    where = "dropped_by IS NULL" if reason is None else "dropped_by = ?"
+    params = [glob] if reason is None else [glob, reason]
+    cur = con.execute(
+        f"SELECT {', '.join(cols)} FROM {source} WHERE {where} ORDER BY uid LIMIT {int(limit)}",
+        params,
+    )
+    return [dict(zip(cols, row)) for row in cur.fetchall()]

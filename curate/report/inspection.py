@@ -5,23 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import duckdb
-
 from curate.core.layout import LEDGER
-from curate.report.build import funnel, funnel_table, ledger_glob
-from curate.report.data import check_ledger
-
-#: Columns worth showing next to an example, when the ledger has them.
-CONTEXT_COLUMNS = (
-    "original_width",
-    "original_height",
-    "n_words",
-    "lang",
-    "lang_score",
-    "text_count",
-    "clip_score",
-    "status",
-)
+from curate.report.build import funnel, funnel_table
+from curate.report.data import check_ledger, examples
 
 
 def _shorten(value: object, width: int = 70) -> str:
@@ -30,22 +16,6 @@ def _shorten(value: object, width: int = 70) -> str:
     text = repr(value) if not isinstance(value, str) else value
     text = text.replace("\n", "\\n")
     return text if len(text) <= width else text[: width - 1] + "…"
-
-
-def examples(run_dir: Path, reason: str | None, limit: int) -> list[dict]:
-    """Up to ``limit`` ledger rows dropped by ``reason`` (None: kept rows), in uid order."""
-    con = duckdb.connect()
-    glob = ledger_glob(run_dir)
-    source = "read_parquet(?, union_by_name = true)"
-    names = {r[0] for r in con.execute(f"DESCRIBE SELECT * FROM {source}", [glob]).fetchall()}
-    cols = ["uid", "caption"] + [c for c in CONTEXT_COLUMNS if c in names]
-    where = "dropped_by IS NULL" if reason is None else "dropped_by = ?"
-    params = [glob] if reason is None else [glob, reason]
-    cur = con.execute(
-        f"SELECT {', '.join(cols)} FROM {source} WHERE {where} ORDER BY uid LIMIT {int(limit)}",
-        params,
-    )
-    return [dict(zip(cols, row)) for row in cur.fetchall()]
 
 
 def inspect_run(run_dir: Path, limit: int = 3) -> str:

@@ -25,7 +25,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from PIL import Image, ImageDraw, ImageFont
 
-from curate.download.image_guard import DEFAULT_MAX_PIXELS, image_problem
+from curate.io.image_guard import DEFAULT_MAX_PIXELS, image_problem
 from curate.report.data import (
     ScoreHistogram,
     clean_text,
@@ -62,7 +62,7 @@ def thumbnail(data: bytes | None, size: int = THUMB) -> Image.Image | None:
     """An RGB image at most ``size`` pixels a side, or None when the bytes cannot be shown.
 
     The header is checked before decoding (empty bodies, HTML, decompression
-    bombs: ``curate.download.image_guard``); JPEGs decode at a reduced scale (``draft``).
+    bombs: ``curate.io.image_guard``); JPEGs decode at a reduced scale (``draft``).
     """
     if not data or image_problem(data, DEFAULT_MAX_PIXELS):
         return None

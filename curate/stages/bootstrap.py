@@ -23,11 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import pyarrow.parquet as pq
-
 from curate.core.config import ConfigError
 from curate.core.filtering import FilterSet
-from curate.core.layout import CHECKPOINTS, IMAGES
+from curate.core.layout import CHECKPOINTS, IMAGES, count_rows
 from curate.core.operators import DEFAULT_SET, Filter
 from curate.core.runfolder import remove_tree
 from curate.core.stage import Stage, StageContext, register_stage
@@ -95,19 +93,17 @@ class BootstrapStage(Stage):
         remove_tree(checkpoint, ctx.run_dir)
         staged.rename(checkpoint)
         remove_tree(work, ctx.run_dir)
-        rows = 0
         for path in ctx.input_files:  # the ledger, unchanged (hard links: no copy)
             try:
                 os.link(path, ctx.out_dir / path.name)
             except OSError:
                 shutil.copy2(path, ctx.out_dir / path.name)
-            rows += pq.ParquetFile(path).metadata.num_rows
         ctx.counters.update(
             checkpoint=f"{CHECKPOINTS}/{self.name}",
             training_rows=training_rows,
             **{k: metrics[k] for k in ("samples_seen", "steps", "final_loss") if k in metrics},
         )
-        return rows
+        return count_rows(ctx.input_files)
 
     def _training_shards(self, ctx: StageContext, work: Path) -> tuple[Path, int]:
         """The seed set, or shards of the rows that pass ``train_filters`` (images included);
@@ -117,7 +113,7 @@ class BootstrapStage(Stage):
             files = sorted(shards.glob("*.parquet"))
             if not files:
                 raise ConfigError(f"stage {self.name}: seed_set {shards}: no Parquet shards in it")
-            return shards, sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+            return shards, count_rows(files)
         selected = self._select(ctx, work / "ledger")
         shards = work / "shards"
         shards.mkdir(parents=True)

@@ -35,18 +35,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from curate.clip.model import (
-    embedding_matrix,
-    normalize_rows,
-)
 from curate.clip.pool import IMAGE_COLUMNS, embed, prepare_model
 from curate.core.config import ConfigError, Count
-from curate.core.layout import EMBEDDINGS, IMAGES, MODEL_FILE
+from curate.core.layout import EMBEDDINGS, IMAGES, MODEL_FILE, count_rows
 from curate.core.progress import Progress
 from curate.core.runfolder import remove_tree
 from curate.core.schema import alive_mask, set_column
 from curate.core.stage import Stage, StageContext, register_stage
 from curate.download.images import images_by_file
+from curate.io.vectors import embedding_matrix, unit_rows
 
 if TYPE_CHECKING:
     from curate.engine import Engine
@@ -130,7 +127,7 @@ class ClipStage(Stage):
             embed_seconds=round(seconds, 3),
             images_per_second=round(embedded / seconds, 1) if seconds and embedded else None,
         )
-        return sum(pq.ParquetFile(ctx.out_dir / p.name).metadata.num_rows for p in ctx.input_files)
+        return count_rows([ctx.out_dir / p.name for p in ctx.input_files])
 
     # --- with a model --------------------------------------------------------------------
 
@@ -203,8 +200,8 @@ def _precomputed_source(job: tuple) -> int | None:
             f"the ledger files of source {source} hold {len(alive)} rows, not {image.num_rows}"
         )
     image, text, where = image.filter(alive), text.filter(alive), where[alive]
-    img = normalize_rows(embedding_matrix(image["embedding"]))
-    txt = normalize_rows(embedding_matrix(text["embedding"]))
+    img = unit_rows(embedding_matrix(image["embedding"]))
+    txt = unit_rows(embedding_matrix(text["embedding"]))
     table = pa.table(
         {
             "uid": image["uid"],

@@ -35,7 +35,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from curate.clip.model import embedding_matrix
 from curate.clip.pool import embed_images, prepare_model
 from curate.core.config import ConfigError, Range
 from curate.core.layout import EMBEDDINGS, MODEL_FILE
@@ -47,12 +46,12 @@ from curate.dedup.decisions import (
     REGROUP,
     read_tables,
     read_vectors,
-    unit_rows,
     write_decisions,
 )
 from curate.dedup.semdedup import SCREEN
 from curate.io.image_sets import VECTOR_COLUMNS, find_beside_input, read_image_set
 from curate.io.stats import connect, partition_files, partitions_for, scatter, write_query
+from curate.io.vectors import embedding_matrix, unit_rows
 
 MATCHES = pa.schema([("uid", pa.string()), ("eval_index", pa.int64()), ("cosine", pa.float64())])
 FOUND = pa.schema([("uid", pa.string()), ("eval_item", pa.string()), ("cosine", pa.float64())])
@@ -90,7 +89,7 @@ class DecontaminateStage(DecidedStage):
         matches of alive rows kept by a join with the ledger by uid partition (only the
         matches move, never a vector): all in tasks."""
         names, vectors = self._eval_vectors(ctx, work)
-        np.save(work / "eval.npy", unit_rows(vectors))
+        np.save(work / "eval.npy", unit_rows(vectors, np.float64))
         pq.write_table(pa.table({"eval_item": pa.array(names, pa.string())}), work / "names.pq")
         parts = partitions_for(ctx.input_files)
         files = enumerate(sorted((ctx.run_dir / EMBEDDINGS).glob("*.parquet")))
@@ -154,7 +153,7 @@ def _match_task(item: dict) -> None:
 
     targets = np.load(item["eval"])
     uids, vectors = read_vectors(item["path"], "image_embedding")
-    x = unit_rows(vectors)
+    x = unit_rows(vectors, np.float64)
     index = faiss.IndexFlatIP(targets.shape[1])
     index.add(np.nan_to_num(targets.astype(np.float32)))
     limits, _, found = index.range_search(

@@ -56,7 +56,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from curate.clip.model import embedding_matrix
 from curate.core.config import ConfigError, Count, Range
 from curate.core.layout import EMBEDDINGS
 from curate.core.runfolder import scratch
@@ -69,12 +68,12 @@ from curate.dedup.decisions import (
     read_tables,
     survivor_order,
     survivor_rank,
-    unit_rows,
     write_decisions,
 )
 from curate.dedup.semdedup import absorb_on_graph, absorbers, assign, pairs_between, train_centroids
 from curate.io.stats import connect, partition_files, partitions_for, scatter, sql_paths
 from curate.io.uids import hashed_sample, sample_keys
+from curate.io.vectors import embedding_matrix, unit_rows
 
 #: Rows of the pool per bucket of clusters deduplicated by one task.
 BUCKET_ROWS = 50_000
@@ -396,7 +395,7 @@ def _kmeans_task(job: dict) -> tuple[int, int]:
     candidates = _read_arrow(*files)
     chosen = hashed_sample(candidates["uid"], job["size"], job["seed"])
     sample = candidates.filter(pc.is_in(candidates["uid"], value_set=chosen)).sort_by("uid")
-    x = unit_rows(embedding_matrix(sample["vector"]), np.float32)
+    x = unit_rows(embedding_matrix(sample["vector"]))
     x = x[np.isfinite(x).all(axis=1)]
     if not len(x):
         return 0, 0
@@ -408,7 +407,7 @@ def _kmeans_task(job: dict) -> tuple[int, int]:
 def _assign_task(item: dict) -> None:
     """Assign one work file's rows to clusters; write them to their bucket's folder."""
     table = _read_arrow(item["path"])
-    first, second = assign(unit_rows(embedding_matrix(table["vector"]), np.float32),
+    first, second = assign(unit_rows(embedding_matrix(table["vector"])),
                            np.load(item["centroids"]))  # fmt: skip
     table = table.append_column("cluster", pa.array(first, pa.int32()))
     table = table.append_column("second", pa.array(second, pa.int32()))
@@ -438,7 +437,7 @@ def _bucket_task(item: dict) -> pa.Table:
     kept = np.ones(len(uids), bool)
     absorbed, absorber, dropped = [], [], []
     for start, size in zip(starts, sizes):
-        x = unit_rows(embedding_matrix(table["vector"].slice(start, size)))
+        x = unit_rows(embedding_matrix(table["vector"].slice(start, size)), np.float64)
         parent = absorbers(x, item["threshold"])
         for j in np.flatnonzero(parent >= 0):
             absorbed.append(uids[start + j])
@@ -465,7 +464,7 @@ def _cross_task(item: dict) -> None:
     left, right = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
     for c in np.unique(at):
         here = np.flatnonzero(at == c)
-        x = unit_rows(embedding_matrix(table["vector"].take(pa.array(here))))
+        x = unit_rows(embedding_matrix(table["vector"].take(pa.array(here))), np.float64)
         guests, hosts = np.flatnonzero(home[here] != c), np.flatnonzero(home[here] == c)
         if not len(guests):
             continue

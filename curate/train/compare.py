@@ -25,10 +25,9 @@ import pyarrow.parquet as pq
 import yaml
 
 from curate.core.config import ConfigError
-from curate.core.layout import LEDGER, RECIPE, SHARDS, ledger_files
+from curate.core.layout import LEDGER, RECIPE, SHARDS, count_rows, ledger_files
 from curate.core.runfolder import claim, remove_tree
 from curate.demo.vocab import VOCABULARY
-from curate.runner import count_rows
 from curate.train.evaluate import evaluate, read_labels
 
 if TYPE_CHECKING:

@@ -33,14 +33,13 @@ import pyarrow.parquet as pq
 from curate.clip.embed import DecodeSpec, Embedder, decode_chunk
 from curate.clip.model import (
     CONFIG_FILE,
-    embedding_matrix,
     folder_weights,
-    normalize_rows,
     tokenizer_for,
 )
 from curate.core.config import ConfigError
 from curate.demo.captions import with_article
 from curate.demo.vocab import VOCABULARY
+from curate.io.vectors import embedding_matrix, unit_rows
 
 LABELS_FILE = "labels.parquet"
 RECALL_AT = (1, 5)
@@ -178,7 +177,7 @@ def _encode_texts(embedder: Embedder, tokenizer, texts: list[str]) -> np.ndarray
     with torch.inference_mode():
         ids = tokenizer(texts).to(embedder.device)
         out = embedder.model.encode_text(ids).float()
-    return normalize_rows(out.cpu().numpy())
+    return unit_rows(out.cpu().numpy())
 
 
 def zero_shot_classifier(embedder: Embedder, tokenizer, attribute: str) -> np.ndarray:
@@ -186,7 +185,7 @@ def zero_shot_classifier(embedder: Embedder, tokenizer, attribute: str) -> np.nd
     names = VOCABULARY[attribute]
     texts = [p for name in names for p in prompts(attribute, name)]
     vectors = _encode_texts(embedder, tokenizer, texts)
-    return normalize_rows(vectors.reshape(len(names), len(TEMPLATES[attribute]), -1).mean(axis=1))
+    return unit_rows(vectors.reshape(len(names), len(TEMPLATES[attribute]), -1).mean(axis=1))
 
 
 def recalls(scores: np.ndarray, correct: np.ndarray) -> dict[str, float]:
