@@ -490,6 +490,21 @@ def test_score_threshold_other_numeric_types():
     assert mask(ScoreThreshold(column="n_words", max=2), ints) == [True, False, False]
 
 
+def test_score_threshold_compares_in_the_columns_dtype_as_clip_score_does():
+    """float32(0.26) is slightly below 0.26: DataComp's pandas, comparing in float32, keeps
+    it; so do score_threshold and its preset clip_score. A float64 comparison would not."""
+    from curate.filters.clip_score import ClipScore
+
+    assert float(np.float32(0.26)) < 0.26
+    scores = pa.array([np.float32(0.26), np.nextafter(np.float32(0.26), 0), None], pa.float32())
+    batch = ledger(clip_score=scores)
+    expected = [True, False, False]
+    assert mask(ScoreThreshold(column="clip_score", min=0.26), batch) == expected
+    assert mask(ClipScore(min=0.26), batch) == expected
+    upper = pa.array([np.float32(0.26), np.nextafter(np.float32(0.26), 1)], pa.float32())
+    assert mask(ScoreThreshold(column="s", max=0.26), ledger(s=upper)) == [True, False]
+
+
 def test_score_threshold_validates_its_bounds():
     with pytest.raises(ValueError, match="max"):
         ScoreThreshold(column="x", min=1.0, max=0.0)

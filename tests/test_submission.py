@@ -14,11 +14,10 @@ from curate.cli import main
 from curate.core.config import ConfigError
 from curate.io.submission import (
     UID_DTYPE,
+    UidSet,
     load_pairs,
-    load_subset,
     read_uids,
     to_pairs,
-    uids_in,
     write_uids,
 )
 
@@ -63,10 +62,11 @@ def test_membership_is_exact_at_the_edges(tmp_path):
     subset_uids = random_hex(rng, 500).to_pylist() + EDGES[:3]
     others = random_hex(rng, 500).to_pylist() + EDGES[3:]
     write_uids(pa.array(subset_uids), tmp_path / "subset.npy")
-    keys = load_subset(tmp_path / "subset.npy")
-    found = uids_in(pa.array(subset_uids + others), keys)
+    subset = UidSet.load(tmp_path / "subset.npy")
+    found = subset.contains(pa.array(subset_uids + others))
     assert found[: len(subset_uids)].all() and not found[len(subset_uids) :].any()
-    assert not uids_in(pa.array(EDGES), keys[:0]).any()
+    assert not UidSet(subset.keys[:0]).contains(pa.array(EDGES)).any()
+    assert UidSet.of(pa.array(subset_uids)).keys.tolist() == subset.keys.tolist()
 
 
 def test_bad_files_are_clear_errors(tmp_path):

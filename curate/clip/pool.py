@@ -8,6 +8,7 @@ picture get the same vector.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -22,6 +23,8 @@ from curate.clip.model import (
     resolve_model,
     tokenizer_for,
 )
+from curate.core.config import ConfigError
+from curate.core.layout import EMBEDDINGS, MODEL_FILE
 from curate.core.progress import Progress
 
 if TYPE_CHECKING:
@@ -39,6 +42,36 @@ def prepare_model(model: str, pretrained: str | None) -> tuple[ResolvedModel, Pr
     built = load_model(resolved)
     dim = int(built.encode_text(_blank_tokens(resolved)).shape[-1])
     return resolved, Preprocess.of(built), dim
+
+
+def pool_model(run_dir: Path | None, who: str, remedy: str) -> dict:
+    """``RUN/embeddings/_model.json``: the model that made the pool's vectors, which any
+    other text or image must be embedded with to share their space.
+
+    It must name a model this run can load: a ``model`` with a ``pretrained`` tag or
+    weights, or a checkpoint folder. DataComp's precomputed vectors name one only when
+    the clip stage says which made them. ``who`` starts the errors; ``remedy`` says
+    what else the user can do when no clip stage of the run made the vectors.
+    """
+    path = None if run_dir is None else Path(run_dir) / EMBEDDINGS / MODEL_FILE
+    if path is None or not path.is_file():
+        raise ConfigError(
+            f"{who}: no clip stage of this run says which model made the pool's vectors "
+            f"(no {path or EMBEDDINGS + '/' + MODEL_FILE}); {remedy}"
+        )
+    described = json.loads(path.read_text())
+    model, pretrained = described.get("model"), described.get("pretrained")
+    is_folder = isinstance(model, str) and Path(model).expanduser().is_dir()
+    if model is None or (pretrained is None and not is_folder):
+        source = described.get("precomputed")
+        made_by = f"DataComp's precomputed {source!r} vectors" if source else "the embeddings"
+        raise ConfigError(
+            f"{who}: {made_by} do not say which model made them (_model.json: "
+            f"model={model!r}, pretrained={pretrained!r}). Set `model` and `pretrained` on "
+            "the clip stage to that model (ViT-B-32 / openai for b32, ViT-L-14 / openai for "
+            f"l14, or a local weights file); or {remedy}"
+        )
+    return described
 
 
 def embed_images(

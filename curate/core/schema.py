@@ -8,10 +8,12 @@ which is how every drop stays explained.
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 LEDGER_SCHEMA = pa.schema(
     [
@@ -86,3 +88,11 @@ def uids_for(urls: pa.Array, captions: pa.Array) -> pa.Array:
 def alive_mask(batch: pa.Table) -> np.ndarray:
     """Rows no earlier stage has dropped (as a numpy bool array)."""
     return pc.fill_null(batch["keep"], False).to_numpy(zero_copy_only=False).astype(bool)
+
+
+def read_alive(path: Path, columns: list[str] | None = None) -> pa.Table:
+    """One ledger file's alive rows (those no stage has dropped): ``columns``, or all."""
+    wanted = None if columns is None else [*dict.fromkeys([*columns, "keep"])]
+    table = pq.read_table(path, columns=wanted)
+    alive = table.filter(pc.fill_null(table["keep"], False))
+    return alive if columns is None else alive.select(columns)

@@ -25,7 +25,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curate.core.schema import alive_mask, set_column
-from curate.io.stats import sql_string
+from curate.io.stats import sql_name, sql_string
 from curate.io.vectors import embedding_matrix
 
 DECISIONS = pa.schema([("uid", pa.string()), ("dup_group", pa.int64()), ("drop", pa.bool_())])
@@ -72,15 +72,11 @@ def alive_sql(path: Path, score: str, columns: tuple[str, ...] = (), where: str 
     names = pq.read_schema(path).names
     value = "NULL::FLOAT"
     if score in names:
-        quoted = _quote(score)
+        quoted = sql_name(score)
         value = f"CASE WHEN isnan({quoted}::FLOAT) THEN NULL ELSE {quoted}::FLOAT END"
-    select = ", ".join(["uid", f"{value} AS score", *map(_quote, columns)])
+    select = ", ".join(["uid", f"{value} AS score", *map(sql_name, columns)])
     narrowed = f" AND ({where})" if where else ""
     return f"SELECT {select} FROM read_parquet({sql_string(path)}) WHERE keep{narrowed}"
-
-
-def _quote(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
 
 
 def final_decisions(absorbed: pa.Table, moved: pa.Table | None = None) -> tuple[pa.Table, pa.Table]:

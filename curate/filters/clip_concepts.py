@@ -41,7 +41,7 @@ Mechanics (fit → artifact → apply):
   clip stage's: set them to the model that made the vectors (ViT-B-32 /
   openai for b32) so the prompts land in the same space.
 * ``load`` (per worker) reads the uids whose margin passes;
-* ``keep`` looks each batch's uids up in that set (``pyarrow.compute.index_in``).
+* ``keep`` looks each batch's uids up in that set (``UidSet``: a binary search per row).
 
 The margins do not depend on ``margin``, so the artifact can be re-read with
 another threshold. Scores are computed for every row in ``embeddings/``, also
@@ -66,9 +66,11 @@ from curate.clip.model import (
     resolve_model,
     tokenizer_for,
 )
+from curate.clip.pool import pool_model
 from curate.core.config import ConfigError, Range
-from curate.core.layout import EMBEDDINGS, MODEL_FILE
+from curate.core.layout import EMBEDDINGS
 from curate.core.operators import Filter, FitContext, Fitted, register_filter
+from curate.io.submission import UidSet
 from curate.io.vectors import embedding_matrix, unit_rows
 
 ARTIFACT = "concept_margins"  # a folder: one Parquet file per embeddings file
@@ -97,31 +99,9 @@ def _check_prompts(prompts: list[str], what: str) -> list[str]:
     return list(prompts)
 
 
-def read_model_description(run_dir: Path | None) -> dict:
-    """``RUN/embeddings/_model.json``, or a ConfigError saying a clip stage must run first."""
-    path = None if run_dir is None else Path(run_dir) / EMBEDDINGS / MODEL_FILE
-    if path is None or not path.is_file():
-        raise ConfigError(
-            f"filter clip_concepts needs image embeddings: a clip stage must run before this "
-            f"filter (no {path or EMBEDDINGS + '/' + MODEL_FILE})"
-        )
-    return json.loads(path.read_text())
-
-
 def prompt_model(described: dict):
     """The (resolved, loaded) model whose text tower embeds the prompts."""
-    model, pretrained = described.get("model"), described.get("pretrained")
-    is_folder = isinstance(model, str) and Path(model).expanduser().is_dir()
-    if model is None or (pretrained is None and not is_folder):
-        source = described.get("precomputed")
-        made_by = f"DataComp's precomputed {source!r} vectors" if source else "the embeddings"
-        raise ConfigError(
-            f"filter clip_concepts: {made_by} do not say which model can embed the prompts "
-            f"(_model.json: model={model!r}, pretrained={pretrained!r}). Set `model` and "
-            "`pretrained` on the clip stage to the model that made them (ViT-B-32 / openai "
-            "for b32, ViT-L-14 / openai for l14, or a local weights file)"
-        )
-    resolved = resolve_model(model, pretrained)
+    resolved = resolve_model(described["model"], described.get("pretrained"))
     return resolved, load_model(resolved)
 
 
@@ -188,7 +168,7 @@ class ClipConcepts(Fitted, Filter):
 
     needs = ("uid",)
 
-    _kept: pa.Array | None = field(default=None, init=False, repr=False, compare=False)
+    _kept: UidSet | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.unwanted = _check_prompts(self.unwanted, "unwanted")
@@ -201,7 +181,9 @@ class ClipConcepts(Fitted, Filter):
         self.margin = float(self.margin)
 
     def fit(self, ctx: FitContext) -> None:
-        described = read_model_description(ctx.run_dir)
+        described = pool_model(
+            ctx.run_dir, "filter clip_concepts", "a clip stage must run before this filter"
+        )
         resolved, model = prompt_model(described)
         unwanted = embed_prompts(resolved, model, self.unwanted)
         reference = embed_prompts(resolved, model, self.reference)
@@ -245,12 +227,10 @@ class ClipConcepts(Fitted, Filter):
         )
         margins = table["concept_margin"]
         passes = pc.less_equal(margins, pa.scalar(np.float32(self.margin), pa.float32()))
-        self._kept = table["uid"].filter(pc.fill_null(passes, False)).combine_chunks()
+        self._kept = UidSet.of(table["uid"].filter(pc.fill_null(passes, False)))
 
     def keep(self, batch: pa.Table) -> np.ndarray:
-        uids = batch["uid"]
-        found = pc.index_in(uids, value_set=self._kept.cast(uids.type))
-        return found.is_valid().to_numpy(zero_copy_only=False)
+        return self._kept.contains(batch["uid"])
 
 
 def _score_file(job: tuple[Path, Path, np.ndarray, np.ndarray, list[str]]) -> None:

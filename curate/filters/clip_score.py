@@ -5,7 +5,8 @@ Both reproduce mlfoundations/datacomp ``baselines/apply_filter.py`` uid for uid.
 
     df[df[key] >= threshold]["uid"]
 
-``clip_score`` is that rule with a fixed ``min``: DataComp's
+``clip_score`` is that rule with a fixed ``min`` (``score_threshold`` on
+``clip_score`` by default, the bound a cosine): DataComp's
 ``--name clip_score --arch b32 --threshold 0.25``, and its ``laion2b`` baseline,
 ``load_uids_with_clip_score(metadata_dir, "b32", 0.28, None, ...,
 gcld3_en_filter=True)`` (B/32 score >= 0.28 among gcld3-English captions).
@@ -35,15 +36,10 @@ does, and therefore what this module does:
 * Every row tied with the threshold is kept, so ``n + 1`` rows or more survive.
 * ``fraction: 1.0`` makes ``n == len`` and DataComp raises ``IndexError``;
   here it keeps every row that has a (non-NaN) score. An empty pool keeps nothing.
-* Comparisons happen in the column's own dtype. DataComp's scores are float32
-  (pandas reads a float32 parquet column as float32); the threshold taken from
-  them is a float32 and ``fit`` stores it exactly (``float.hex``). A Python
-  float such as LAION's 0.28 is converted to float32 before comparing (NumPy's
-  rules for a Python scalar against a float32 array), so a score equal to
-  ``float32(0.26)``, which is slightly below 0.26, passes ``min: 0.26``, as in
-  DataComp; a float64 comparison would drop it. ``keep`` therefore compares the
-  scores as NumPy arrays of the column's dtype with the Python float, exactly
-  DataComp's expression; float64 columns compare in float64.
+* Comparisons happen in the column's own dtype, by ``score_threshold``'s rule.
+  DataComp's scores are float32 (pandas reads a float32 parquet column as
+  float32); the threshold taken from them is a float32, which ``fit`` stores
+  exactly (``float.hex``).
 
 A null or NaN score always drops. A column the ledger lacks fails the run
 before the filter stage starts (through ``needs``), so nothing is fitted.
@@ -64,6 +60,8 @@ import pyarrow.parquet as pq
 
 from curate.core.config import Cosine, Range
 from curate.core.operators import Filter, FitContext, Fitted, register_filter
+from curate.core.schema import read_alive
+from curate.filters.score_threshold import ScoreThreshold, at_least, score_values, scored
 
 if TYPE_CHECKING:
     from curate.engine import Engine
@@ -71,20 +69,6 @@ if TYPE_CHECKING:
 ARTIFACT = "threshold.json"
 #: The artifact's ``decision``: compare with ``threshold``, keep no row, keep every scored row.
 THRESHOLD, KEEP_NONE, KEEP_ALL = "threshold", "keep_none", "keep_all"
-
-
-def score_values(scores: pa.Array | pa.ChunkedArray, column: str) -> np.ndarray:
-    """Scores as NumPy in the column's own dtype, null as NaN (what pandas reads)."""
-    kind = scores.type
-    if not (pa.types.is_floating(kind) or pa.types.is_integer(kind)):
-        raise TypeError(f"column {column!r} holds {kind}, not numeric scores")
-    return scores.to_numpy(zero_copy_only=False)  # integers with nulls come back as float64
-
-
-def _at_least(values: np.ndarray, bound: float) -> np.ndarray:
-    """``values >= bound`` as DataComp's pandas computes it (NaN is False)."""
-    with np.errstate(over="ignore", invalid="ignore"):  # a bound beyond float32 becomes inf
-        return np.asarray(values >= bound, dtype=bool)
 
 
 def top_fraction(files: list[Path], column: str, fraction: float, engine: Engine) -> dict:
@@ -172,8 +156,7 @@ def _histogram(job: tuple[str, str, int, int, int]) -> dict:
     """One ledger file's alive and scored rows, and its scores' order keys whose bits above
     ``shift + RADIX_BITS`` are ``prefix`` (-1: all), counted in 256 bins of the next 8 bits."""
     path, column, bits, shift, prefix = job
-    table = pq.read_table(path, columns=[column, "keep"])
-    scores = table[column].filter(pc.fill_null(table["keep"], False)).combine_chunks()
+    scores = read_alive(path, [column])[column].combine_chunks()
     values = pc.drop_null(scores).to_numpy(zero_copy_only=False)
     if values.dtype.kind == "f":
         values = values[~np.isnan(values)]
@@ -186,24 +169,13 @@ def _histogram(job: tuple[str, str, int, int, int]) -> dict:
 
 
 @register_filter("clip_score")
-@dataclass
-class ClipScore(Filter):
+@dataclass(kw_only=True)
+class ClipScore(ScoreThreshold):
     """Keep ``column >= min`` (DataComp ``--threshold``, LAION-2B's 0.28); null/NaN drops."""
 
-    min: Cosine  # a CLIP score is a cosine: -1 keeps every scored row (score_threshold: any)
     column: str = "clip_score"
-
-    def __post_init__(self) -> None:
-        if not self.column:
-            raise ValueError("column must name a numeric ledger column")
-        self.min = float(self.min)  # a Python float: NumPy compares it in the column's dtype
-
-    @property
-    def needs(self) -> tuple[str, ...]:
-        return (self.column,)
-
-    def keep(self, batch: pa.Table) -> np.ndarray:
-        return _at_least(score_values(batch[self.column], self.column), self.min)
+    # A CLIP score is a cosine: -1 keeps every scored row (score_threshold: any bound).
+    min: Cosine = field()  # required (the base's bound is optional)
 
 
 @register_filter("clip_score_top_fraction")
@@ -253,5 +225,5 @@ class ClipScoreTopFraction(Fitted, Filter):
         if decision == KEEP_NONE:
             return np.zeros(len(values), dtype=bool)
         if decision == KEEP_ALL:
-            return ~np.isnan(values) if values.dtype.kind == "f" else np.ones(len(values), bool)
-        return _at_least(values, threshold)
+            return scored(values)
+        return at_least(values, threshold)

@@ -86,16 +86,17 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from curate.clip.pool import embed_images, prepare_model
+from curate.clip.pool import embed_images, pool_model, prepare_model
 from curate.core.config import ConfigError, Count
-from curate.core.layout import EMBEDDINGS, MODEL_FILE
+from curate.core.layout import EMBEDDINGS
 from curate.core.operators import Filter, FitContext, Fitted, register_filter
 from curate.core.runfolder import scratch
 from curate.core.schema import alive_mask
 from curate.dedup.semdedup import assign
 from curate.io.image_sets import VECTOR_COLUMNS, find_beside_input, read_image_set
 from curate.io.readers import IngestError
-from curate.io.uids import fixed_width, hashed_sample, is_member
+from curate.io.submission import UidSet
+from curate.io.uids import hashed_sample
 from curate.io.vectors import embedding_matrix
 
 ASSIGNMENTS = "assignments.parquet"
@@ -113,18 +114,6 @@ ASSIGNMENTS_SCHEMA = pa.schema(
 Batches = Callable[[], Iterator[tuple[pa.Array, pa.Array]]]
 
 
-def uid_bytes(uids: pa.Array | pa.ChunkedArray) -> np.ndarray:
-    """Ledger uids (32 hex digits) as numpy ``S32``: exact, sortable, 32 bytes a row."""
-    if isinstance(uids, pa.ChunkedArray):
-        uids = uids.combine_chunks()
-    if not len(uids):
-        return np.empty(0, "S32")
-    data = fixed_width(uids.cast(pa.string()))
-    if data is None:
-        raise ValueError("uids must all be 32 characters (the ledger's uids)")
-    return np.ascontiguousarray(data).view("S32")[:, 0]
-
-
 def train_kmeans(x: np.ndarray, k: int, iterations: int, seed: int) -> np.ndarray:
     """DataComp's ``train_kmeans`` on the CPU: faiss L2 k-means over every row, (k, D) float32."""
     import faiss
@@ -138,9 +127,9 @@ def train_kmeans(x: np.ndarray, k: int, iterations: int, seed: int) -> np.ndarra
     return faiss.vector_float_to_array(clustering.centroids).reshape(k, d)
 
 
-def usable(uids: pa.Array, vectors: pa.Array, wanted: np.ndarray) -> tuple[pa.Array, np.ndarray]:
-    """The rows of a batch whose uid is in ``wanted`` (sorted keys) and whose vector is finite."""
-    take = is_member(uid_bytes(uids), wanted) & vectors.is_valid().to_numpy(zero_copy_only=False)
+def usable(uids: pa.Array, vectors: pa.Array, wanted: UidSet) -> tuple[pa.Array, np.ndarray]:
+    """The rows of a batch whose uid is in ``wanted`` and whose vector is finite."""
+    take = wanted.contains(uids) & vectors.is_valid().to_numpy(zero_copy_only=False)
     x = embedding_matrix(vectors.filter(pa.array(take))).astype(np.float32)
     finite = np.isfinite(x).all(axis=1)
     return uids.filter(pa.array(take)).filter(pa.array(finite)), x[finite]
@@ -164,7 +153,7 @@ class DataCompImage(Fitted, Filter):
 
     needs = ("uid",)
 
-    _kept: np.ndarray | None = field(default=None, init=False, repr=False, compare=False)
+    _kept: UidSet | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.reference:
@@ -203,7 +192,7 @@ class DataCompImage(Fitted, Filter):
             )
         ref_clusters = assign(ref, centroids)[0]
         targets = np.unique(ref_clusters)
-        wanted = np.sort(uid_bytes(alive))
+        wanted = UidSet.of(alive)
         assigned, kept = _write_assignments(
             stats / ASSIGNMENTS, batches, wanted, centroids, targets
         )
@@ -229,7 +218,7 @@ class DataCompImage(Fitted, Filter):
         train = pa.concat_arrays([alive, extra])
         if self.max_train_rows is not None:
             train = hashed_sample(train, self.max_train_rows, seed)
-        x = _training_rows(batches, np.sort(uid_bytes(train)))
+        x = _training_rows(batches, UidSet.of(train))
         if len(x) < self.clusters:
             raise ConfigError(
                 f"filter {self.name}: clusters={self.clusters}, but only {len(x)} rows have an "
@@ -322,25 +311,22 @@ class DataCompImage(Fitted, Filter):
     def _model(self, ctx: FitContext, path: Path):
         if self.model is not None:
             return prepare_model(self.model, self.pretrained)
-        described = None if ctx.run_dir is None else Path(ctx.run_dir) / EMBEDDINGS / MODEL_FILE
-        about = json.loads(described.read_text()) if described and described.is_file() else {}
-        if about.get("precomputed") or not about.get("model"):
-            raise ConfigError(
-                f"filter {self.name}: reference {path} holds images, and the pool's vectors "
-                "were not made by a model this run can load; set `model` and `pretrained` to "
-                "the model that made them (ViT-L-14 / openai for DataComp's l14), or give "
-                "the reference as Parquet with an embedding column"
-            )
+        remedy = (
+            f"reference {path} holds images: set `model` and `pretrained` on this filter to "
+            "the model that made the pool's vectors (ViT-L-14 / openai for DataComp's l14), "
+            "or give the reference as Parquet with an embedding column"
+        )
+        about = pool_model(ctx.run_dir, f"filter {self.name}", remedy)
         return prepare_model(about["model"], about.get("pretrained"))
 
     # --- apply ---------------------------------------------------------------------------
 
     def load(self, stats_dir: Path) -> None:
         table = pq.read_table(stats_dir / ASSIGNMENTS, columns=["uid", "match"])
-        self._kept = np.sort(uid_bytes(table["uid"].filter(table["match"])))
+        self._kept = UidSet.of(table["uid"].filter(table["match"]))
 
     def keep(self, batch: pa.Table) -> np.ndarray:
-        return is_member(uid_bytes(batch["uid"]), self._kept)
+        return self._kept.contains(batch["uid"])
 
 
 def _pool(files: list[Path], also: list[str]) -> tuple[pa.Array, pa.Array, dict]:
@@ -359,12 +345,12 @@ def _pool(files: list[Path], also: list[str]) -> tuple[pa.Array, pa.Array, dict]
     return pa.concat_arrays(alive), pa.concat_arrays(extra), counts
 
 
-def _training_rows(batches: Batches, wanted: np.ndarray) -> np.ndarray:
+def _training_rows(batches: Batches, wanted: UidSet) -> np.ndarray:
     """The vectors of the ``wanted`` uids, float32, in uid order (whatever the file layout)."""
     keys, parts = [], []
     for uids, vectors in batches():
         found, x = usable(uids, vectors, wanted)
-        keys.append(uid_bytes(found))
+        keys.append(UidSet.keys_of(found))
         parts.append(x)
     if not parts:
         return np.zeros((0, 1), np.float32)
@@ -372,7 +358,7 @@ def _training_rows(batches: Batches, wanted: np.ndarray) -> np.ndarray:
 
 
 def _write_assignments(
-    out: Path, batches: Batches, alive: np.ndarray, centroids: np.ndarray, targets: np.ndarray
+    out: Path, batches: Batches, alive: UidSet, centroids: np.ndarray, targets: np.ndarray
 ) -> tuple[int, int]:
     """Stream every alive row's cluster and decision to ``out``; (rows assigned, rows kept)."""
     tmp = out.with_name(out.name + ".tmp")

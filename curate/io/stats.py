@@ -30,6 +30,11 @@ def sql_string(path: Path) -> str:
     return "'" + str(path).replace("'", "''") + "'"
 
 
+def sql_name(name: str) -> str:
+    """A column name as a DuckDB identifier, whatever characters it holds."""
+    return '"' + name.replace('"', '""') + '"'
+
+
 def sql_paths(paths: list[Path]) -> str:
     """Paths as a DuckDB list literal, for ``read_parquet``."""
     return "[" + ", ".join(sql_string(p) for p in paths) + "]"

@@ -6,7 +6,7 @@ bits), sorted, saved with ``np.save`` (mlfoundations/datacomp
 ``baselines/apply_filter.py`` builds it as ``(int(uid[:16], 16),
 int(uid[16:32], 16))``; its resharder reads it back). ``write_uids`` writes a
 run's kept uids that way; ``read_uids`` reads any such file back to hex uids,
-and ``uids_in`` tells which ledger rows a subset holds (``--input-uids``).
+and ``UidSet`` tells which ledger rows a subset holds (``--input-uids``).
 """
 
 from __future__ import annotations
@@ -15,10 +15,9 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from curate.core.config import ConfigError
-from curate.core.schema import alive_mask
+from curate.core.schema import read_alive
 from curate.io.uids import fixed_width, is_member
 
 UID_DTYPE = np.dtype("u8,u8")
@@ -56,10 +55,7 @@ def to_hex(pairs: np.ndarray) -> pa.Array:
 
 def kept_uids(ledger_files: list[Path]) -> pa.Array:
     """The uids of a ledger's kept rows."""
-    parts = []
-    for path in ledger_files:
-        table = pq.read_table(path, columns=["uid", "keep"])
-        parts.append(table["uid"].filter(pa.array(alive_mask(table))))
+    parts = [read_alive(path, ["uid"])["uid"] for path in ledger_files]
     return pa.chunked_array(parts, pa.string()).combine_chunks()
 
 
@@ -113,11 +109,34 @@ def _keys(pairs: np.ndarray) -> np.ndarray:
     return big_endian.view("S16")
 
 
-def load_subset(path: Path) -> np.ndarray:
-    """A DataComp uid file as sorted search keys (for ``uids_in``)."""
-    return _keys(load_pairs(path))
+class UidSet:
+    """A set of uids as sorted 16-byte keys (the uid's 128 bits, big-endian).
 
+    The one way curate asks whether rows' uids are in a set that outlives a batch: a
+    DataComp uid file (``--input-uids``), the uids a fitted filter keeps. A worker holds
+    16 bytes a uid, and a batch's membership is a binary search per row.
+    """
 
-def uids_in(uids: pa.Array | pa.ChunkedArray, subset: np.ndarray) -> np.ndarray:
-    """Which of ``uids`` are in ``subset`` (from ``load_subset``): a binary search per row."""
-    return is_member(_keys(to_pairs(uids)), subset)
+    def __init__(self, sorted_keys: np.ndarray):
+        self.keys = sorted_keys
+
+    @staticmethod
+    def keys_of(uids: pa.Array | pa.ChunkedArray) -> np.ndarray:
+        """Ledger uids as keys: their byte order is the uids' text order."""
+        return _keys(to_pairs(uids))
+
+    @classmethod
+    def of(cls, uids: pa.Array | pa.ChunkedArray) -> UidSet:
+        return cls(np.sort(cls.keys_of(uids)))
+
+    @classmethod
+    def load(cls, path: Path) -> UidSet:
+        """The uids of a DataComp uid file."""
+        return cls(_keys(load_pairs(path)))
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def contains(self, uids: pa.Array | pa.ChunkedArray) -> np.ndarray:
+        """Which of ``uids`` are in the set, as a bool array."""
+        return is_member(self.keys_of(uids), self.keys)

@@ -25,6 +25,7 @@ from curate.core.config import ConfigError
 from curate.core.layout import CONCEPT_COUNTS, IMAGES, LEDGER, RECIPE, ledger_files, stage_folder
 from curate.core.operators import load_registry
 from curate.download.images import image_shards
+from curate.io.stats import sql_name
 from curate.runner import read_manifest
 from curate.stages import STAGES
 
@@ -81,10 +82,6 @@ def stage_folders(run_dir: Path) -> list[tuple[dict, Path]]:
     return out
 
 
-def _quote(column: str) -> str:
-    return '"' + column.replace('"', '""') + '"'
-
-
 def ledger_columns(run_dir: Path) -> set[str]:
     """The column names of a run's ledger (union over its files)."""
     con = duckdb.connect()
@@ -118,8 +115,8 @@ def score_histogram(
         return None
     con = duckdb.connect()
     scores = (
-        f"SELECT CAST({_quote(column)} AS DOUBLE) AS x, coalesce(keep, false) AS k "
-        f"FROM {LEDGER_SQL} WHERE isfinite({_quote(column)})"
+        f"SELECT CAST({sql_name(column)} AS DOUBLE) AS x, coalesce(keep, false) AS k "
+        f"FROM {LEDGER_SQL} WHERE isfinite({sql_name(column)})"
     )
     lo, hi, n = con.execute(
         f"SELECT min(x), max(x), count(*) FROM ({scores})", [ledger_glob(run_dir)]

@@ -40,7 +40,7 @@ from curate.core.config import ConfigError, Count
 from curate.core.layout import EMBEDDINGS, IMAGES, MODEL_FILE, count_rows
 from curate.core.progress import Progress
 from curate.core.runfolder import remove_tree
-from curate.core.schema import alive_mask, set_column
+from curate.core.schema import alive_mask, read_alive, set_column
 from curate.core.stage import Stage, StageContext, register_stage
 from curate.download.images import images_by_file
 from curate.io.vectors import embedding_matrix, unit_rows
@@ -240,9 +240,8 @@ def _chunks(ctx: StageContext, work: Path, batch_size: int) -> list[dict]:
 def _file_todo(job: tuple[Path, Path, list[str], Path]) -> int:
     """One ledger file's rows to embed and where their images are; how many."""
     path, images, names, out = job
-    table = pq.read_table(path, columns=["uid", "caption", "keep", "status"])
-    ok = pc.and_(pc.fill_null(table["keep"], False), pc.equal(table["status"], "success"))
-    wanted = table.filter(pc.fill_null(ok, False)).select(["uid", "caption"])
+    table = read_alive(path, ["uid", "caption", "status"])
+    wanted = table.filter(pc.equal(table["status"], "success")).select(["uid", "caption"])
     parts = []
     for shard in (Path(images) / f"{name}.parquet" for name in names):
         if not shard.is_file():

@@ -25,7 +25,6 @@ item it matched and their cosine.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
@@ -35,9 +34,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from curate.clip.pool import embed_images, prepare_model
+from curate.clip.pool import embed_images, pool_model, prepare_model
 from curate.core.config import ConfigError, Range
-from curate.core.layout import EMBEDDINGS, MODEL_FILE
+from curate.core.layout import EMBEDDINGS
 from curate.core.runfolder import scratch
 from curate.core.stage import StageContext, register_stage
 from curate.dedup.decided import ALIVE, DecidedStage, scatter_alive
@@ -135,14 +134,11 @@ class DecontaminateStage(DecidedStage):
     def _prepared(self, ctx: StageContext):
         if self.model is not None:
             return prepare_model(self.model, self.pretrained)
-        described = ctx.run_dir / EMBEDDINGS / MODEL_FILE
-        about = json.loads(described.read_text()) if described.is_file() else {}
-        if about.get("precomputed") or not about.get("model"):
-            raise ConfigError(
-                f"stage {self.name}: the pool's embeddings were not made by a model this run "
-                "can load; set `model` and `pretrained` to the model that made them, or give "
-                "eval_set as Parquet with an image_embedding column"
-            )
+        remedy = (
+            "set `model` and `pretrained` on this stage to the model that made them, or give "
+            "eval_set as Parquet with an image_embedding column"
+        )
+        about = pool_model(ctx.run_dir, f"stage {self.name}", remedy)
         return prepare_model(about["model"], about.get("pretrained"))
 
 

@@ -39,7 +39,7 @@ from curate.core.config import ConfigError, Count, NonNegative, Positive, Range,
 from curate.core.layout import IMAGES
 from curate.core.progress import FinishedRows, Progress
 from curate.core.runfolder import remove_tree, scratch
-from curate.core.schema import alive_mask, set_column
+from curate.core.schema import alive_mask, read_alive, set_column
 from curate.core.stage import Stage, StageContext, register_stage
 from curate.download import robots
 from curate.download.errors import SUCCESS, failure_kind
@@ -239,10 +239,8 @@ def _list_urls(job: tuple) -> tuple[str, int, list[tuple[int, str]], set[str]]:
     """One ledger file's alive urls as img2dataset shards (Arrow files of ``n`` rows, ids
     from ``first``); returns the file's url-list digest, rows, shards and origins."""
     path, index, first, n, bbox, folder = job
-    columns = ["uid", "url", "keep"] + ([bbox] if bbox else [])
-    table = pq.read_table(path, columns=columns)
-    alive = pc.and_(pc.fill_null(table["keep"], False), pc.is_valid(table["url"]))
-    table = table.filter(alive).select(["url", "uid"] + ([bbox] if bbox else []))
+    table = read_alive(path, ["url", "uid"] + ([bbox] if bbox else []))
+    table = table.filter(pc.is_valid(table["url"]))
     digest = hashlib.sha256()
     for uid, url in zip(table["uid"].to_pylist(), table["url"].to_pylist()):
         digest.update(f"{uid}\t{url}\n".encode("utf-8", "surrogatepass"))

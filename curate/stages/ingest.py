@@ -47,7 +47,7 @@ from curate.io.readers import (
     reading,
     repair_utf8,
 )
-from curate.io.submission import load_subset, open_pairs, uids_in
+from curate.io.submission import UidSet, open_pairs
 from curate.io.uids import normalise_uids, uid_keys
 
 __all__ = ["IngestError", "IngestStage"]
@@ -301,7 +301,7 @@ def _to_ledger(
     if plan.subset is None:
         arrays += [pa.array(np.ones(n, dtype=bool)), pa.nulls(n, pa.string())]
     else:
-        keep = uids_in(uid, _subset(plan.subset))
+        keep = _subset(plan.subset).contains(uid)
         arrays += [pa.array(keep), pc.if_else(pa.array(keep), None, "input_uids")]
     errors = 0 if bad is None else pc.sum(bad).as_py()
     return pa.RecordBatch.from_arrays(arrays, schema=plan.schema), errors
@@ -524,6 +524,6 @@ def duplicate_error(
 
 
 @functools.lru_cache(maxsize=1)
-def _subset(path: str) -> np.ndarray:
+def _subset(path: str) -> UidSet:
     """The uid file a run is restricted to, loaded once per worker process."""
-    return load_subset(Path(path))
+    return UidSet.load(Path(path))

@@ -37,6 +37,7 @@ import pyarrow.parquet as pq
 from curate.clip.embed import read_image_bytes
 from curate.clip.pool import IMAGE_COLUMNS
 from curate.core.progress import FinishedRows, Progress
+from curate.core.schema import read_alive
 from curate.download.images import images_by_file
 
 if TYPE_CHECKING:
@@ -89,7 +90,7 @@ def write_shards(
 
 
 def _count_kept(path: Path) -> int:
-    return pc.sum(pc.fill_null(pq.read_table(path, columns=["keep"])["keep"], False)).as_py() or 0
+    return read_alive(path, ["keep"]).num_rows
 
 
 def _ranges(kept: list[int], size: int) -> list[list[tuple[int, int, int]]]:
@@ -125,8 +126,7 @@ def _write_shard(job: ShardJob) -> int:
     """Write one shard; how many rows."""
     parts = []
     for path, start, stop in job.sources:
-        table = pq.read_table(path)
-        table = table.filter(pc.fill_null(table["keep"], False)).slice(start, stop - start)
+        table = read_alive(path).slice(start, stop - start)
         parts.append(table.drop_columns([c for c in DECISION_COLUMNS if c in table.column_names]))
     shard = pa.concat_tables(parts, promote_options="permissive")
     index = None
