@@ -54,7 +54,7 @@ class DemoSize:
         return max(1, self.rows // 25)
 
 
-#: ``small`` (the default) takes about 10 minutes on 2 CPU cores; ``tiny`` is for tests.
+#: ``small`` is the default; ``tiny`` is for tests; the README gives their run times.
 SIZES = {
     "tiny": DemoSize(rows=300, eval_size=60, samples_seen=256, seeds=(0,)),
     "small": DemoSize(rows=2_000, eval_size=480, samples_seen=6_000, seeds=(0,)),

@@ -115,6 +115,7 @@ def run_ingest(input_path: Path, tmp_path: Path, **params):
         engine=LocalEngine(),
     )
     stage = IngestStage(**params)
+    stage.name = "ingest"
     ctx.plan = stage.plan(ctx)  # as the runner does
     rows = stage.run(ctx)
     parts = sorted(out.glob("part-*.parquet"))

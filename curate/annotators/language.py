@@ -47,7 +47,7 @@ def _predict(model, texts: list[str]) -> tuple[list[str | None], list[float | No
 
     This is the C++ call fastText's ``predict(str)`` makes for one line — the
     call DataComp's baseline makes — without the wrapper's numpy-2-broken array
-    step; per string it is also ~15 % cheaper than ``predict(list)``.
+    step, and with no list built per call.
     """
     predict = model.f.predict
     labels, probs = [], []

@@ -72,7 +72,7 @@ def zipf(n: int, exponent: float) -> np.ndarray:
 
 
 SHAPE_WEIGHTS = zipf(len(SHAPES), SHAPE_ZIPF)
-# Inverse-CDF sampling: Generator.choice(p=...) re-validates p on every call, 20x slower here.
+# Inverse-CDF sampling: Generator.choice(p=...) re-validates p on every call.
 _SHAPE_CDF = np.cumsum(SHAPE_WEIGHTS)[:-1]
 _N_CDF = np.cumsum(N_OBJECTS)[:-1]
 

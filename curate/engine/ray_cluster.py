@@ -236,7 +236,8 @@ def shared_cluster(start: bool, verbose: bool = False) -> Iterator[None]:
 
 
 def _configure_ray_data(verbose: bool) -> None:
-    """Ray Data's settings, once it is first used (importing it costs the driver ~0.5 s)."""
+    """Ray Data's settings, once it is first used: a run that needs no model pool does
+    not import it at all."""
     import ray.data
 
     # max_restarts (map_with_models) is passed the one way Ray Data takes it, which it
@@ -252,7 +253,7 @@ def _configure_ray_data(verbose: bool) -> None:
     # draws its own line per stage (curate.core.progress).
     ctx.enable_progress_bars = verbose
     ctx.print_on_execution_start = verbose
-    # Metrics polling that cost the driver ~2 CPU-s per 10^6-row stage on 2 cores.
+    # Metrics polling: driver CPU spent on numbers nobody reads here.
     ctx.enable_per_node_metrics = False
     ctx.enable_get_object_locations_for_metrics = False
     ctx.memory_usage_poll_interval_s = None

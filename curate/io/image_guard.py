@@ -1,13 +1,12 @@
 """Checks on downloaded bytes before img2dataset's resizer decodes them.
 
 img2dataset decodes with OpenCV, which happily allocates gigabytes for a small
-PNG that declares 30000 × 30000 pixels (a decompression bomb: 12 s and 3.4 GB
-measured here), and reports HTML pages and empty bodies as a bare "Image
-decoding error". Reading only the header with Pillow costs microseconds and
-gives each of these a drop reason of its own (``curate.download.crawler.CheckedResizer``
-asks before decoding). What passes is decoded by img2dataset unchanged (OpenCV
-handles CMYK, 16-bit, alpha, palette and animated images: the first frame,
-alpha matted on white).
+PNG that declares 30000 × 30000 pixels (a decompression bomb), and reports HTML
+pages and empty bodies as a bare "Image decoding error". Reading only the header
+with Pillow is cheap and gives each of these a drop reason of its own
+(``curate.download.crawler.CheckedResizer`` asks before decoding). What passes
+is decoded by img2dataset unchanged (OpenCV handles CMYK, 16-bit, alpha, palette
+and animated images: the first frame, alpha matted on white).
 """
 
 from __future__ import annotations

@@ -103,7 +103,7 @@ def read_uids(path: Path) -> pa.Array:
 
 def _keys(pairs: np.ndarray) -> np.ndarray:
     """Pairs as 16 big-endian bytes: byte order is numeric order, and numpy searches
-    fixed-width bytes several times faster than a structured dtype."""
+    fixed-width bytes faster than a structured dtype."""
     big_endian = np.empty(len(pairs), np.dtype([("f0", ">u8"), ("f1", ">u8")]))
     big_endian["f0"], big_endian["f1"] = pairs["f0"], pairs["f1"]
     return big_endian.view("S16")

@@ -87,8 +87,7 @@ class IngestStage(Stage):
     caption_column: str | None = None  # None: "caption" if the input has it, else "text"
     uid_column: str | None = None  # None: "uid" if the input has it, else computed
     rows_per_file: Count = 100_000
-    # Of the ledger parts. "none" is fastest: on a 10^6-row DataComp pool, snappy
-    # made the parts 27 % smaller and ingest ~0.3 s slower (CPU) per 10^6 rows.
+    # Of the ledger parts. "none" costs no CPU; snappy or zstd trade some for smaller parts.
     compression: Literal["none", "snappy", "zstd"] = "none"
     # A DataComp uid file (``curate run --input-uids``): rows whose uid it does not list are
     # dropped here, with dropped_by "input_uids".
@@ -118,7 +117,7 @@ class IngestStage(Stage):
         jobs = _jobs(plan, self.rows_per_file, self.compression, out)
         known = [src.rows for src in plan.sources]  # CSV and JSONL: rows unknown until read
         total = sum(known) if None not in known else None
-        label = getattr(self, "name", self.kind)  # built outside a recipe: no name
+        label = self.name
         with Progress(label, total, enabled=ctx.progress) as shown, scratch(out, "_uids-") as tmp:
             for job in jobs:
                 job.uids = tmp
