@@ -36,8 +36,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from curate.core.stage import StageContext
-from curate.download.images import write_index
 from curate.engine import open_engine
+from curate.io.images import write_index
 from curate.stages.clip import ClipStage
 
 CAPTIONS = ["a photo of a dog on a beach", "a red car in front of a house", "two cats asleep"]

@@ -22,7 +22,7 @@ from PIL import Image
 from curate.core.config import ConfigError
 from curate.core.layout import EMBEDDINGS, IMAGES
 from curate.core.recipe import recipe_from_data
-from curate.download.images import image_shards
+from curate.io.images import image_shards
 from curate.runner import run_recipe
 
 DOWNLOAD = {"stage": "download", "allow_private_networks": True, "image_size": 128}

@@ -27,9 +27,9 @@ from curate.core.recipe import load_recipe, recipe_from_data
 from curate.demo.serve import LoopbackServer, Rule
 from curate.download import netguard
 from curate.download.errors import failure_kind
-from curate.download.images import image_shards
 from curate.download.robots import RobotsRules
 from curate.io.image_guard import image_problem
+from curate.io.images import image_shards
 from curate.report.build import write_report
 from curate.runner import run_recipe
 

@@ -26,7 +26,7 @@ from PIL import Image
 from curate.cli import main
 from curate.core.layout import IMAGES
 from curate.core.recipe import recipe_from_data
-from curate.download.images import image_shards
+from curate.io.images import image_shards
 from curate.report.build import write_report
 from curate.report.data import (
     clean_text,

@@ -22,7 +22,7 @@ import curate.train.shards as shard_stage
 from curate.core.config import ConfigError
 from curate.core.layout import IMAGES
 from curate.core.recipe import recipe_from_data
-from curate.download.images import image_shards
+from curate.io.images import image_shards
 from curate.runner import run_recipe
 
 DOWNLOAD = {"stage": "download", "allow_private_networks": True, "image_size": 64}

@@ -32,8 +32,6 @@ if TYPE_CHECKING:
 
 #: Embeddings files hold about this many rows.
 ROWS_PER_FILE = 50_000
-#: The image columns img2dataset writes, by encoding (also the file extension).
-IMAGE_COLUMNS = ("jpg", "png", "webp")
 
 
 def prepare_model(model: str, pretrained: str | None) -> tuple[ResolvedModel, Preprocess, int]:

@@ -20,11 +20,10 @@ import pyarrow.parquet as pq
 import yaml
 
 from curate.clip.embed import read_image_bytes
-from curate.clip.pool import IMAGE_COLUMNS
 from curate.core.config import ConfigError
 from curate.core.layout import CONCEPT_COUNTS, IMAGES, LEDGER, RECIPE, ledger_files, stage_folder
 from curate.core.operators import load_registry
-from curate.download.images import image_shards
+from curate.io.images import image_column, image_shards
 from curate.io.stats import sql_name
 from curate.runner import read_manifest
 from curate.stages import STAGES
@@ -236,7 +235,7 @@ def read_images(run_dir: Path, uids: list[str]) -> dict[str, bytes]:
     column_of = {
         str(path): column
         for path in image_shards(Path(run_dir) / IMAGES)
-        if (column := next((c for c in IMAGE_COLUMNS if c in pq.read_schema(path).names), None))
+        if (column := image_column(path))
     }
     wanted = sorted(set(uids))
     if not column_of or not wanted:

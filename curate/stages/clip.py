@@ -35,14 +35,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from curate.clip.pool import IMAGE_COLUMNS, embed, prepare_model
+from curate.clip.pool import embed, prepare_model
 from curate.core.config import ConfigError, Count
 from curate.core.layout import EMBEDDINGS, IMAGES, MODEL_FILE, count_rows
 from curate.core.progress import Progress
 from curate.core.runfolder import remove_tree
 from curate.core.schema import alive_mask, read_alive, set_column
 from curate.core.stage import Stage, StageContext, register_stage
-from curate.download.images import images_by_file
+from curate.io.images import holding_images, images_by_file
 from curate.io.vectors import embedding_matrix, unit_rows
 
 if TYPE_CHECKING:
@@ -243,12 +243,7 @@ def _file_todo(job: tuple[Path, Path, list[str], Path]) -> int:
     table = read_alive(path, ["uid", "caption", "status"])
     wanted = table.filter(pc.equal(table["status"], "success")).select(["uid", "caption"])
     parts = []
-    for shard in (Path(images) / f"{name}.parquet" for name in names):
-        if not shard.is_file():
-            continue
-        column = next((c for c in IMAGE_COLUMNS if c in pq.read_schema(shard).names), None)
-        if column is None:
-            continue
+    for shard, column in holding_images(images, names):
         uids = pq.read_table(shard, columns=["uid"])["uid"]
         index = pc.index_in(uids, value_set=wanted["uid"])
         rows = np.flatnonzero(index.is_valid().to_numpy(zero_copy_only=False))

@@ -43,9 +43,9 @@ from curate.core.schema import alive_mask, read_alive, set_column
 from curate.core.stage import Stage, StageContext, register_stage
 from curate.download import robots
 from curate.download.errors import SUCCESS, failure_kind
-from curate.download.images import images_by_file, write_index
 from curate.download.netguard import guarded_opener
 from curate.io.image_guard import DEFAULT_MAX_PIXELS
+from curate.io.images import images_by_file, write_index
 
 RESULT_COLUMNS = (
     "uid",

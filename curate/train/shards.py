@@ -35,10 +35,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curate.clip.embed import read_image_bytes
-from curate.clip.pool import IMAGE_COLUMNS
 from curate.core.progress import FinishedRows, Progress
 from curate.core.schema import read_alive
-from curate.download.images import images_by_file
+from curate.io.images import holding_images, images_by_file
 
 if TYPE_CHECKING:
     from curate.engine import Engine
@@ -164,12 +163,7 @@ class ImageIndex:
     def build(cls, folder: Path, names: list[str], kept: pa.ChunkedArray) -> ImageIndex:
         """The index of the ``kept`` uids in the image shards ``names`` of ``folder``."""
         shards, columns, uids, shard_ids, rows = [], [], [], [], []
-        for path in (Path(folder) / f"{name}.parquet" for name in names):
-            if not path.is_file():
-                continue
-            column = next((c for c in IMAGE_COLUMNS if c in pq.read_schema(path).names), None)
-            if column is None:
-                continue
+        for path, column in holding_images(folder, names):
             found = pq.read_table(path, columns=["uid"])["uid"]
             shard_ids.append(np.full(len(found), len(shards), np.int32))
             rows.append(np.arange(len(found), dtype=np.int64))
