@@ -109,10 +109,13 @@ class BalanceStage(MapStage):
 
     # --- per batch ---------------------------------------------------------------------------
 
-    def setup(self) -> None:
+    def draws(self) -> tuple[np.ndarray, bytes]:
+        """What the plan wrote: each concept's keep probability, and the seed as a hash key."""
         with np.load(self.output_dir / STATS / DRAWS) as draws:
-            self._p = draws["p"]
-            self._seed_key = int(draws["seed"]).to_bytes(8, "little", signed=True)
+            return draws["p"], int(draws["seed"]).to_bytes(8, "little", signed=True)
+
+    def setup(self) -> None:
+        self._draws = self.draws()
 
     def _match(self, batch: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Matches of the rows alive entering this stage (the others match nothing)."""
@@ -120,7 +123,9 @@ class BalanceStage(MapStage):
         captions = pc.if_else(pa.array(alive), matchable_captions(batch), None)
         return (*self._matcher.match(captions), alive)
 
-    def _decide(self, uids: pa.ChunkedArray, offsets: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    def _decide(
+        self, uids: pa.ChunkedArray, offsets: np.ndarray, ids: np.ndarray, draws: tuple
+    ) -> np.ndarray:
         """Per row: does any of its concepts' draws pass? (False for a row with none.)
 
         The draw of row r for concept c is uniform in [0, 1): the top 53 bits of
@@ -129,7 +134,8 @@ class BalanceStage(MapStage):
         """
         n = len(offsets) - 1
         pair_rows = np.repeat(np.arange(n), np.diff(offsets))
-        pair_p = self._p[ids]
+        p, seed_key = draws
+        pair_p = p[ids]
         keep = np.zeros(n, bool)
         keep[pair_rows[pair_p >= 1]] = True  # a concept at or under t keeps all its rows
         draw = (pair_p < 1) & ~keep[pair_rows]
@@ -137,7 +143,7 @@ class BalanceStage(MapStage):
         if len(rows):
             row_keys = np.zeros(n, np.uint64)
             row_keys[rows] = [
-                _hash64(uid.encode(), self._seed_key) for uid in uids.take(rows).to_pylist()
+                _hash64(uid.encode(), seed_key) for uid in uids.take(rows).to_pylist()
             ]
             bits = _mix(row_keys[pair_rows[draw]] ^ self._concept_keys[ids[draw]])
             uniform = (bits >> np.uint64(11)).astype(np.float64) * 2.0**-53
@@ -150,7 +156,7 @@ class BalanceStage(MapStage):
         concepts = pa.ListArray.from_arrays(
             pa.array(offsets, pa.int32()), names, mask=pa.array(~alive)
         )
-        dropped = alive & ~self._decide(batch["uid"], offsets, ids)
+        dropped = alive & ~self._decide(batch["uid"], offsets, ids, self._draws)
         reasons = pc.if_else(pa.array(dropped), self.name, pa.scalar(None, pa.string()))
         batch = set_column(batch, "concepts", concepts)
         batch = set_column(batch, "dropped_by", pc.coalesce(batch["dropped_by"], reasons))
@@ -171,8 +177,7 @@ def _count_file(job: tuple[BalanceStage, Path, Path]) -> tuple[np.ndarray, int, 
 def _kept_in_file(job: tuple[BalanceStage, Path, Path]) -> np.ndarray:
     """Rows of one ledger file kept per concept, once the stage knows p."""
     stage, path, saved = job
-    stage.setup()
     with np.load(saved) as matched:
         offsets, ids = matched["offsets"], matched["ids"]
-    keep = stage._decide(pq.read_table(path, columns=["uid"])["uid"], offsets, ids)
+    keep = stage._decide(pq.read_table(path, columns=["uid"])["uid"], offsets, ids, stage.draws())
     return np.bincount(ids[np.repeat(keep, np.diff(offsets))], minlength=len(stage._matcher))
