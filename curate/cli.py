@@ -34,9 +34,8 @@ def _run(args: argparse.Namespace) -> int:
         if args.quiet:
             return
         if result.skipped:
-            print(
-                f"  {result.name:<16} done earlier, skipped ({result.rows_out:,} rows)", flush=True
-            )
+            done = f"shared with {result.shared_from}" if result.shared_from else "done earlier"
+            print(f"  {result.name:<16} {done}, skipped ({result.rows_out:,} rows)", flush=True)
         else:
             rate = result.rows_in / result.seconds if result.seconds and result.rows_in else 0
             print(
@@ -59,6 +58,7 @@ def _run(args: argparse.Namespace) -> int:
             on_stage=show,
             progress=False if args.quiet else None,  # None: a line per stage on a terminal
             finish=finisher(recipe),
+            base=None if args.base is None else Path(args.base),
         )
         report, kept = result.finished
     if not args.quiet:
@@ -74,9 +74,10 @@ def _run(args: argparse.Namespace) -> int:
 
 def _export_uids(args: argparse.Namespace) -> int:
     from curate.core.layout import UIDS, ledger_files
-    from curate.core.runfolder import claim
+    from curate.core.runfolder import check_shared, claim
     from curate.io.submission import kept_uids, write_uids
 
+    check_shared(Path(args.run))
     ledger = Path(args.run) / LEDGER
     files = ledger_files(ledger)
     if not files:
@@ -268,6 +269,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="ray (default) or local: the same batch functions in this process",
     )
     run.add_argument(
+        "--from",
+        dest="base",
+        default=None,
+        metavar="BASE_RUN",
+        help="share the finished stages of this run folder that the recipe would compute the "
+        "same way (same input, same parameters up to them): downloads and embeddings are "
+        "linked, not redone; BASE_RUN is only read",
+    )
+    run.add_argument(
         "--input-uids",
         default=None,
         metavar="UIDS.npy",
@@ -394,7 +404,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=_demo_generate)
     serve = demo_sub.add_parser("serve", help="serve a pool on 127.0.0.1 and write its url list")
     serve.add_argument("pool", help="a folder written by `curate demo-pool generate`")
-    serve.add_argument("--port", type=int, default=0, help="default: a free port")
+    serve.add_argument(
+        "--port",
+        type=int,
+        default=None,
+        help="default: the port the pool was last served on if free (its urls stay the same), "
+        "else a free one",
+    )
     serve.set_defaults(func=_demo_serve)
     return parser
 

@@ -8,6 +8,11 @@ timings, its files); a re-run skips every stage whose manifest hash matches and
 whose files are intact. The hash chains each stage's resolved parameters with
 its upstream hash, so changing a parameter re-runs that stage and everything
 after it.
+
+A run may share finished stages with a base run (``base``, ``curate run --from``):
+every leading stage the base finished with the same hash (same input, same
+parameters upstream) is linked, not computed, and its folders (``stages/NN_name``,
+``images/``, ``embeddings/`` …) are links into the base, which the run never writes.
 """
 
 from __future__ import annotations
@@ -30,7 +35,17 @@ import yaml
 from curate.core.layout import LEDGER, RECIPE, SUCCESS, count_rows, ledger_files, stage_folder
 from curate.core.progress import Progress
 from curate.core.recipe import Recipe, stage_params
-from curate.core.runfolder import claim, remove_tree
+from curate.core.runfolder import (
+    RunFolderError,
+    check_shared,
+    claim,
+    reading,
+    remove_tree,
+    run_folder_of,
+    share,
+    shared_links,
+    unshare,
+)
 from curate.engine import Engine, Kind, open_engine
 from curate.stages import MapStage, Stage, StageContext
 
@@ -45,6 +60,7 @@ class StageResult:
     skipped: bool
     counters: dict = field(default_factory=dict)
     rerun_reason: str | None = None  # why a stage that had finished ran again
+    shared_from: str | None = None  # the base run whose finished stage this one is (--from)
 
 
 @dataclass
@@ -189,8 +205,12 @@ def run_recipe(
     on_stage: Callable[[StageResult], None] | None = None,
     progress: bool | None = None,
     finish: Callable[[RunResult], Any] | None = None,
+    base: Path | None = None,
 ) -> RunResult:
     """Run every stage of ``recipe`` on ``input_path`` into ``run_dir``, resuming where possible.
+
+    ``base`` is a finished run whose stages this run shares where it would compute
+    them the same way (see the module's docstring).
 
     ``finish`` (the run's report and uids.npy, for ``curate run``) runs as one engine
     task once the ledger is final, its result in ``RunResult.finished``: it reads the
@@ -205,9 +225,78 @@ def run_recipe(
     if progress is None:
         progress = verbose or sys.stderr.isatty()
     run_dir = Path(run_dir)
-    with claim(run_dir, "run", input_path):
+    if base is not None:
+        base = _check_base(Path(base), run_dir)
+    with claim(run_dir, "run", input_path), reading(_bases(run_dir, base)):
         return _run_claimed(recipe, Path(input_path), run_dir, engine, address, verbose,
-                            on_stage, progress, finish)  # fmt: skip
+                            on_stage, progress, finish, base)  # fmt: skip
+
+
+def _check_base(base: Path, run_dir: Path) -> Path:
+    """``--from``: a curate run folder other than this run."""
+    if not base.is_dir() or run_folder_of(base) != base:
+        raise RunFolderError(f"--from {base}: not a curate run folder")
+    mine, theirs = run_dir.resolve(), base.resolve()
+    if mine == theirs or mine.is_relative_to(theirs) or theirs.is_relative_to(mine):
+        raise RunFolderError(f"--from {base}: the run folder {run_dir} is it, or overlaps it")
+    return base
+
+
+def _bases(run_dir: Path, base: Path | None) -> list[Path]:
+    """The runs whose folders this run reads: ``base``, and those it or the run link to."""
+    runs = [base] if base is not None else []
+    links = [*shared_links(run_dir).values(), *(shared_links(base).values() if base else [])]
+    runs += [Path(link["base"]) for link in links]
+    return [r for r in runs if run_folder_of(r) == r]  # a base that is gone is reported later
+
+
+def _folders(stage: Stage, run_dir: Path, stage_dir: Path) -> list[str]:
+    """A stage's folders (its own, then images/ …) by their names inside the run."""
+    return [stage_dir.relative_to(run_dir).as_posix(), *stage.outputs()]
+
+
+def _drop_stale_links(run_dir: Path, recipe: Recipe, stage_dirs: list, digests: list) -> None:
+    """Unlink the shared folders of stages this recipe no longer computes the same way:
+    they are computed here now. The base is left as it is."""
+    wanted = {
+        name: digest
+        for stage, stage_dir, digest in zip(recipe.stages, stage_dirs, digests)
+        for name in _folders(stage, run_dir, stage_dir)
+    }
+    for name, link in shared_links(run_dir).items():
+        if wanted.get(name) != link["hash"]:
+            unshare(run_dir, name)
+
+
+def _share(base: Path, recipe: Recipe, run_dir: Path, stage_dirs: list, digests: list,
+           done: list[bool], manifests: list[dict]) -> list[str]:  # fmt: skip
+    """Link the leading stages ``base`` finished with this run's hashes, where this run has
+    not finished them itself; mark them done. The names of the stages shared."""
+    names = []
+    for i, stage in enumerate(recipe.stages):
+        if i and not done[i - 1]:
+            break
+        if done[i]:
+            continue
+        theirs = stage_folder(base, i, stage.name, stage.folder)
+        manifest = read_manifest(theirs)
+        if manifest.get("hash") != digests[i]:
+            break
+        targets = [theirs, *(base / o for o in stage.outputs())]
+        for name, target in zip(_folders(stage, run_dir, stage_dirs[i]), targets):
+            share(run_dir, name, target, digests[i])
+        manifests[i], done[i] = manifest, True
+        names.append(stage.name)
+    return names
+
+
+def _base_changed(run_dir: Path, stage: Stage, name: str, why: str) -> RunFolderError:
+    link = shared_links(run_dir)[name]
+    return RunFolderError(
+        f"stage {stage.name} is shared with the base run {link['base']}, whose {why}: this "
+        "run still needs it as it was. Re-run the base with the recipe it had, or delete "
+        "this run and run its recipe again (with --from to share what still matches)"
+    )
 
 
 def _run_claimed(
@@ -220,15 +309,27 @@ def _run_claimed(
     on_stage: Callable[[StageResult], None] | None,
     progress: bool,
     finish: Callable[[RunResult], Any] | None,
+    base: Path | None,
 ) -> RunResult:
     (run_dir / RECIPE).write_text(yaml.safe_dump(recipe.resolved(), sort_keys=False))
     digests = _plan_digests(recipe, input_path)
     stage_dirs = [stage_folder(run_dir, i, s.name, s.folder) for i, s in enumerate(recipe.stages)]
+    _drop_stale_links(run_dir, recipe, stage_dirs, digests)
+    check_shared(run_dir)
     manifests = [read_manifest(d) for d in stage_dirs]
     done = [m.get("hash") == h for m, h in zip(manifests, digests)]
+    linked = shared_links(run_dir)
+    for stage, stage_dir, ok in zip(recipe.stages, stage_dirs, done):
+        name = _folders(stage, run_dir, stage_dir)[0]
+        if name in linked and not ok:  # the link is this recipe's, the folder is not
+            raise _base_changed(run_dir, stage, name, f"{name} was run again since")
     # A stage that re-runs invalidates everything after it, whatever is on disk.
     for i in range(1, len(done)):
         done[i] = done[i] and done[i - 1]
+    if base is not None:
+        if not _share(base, recipe, run_dir, stage_dirs, digests, done, manifests):
+            _say(f"--from {base}: no finished stage of it matches this recipe and input")
+        linked = shared_links(run_dir)
     # A finished stage is trusted only while its files are those it wrote. Damaged files
     # beside its own folder (images/ …) are removed, so the stage makes them again.
     reasons: list[str | None] = [None] * len(done)
@@ -239,6 +340,9 @@ def _run_claimed(
         if damaged:
             (name, why), more = damaged[0], len(damaged) - 1
             reasons[i] = f"{name} {why}" + (f" (and {more} more files)" if more else "")
+            if _folders(stage, run_dir, stage_dir)[0] in linked:  # never repaired from here
+                raise _base_changed(run_dir, stage, _folders(stage, run_dir, stage_dir)[0],
+                                    f"file {reasons[i]}")  # fmt: skip
             _say(f"stage {stage.name}: {reasons[i]}; running it again from its input")
             for name, _ in damaged:
                 if not (run_dir / name).is_relative_to(stage_dir):
@@ -294,6 +398,7 @@ def _run_claimed(
                     m["rows_out"],
                     skipped=True,
                     counters=m.get("counters", {}),
+                    shared_from=linked.get(_folders(stage, run_dir, stage_dir)[0], {}).get("base"),
                 )
             else:
                 ctx = first if i == 0 else context(i, files, schema, engine)

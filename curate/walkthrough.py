@@ -8,8 +8,10 @@ shards (``curate.train.compare``) and tabulates what each curation choice bought
 
 Everything lands under one folder::
 
-    DIR/pool/              the generated pool (reused when its size and seed match)
-    DIR/runs/RECIPE/       each run: ledger, shards, report.md / report.html
+    DIR/pool/              the generated pool (reused when its size and seed match),
+                           served where it was last served, so its urls do not change
+    DIR/runs/RECIPE/       each run: ledger, shards, report.md / report.html; the runs
+                           after ``raw`` share its ingest and download (one fetch a url)
     DIR/compare/           the checkpoints and their evaluations
     DIR/compare.json, .md  one row per recipe (DataComp-style table)
     DIR/report.md          the table, and where each run's report is
@@ -159,11 +161,14 @@ def _demo(
     try:
         say("starting a local Ray cluster" if engine == "ray" else "running in this process")
         with cluster(engine):  # one cluster for the four runs (a caller's is left up)
-            runs = []
+            runs: list[Path] = []
             progress = False if quiet else None  # None: on when stderr is a terminal
             for (name, _, what), recipe in zip(RECIPES, recipes):
                 say(f"\nrun {name}: {what}")
-                result = _run(recipe, urls, output / "runs" / name, engine, say, progress)
+                # Every later run shares the first one's ingest and download: each url is
+                # fetched once, and those runs' images are the first run's, not copies.
+                base = runs[0] if runs else None
+                result = _run(recipe, urls, output / "runs" / name, engine, say, progress, base)
                 say(f"  kept {result.stages[-1].rows_out:,} of {result.stages[0].rows_out:,} rows")
                 runs.append(result.run_dir)
     finally:
@@ -180,17 +185,20 @@ def _demo(
     return rows
 
 
-def _run(recipe, urls: Path, run_dir: Path, engine: str, say, progress: bool | None) -> RunResult:
-    """One recipe, its report and its uids.npy, as ``curate run`` leaves them."""
+def _run(
+    recipe, urls: Path, run_dir: Path, engine: str, say, progress: bool | None, base: Path | None
+) -> RunResult:
+    """One recipe, its report and its uids.npy, as ``curate run --from BASE`` leaves them."""
 
     def show(stage: StageResult) -> None:
-        done = "resumed" if stage.skipped else f"{stage.seconds:.1f} s"
+        if stage.shared_from:
+            done = f"shared with {Path(stage.shared_from).name}"
+        else:
+            done = "resumed" if stage.skipped else f"{stage.seconds:.1f} s"
         say(f"  {stage.name:<16} {stage.rows_out:>8,} rows  {done}")
 
-    finish = finisher(recipe)
-    return run_recipe(
-        recipe, urls, run_dir, engine=engine, on_stage=show, progress=progress, finish=finish
-    )
+    return run_recipe(recipe, urls, run_dir, engine=engine, on_stage=show, progress=progress,
+                      finish=finisher(recipe), base=base)  # fmt: skip
 
 
 def _write_index(output: Path, rows: list[dict]) -> None:

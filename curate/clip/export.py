@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 
 from curate.core.config import ConfigError
 from curate.core.layout import EMBEDDINGS, LEDGER, MODEL_FILE
+from curate.core.runfolder import check_shared
 from curate.io.vectors import embedding_matrix
 
 #: DataComp's array names for the models it used.
@@ -42,6 +43,7 @@ def default_prefix(run_dir: Path) -> str:
 def export_embeddings(run_dir: Path, out_dir: Path, prefix: str | None = None) -> list[Path]:
     """Write one ``NNNNNNNN.parquet`` + ``.npz`` pair per embeddings file; return the parquets."""
     run_dir, out_dir = Path(run_dir), Path(out_dir)
+    check_shared(run_dir)
     folder = run_dir / EMBEDDINGS
     if not (folder / MODEL_FILE).is_file():
         raise ConfigError(f"{run_dir}: no {EMBEDDINGS}/ (run a recipe with a clip stage first)")

@@ -232,3 +232,99 @@ def staged(target: Path) -> Iterator[Path]:
     if target.is_dir() and not any(target.iterdir()):
         target.rmdir()
     work.rename(target)
+
+
+# --- folders shared with a base run (curate run --from) ------------------------------------
+
+#: In a run folder: the folders it shares with base runs, as links it made, each with the
+#: hash of the stage it was shared for (``links.json``).
+LINKS = "links.json"
+
+
+def run_folder_of(path: Path) -> Path | None:
+    """The curate run folder that holds ``path`` (its nearest marked ancestor), if any."""
+    for folder in [path, *path.parents]:
+        if _kind_of(folder) == "run":
+            return folder
+    return None
+
+
+def shared_links(run: Path) -> dict[str, dict]:
+    """The links ``run`` made to base runs: its folder name → {"target", "base", "hash"}."""
+    try:
+        return json.loads((Path(run) / LINKS).read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        raise RunFolderError(f"{Path(run) / LINKS}: unreadable ({exc}); remove the run") from exc
+
+
+def _save_links(run: Path, links: dict[str, dict]) -> None:
+    tmp = run / f"{LINKS}.tmp"
+    tmp.write_text(json.dumps(links, indent=1, sort_keys=True) + "\n")
+    tmp.replace(run / LINKS)
+
+
+def share(run: Path, name: str, target: Path, digest: str) -> None:
+    """Make ``run/name`` a link to a base run's finished folder ``target``, recorded in
+    ``links.json``; what ``run`` held there itself is deleted first.
+
+    The link points at the folder that holds the files, not at another link, and the
+    base it records is the run that owns that folder.
+    """
+    run, real = Path(run), Path(target).resolve()
+    base = run_folder_of(real)
+    if base is None:
+        raise RunFolderError(f"{target}: not inside a curate run folder; nothing shared")
+    link = run / name
+    if link.is_symlink():
+        unshare(run, name)
+    else:
+        remove_tree(link, run)
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(real, target_is_directory=True)
+    links = shared_links(run)
+    links[name] = {"target": str(real), "base": str(base), "hash": digest}
+    _save_links(run, links)
+
+
+def unshare(run: Path, name: str) -> None:
+    """Remove the link ``run/name`` that ``share`` made (never what it points at)."""
+    run, links = Path(run), shared_links(Path(run))
+    link = run / name
+    if name not in links or not link.is_symlink():
+        raise RunFolderError(
+            f"{link} is a symbolic link curate did not make; remove it yourself and re-run"
+        )
+    os.unlink(link)
+    del links[name]
+    _save_links(run, links)
+
+
+def check_shared(run: Path) -> None:
+    """Every folder ``run`` shares with a base run is still there; else name the base."""
+    for name, link in shared_links(run).items():
+        if not (Path(run) / name).is_dir():
+            raise RunFolderError(
+                f"{Path(run) / name} is shared with the base run {link['base']}, and "
+                f"{link['target']} is gone: this run still needs it. Restore the base run, "
+                "or delete this run and run its recipe again without --from"
+            )
+
+
+@contextlib.contextmanager
+def reading(bases: list[Path]) -> Iterator[None]:
+    """Hold shared locks on base runs while a run reads their folders: a base cannot be
+    re-run meanwhile, and a base being written now is refused."""
+    with contextlib.ExitStack() as stack:
+        for base in sorted(set(bases)):
+            handle = stack.enter_context(open(Path(base) / LOCK, "a+"))
+            try:
+                fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                raise RunFolderError(
+                    f"the base run {base} is in use by another curate run "
+                    f"({_describe(handle.read())}); wait for it to finish"
+                ) from None
+        yield

@@ -195,6 +195,10 @@ def generate_pool(
     return out_dir
 
 
+#: The port the pool was last served on (``serve_pool`` serves it there again).
+PORT_FILE = "port.json"
+
+
 def load_manifest(pool_dir: Path) -> dict:
     return json.loads((Path(pool_dir) / "manifest.json").read_text(encoding="utf-8"))
 
@@ -206,24 +210,45 @@ def defect_counts(manifest: dict) -> dict[str, int]:
 
 
 def write_url_list(pool_dir: Path, base_url: str) -> Path:
-    """``pool_dir/urls.parquet`` (uid, url, caption) for the pool served at ``base_url``."""
+    """``pool_dir/urls.parquet`` (uid, url, caption) for the pool served at ``base_url``.
+
+    An unchanged list is left as it is: a run's input is known by its files' sizes and
+    times, so the runs on it resume, or share stages, rather than download again.
+    """
     pool_dir = Path(pool_dir)
     pairs = pq.read_table(pool_dir / "pairs.parquet")
     base = base_url.rstrip("/") + "/"
     urls = pa.array([base + p for p in pairs["path"].to_pylist()], pa.string())
     table = pa.table({"uid": pairs["uid"], "url": urls, "caption": pairs["caption"]})
     path = pool_dir / "urls.parquet"
+    try:
+        if pq.read_table(path).equals(table):
+            return path
+    except (OSError, pa.ArrowException):
+        pass  # none yet, or unreadable: written below
     pq.write_table(table, path)
     return path
 
 
-def serve_pool(pool_dir: Path, port: int = 0) -> tuple[LoopbackServer, Path]:
-    """Start serving ``pool_dir`` on 127.0.0.1 and write its url list; stop the server when done."""
+def serve_pool(pool_dir: Path, port: int | None = None) -> tuple[LoopbackServer, Path]:
+    """Start serving ``pool_dir`` on 127.0.0.1 and write its url list; stop the server when done.
+
+    ``port``: None serves on the port the pool was last served on, when it is free, so
+    its urls stay the same from one serve to the next; 0 any free port.
+    """
     pool_dir = Path(pool_dir)
     if not (pool_dir / "pairs.parquet").is_file():
         raise FileNotFoundError(f"{pool_dir} is not a demo pool (no pairs.parquet)")
-    server = LoopbackServer(pool_dir, port=port).start()
+    server = None
+    if port is None:
+        try:
+            last = json.loads((pool_dir / PORT_FILE).read_text())["port"]
+            server = LoopbackServer(pool_dir, port=last)
+        except (OSError, ValueError, KeyError, TypeError, OverflowError):
+            pass  # never served, or the port is taken now: a free one, and new urls
+    server = (server or LoopbackServer(pool_dir, port=port or 0)).start()
     try:
+        (pool_dir / PORT_FILE).write_text(json.dumps({"port": server.port}) + "\n")
         return server, write_url_list(pool_dir, server.base_url)
     except BaseException:
         server.stop()

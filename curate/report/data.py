@@ -23,6 +23,7 @@ from curate.clip.embed import read_image_bytes
 from curate.core.config import ConfigError
 from curate.core.layout import CONCEPT_COUNTS, IMAGES, LEDGER, RECIPE, ledger_files, stage_folder
 from curate.core.operators import load_registry
+from curate.core.runfolder import check_shared
 from curate.io.images import image_column, image_shards
 from curate.io.stats import sql_name
 from curate.runner import read_manifest
@@ -52,7 +53,9 @@ def ledger_glob(run_dir: Path) -> str:
 
 def check_ledger(run_dir: Path) -> None:
     """Stop with a clear error where DuckDB would fail mid-report: a ledger with no
-    Parquet file, or one cut short (a run killed while writing it)."""
+    Parquet file, or one cut short (a run killed while writing it); or a base run whose
+    stages the run shares that is gone."""
+    check_shared(run_dir)
     files = ledger_files(Path(run_dir) / LEDGER)
     if not files:
         raise ConfigError(f"{run_dir}/ledger holds no Parquet file: the run did not finish")

@@ -26,7 +26,7 @@ import yaml
 
 from curate.core.config import ConfigError
 from curate.core.layout import LEDGER, RECIPE, SHARDS, count_rows, ledger_files
-from curate.core.runfolder import claim, remove_tree
+from curate.core.runfolder import check_shared, claim, remove_tree
 from curate.demo.vocab import VOCABULARY
 from curate.train.evaluate import evaluate, read_labels
 
@@ -42,6 +42,7 @@ DIGITS = 4
 def run_info(run: Path) -> dict:
     """Name, recipe, pool and kept rows of a ``curate run`` folder whose shards hold images."""
     run = Path(run)
+    check_shared(run)
     shards = sorted((run / SHARDS).glob("shard-*.parquet"))
     if not shards:
         tars = sorted((run / SHARDS).glob("shard-*.tar"))
