@@ -39,6 +39,7 @@ from curate.core.runfolder import (
     RunFolderError,
     check_shared,
     claim,
+    forget_missing,
     reading,
     remove_tree,
     run_folder_of,
@@ -314,6 +315,7 @@ def _run_claimed(
     (run_dir / RECIPE).write_text(yaml.safe_dump(recipe.resolved(), sort_keys=False))
     digests = _plan_digests(recipe, input_path)
     stage_dirs = [stage_folder(run_dir, i, s.name, s.folder) for i, s in enumerate(recipe.stages)]
+    forget_missing(run_dir)
     _drop_stale_links(run_dir, recipe, stage_dirs, digests)
     check_shared(run_dir)
     manifests = [read_manifest(d) for d in stage_dirs]

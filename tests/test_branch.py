@@ -5,6 +5,7 @@ Real downloads from the served demo pool, a real curate-tiny model, the CLI in-p
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -123,8 +124,10 @@ def test_a_second_recipe_downloads_and_embeds_nothing_it_shares(
     for shard in sorted((alone / SHARDS).glob("shard-*.parquet")):
         assert (branch / SHARDS / shard.name).read_bytes() == shard.read_bytes()
 
-    # Everything else reads a branch as any run.
+    # Everything else reads a branch as any run; its report says what was shared.
+    assert f"download (shared with {base_run})" in (branch / "report.md").read_text()
     assert main(["report", str(branch)]) == 0
+    assert f"clip (shared with {base_run})" in (branch / "report.md").read_text()
     assert main(["inspect", str(branch)]) == 0
     assert main(["export-uids", str(branch), "--output", str(tmp_path / "uids.npy")]) == 0
     exported = tmp_path / "exported"
@@ -137,7 +140,12 @@ def test_a_finished_branch_resumes_and_a_changed_stage_is_its_own(served_pool, b
     branch = tmp_path / "branch"
     base_files = files_of(base_run)
     assert cli_run(recipe, served_pool.urls_path, branch, "--from", str(base_run)) == 0
+    # A run killed between recording a link and making it left a record: dropped.
+    links = json.loads((branch / "links.json").read_text())
+    links["stages/03_filter"] = {**links["images"], "hash": "0" * 16}
+    (branch / "links.json").write_text(json.dumps(links))
     again = run_recipe(load_recipe(str(recipe)), served_pool.urls_path, branch, engine="local")
+    assert "stages/03_filter" not in json.loads((branch / "links.json").read_text())
     assert [s.shared_from is not None for s in again.stages] == [True] * 3 + [False] * 2
     assert all(s.skipped for s in again.stages)
 

@@ -1,8 +1,9 @@
 """notebooks/inspect.ipynb, executed headless (nbclient, kernel python3) against a real run.
 
-The run is tests/test_report.py's (made once per session): the demo pool downloaded,
-filtered, CLIP-scored, deduplicated, balanced and sharded, so every cell of the
-notebook has something to show.
+The run shares every stage of tests/test_report.py's run (made once per session:
+the demo pool downloaded, filtered, CLIP-scored, deduplicated, balanced and sharded,
+so every cell of the notebook has something to show) through ``--from``: its stage
+folders, images, embeddings and shards are links into that run.
 """
 
 from __future__ import annotations
@@ -14,7 +15,11 @@ import duckdb
 import nbformat
 import pytest
 from nbclient import NotebookClient
-from test_report import demo_run
+from test_report import STAGES, demo_run
+
+from curate.core.recipe import recipe_from_data
+from curate.report.build import write_report
+from curate.runner import run_recipe
 
 NOTEBOOK = Path(__file__).resolve().parent.parent / "notebooks" / "inspect.ipynb"
 #: Appended to the executed copy only: what the notebook's variables ended up as.
@@ -33,7 +38,13 @@ print("PROBE " + json.dumps({
 
 @pytest.fixture
 def run(served_pool, tmp_path_factory) -> Path:
-    return demo_run(served_pool, tmp_path_factory)[0]
+    base = demo_run(served_pool, tmp_path_factory)[0]
+    branch = tmp_path_factory.mktemp("notebook") / "run"
+    recipe = recipe_from_data({"name": "report_test", "stages": STAGES}, {}, "inline")
+    result = run_recipe(recipe, served_pool.urls_path, branch, engine="local", base=base)
+    assert all(stage.shared_from == str(base) for stage in result.stages)
+    write_report(recipe, result)
+    return branch
 
 
 def test_the_notebook_is_stored_without_outputs():

@@ -281,11 +281,13 @@ def share(run: Path, name: str, target: Path, digest: str) -> None:
         unshare(run, name)
     else:
         remove_tree(link, run)
-    link.parent.mkdir(parents=True, exist_ok=True)
-    link.symlink_to(real, target_is_directory=True)
+    # Recorded before it is made: a run killed in between leaves a record without a link,
+    # which the next run drops (``forget_missing``), never a link nobody recorded.
     links = shared_links(run)
     links[name] = {"target": str(real), "base": str(base), "hash": digest}
     _save_links(run, links)
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(real, target_is_directory=True)
 
 
 def unshare(run: Path, name: str) -> None:
@@ -299,6 +301,14 @@ def unshare(run: Path, name: str) -> None:
     os.unlink(link)
     del links[name]
     _save_links(run, links)
+
+
+def forget_missing(run: Path) -> None:
+    """Drop the records of links that were never made (a run killed while sharing)."""
+    links = shared_links(run)
+    kept = {name: link for name, link in links.items() if (Path(run) / name).is_symlink()}
+    if kept != links:
+        _save_links(Path(run), kept)
 
 
 def check_shared(run: Path) -> None:

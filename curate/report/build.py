@@ -26,7 +26,7 @@ from curate.core.config import ConfigError
 from curate.core.layout import FIGURES, LEDGER, RECIPE, UIDS
 from curate.core.operators import load_registry
 from curate.core.recipe import Recipe
-from curate.core.runfolder import claim, remove_tree
+from curate.core.runfolder import claim, remove_tree, shared_links
 from curate.io.submission import kept_uids, write_uids
 from curate.report.data import (
     LEDGER_SQL,
@@ -168,7 +168,10 @@ def stage_rows(stages: list[StageResult]) -> Table:
     for s in stages:
         handled = max(s.rows_in, s.rows_out)
         rate = f"{handled / s.seconds:,.0f}" if s.seconds > 0 and handled else ""
-        name = f"{s.name} (resumed)" if s.skipped else s.name
+        if s.shared_from:
+            name = f"{s.name} (shared with {s.shared_from})"
+        else:
+            name = f"{s.name} (resumed)" if s.skipped else s.name
         rows.append([name, s.kind, s.rows_in, s.rows_out, f"{s.seconds:.2f}", rate])
     return Table(
         ["stage", "kind", "rows in", "rows out", "seconds", "rows/s"], rows, right={2, 3, 4, 5}
@@ -349,13 +352,15 @@ def _finish(resolved: dict, source: str, result: RunResult) -> tuple[dict, int]:
 
 def finished_stages(run_dir: Path) -> list[StageResult]:
     """What each finished stage of a run did, from its ``_SUCCESS`` manifest (in recipe order)."""
-    results = []
+    results, links = [], shared_links(run_dir)
     for _, folder in stage_folders(run_dir):
         m = read_manifest(folder)
         if not m:  # not finished
             continue
         numbers = [m[k] for k in ("stage", "kind", "seconds", "rows_in", "rows_out")]
-        results.append(StageResult(*numbers, skipped=False, counters=m.get("counters", {})))
+        shared = links.get(folder.relative_to(run_dir).as_posix(), {}).get("base")
+        results.append(StageResult(*numbers, skipped=False, counters=m.get("counters", {}),
+                                   shared_from=shared))  # fmt: skip
     return results
 
 
