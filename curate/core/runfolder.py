@@ -121,6 +121,18 @@ def _describe(text: str) -> str:
         return "a process that left no description"
 
 
+def _lock(handle, mode: int, what: str) -> None:
+    """``flock`` the open lock file without waiting; taken, an error naming its holder."""
+    try:
+        fcntl.flock(handle, mode | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        raise RunFolderError(
+            f"{what} is in use by another curate run ({_describe(handle.read())}); "
+            "wait for it to finish or stop it"
+        ) from None
+
+
 @contextlib.contextmanager
 def claim(folder: Path, kind: str = "run", input_path: Path | None = None) -> Iterator[Path]:
     """Hold ``folder`` (created and marked as ``kind`` if new) for this process alone.
@@ -143,14 +155,7 @@ def claim(folder: Path, kind: str = "run", input_path: Path | None = None) -> It
     _mark(folder, kind)
     handle = open(folder / LOCK, "a+")  # noqa: SIM115 (held until the claim ends)
     try:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            raise RunFolderError(
-                f"{folder} is in use by another curate run ({_describe(handle.read())}); "
-                "wait for it to finish or stop it"
-            ) from None
+        _lock(handle, fcntl.LOCK_EX, str(folder))
         handle.seek(0)
         left = handle.read().strip()
         if left:
@@ -329,12 +334,5 @@ def reading(bases: list[Path]) -> Iterator[None]:
     with contextlib.ExitStack() as stack:
         for base in sorted(set(bases)):
             handle = stack.enter_context(open(Path(base) / LOCK, "a+"))
-            try:
-                fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except BlockingIOError:
-                handle.seek(0)
-                raise RunFolderError(
-                    f"the base run {base} is in use by another curate run "
-                    f"({_describe(handle.read())}); wait for it to finish"
-                ) from None
+            _lock(handle, fcntl.LOCK_SH, f"the base run {base}")
         yield
