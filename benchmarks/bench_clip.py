@@ -35,6 +35,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from curate.core.runfolder import claim
 from curate.core.stage import StageContext
 from curate.engine import open_engine
 from curate.io.images import write_index
@@ -58,6 +59,8 @@ def _jpeg(seed: int) -> bytes:
 def write_run(run: Path, n: int, per_shard: int = 10_000) -> None:
     """images/NNNNN.parquet (uid, jpg) and a one-file ledger, as after the download stage."""
     distinct = [_jpeg(i) for i in range(64)]  # decoding cost is per image, not per distinct one
+    with claim(run, "run"):  # a run folder: the clip stage replaces its embeddings/ only there
+        pass
     (run / "images").mkdir(parents=True)
     (run / "ledger_in").mkdir()
     uids = [f"{i:032x}" for i in range(n)]
