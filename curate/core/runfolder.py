@@ -118,7 +118,7 @@ def _describe(text: str) -> str:
         h = json.loads(text)
         return f"pid {h['pid']} on {h['host']}, started {h['started']}: {h['command']}"
     except (ValueError, KeyError, TypeError):
-        return "a process that left no description"
+        return "a process that left no description, such as a run that shares its stages (--from)"
 
 
 def _lock(handle, mode: int, what: str) -> None:
