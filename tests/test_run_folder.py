@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -81,6 +82,54 @@ def test_remove_tree_stays_inside_a_folder_curate_marked(tmp_path):
         assert not (run / "stages").exists()
         remove_tree(run / "never-made", run)  # nothing there: nothing to do
     assert_intact(outside)
+
+
+def test_shared_folders_are_links_curate_records_and_removes_as_links(tmp_path):
+    """``--from``'s links: made into another run only, removed as links (the base stays),
+    recorded in links.json, whose damage is an error rather than a crash."""
+    from curate.core.runfolder import (
+        LINKS,
+        check_shared,
+        forget_missing,
+        share,
+        shared_links,
+        unshare,
+    )
+
+    base, run = tmp_path / "base", tmp_path / "run"
+    with claim(base):
+        (base / "images").mkdir()
+        (base / "images" / "0.parquet").write_text("bytes")
+    with claim(run):
+        (run / "images").mkdir()  # the run's own folder of that name: replaced
+        share(run, "images", base / "images", "h1")
+        assert (run / "images").is_symlink() and (run / "images" / "0.parquet").is_file()
+        home = base.resolve()
+        expected = {"target": str(home / "images"), "base": str(home), "hash": "h1"}
+        assert shared_links(run) == {"images": expected}
+        with pytest.raises(RunFolderError, match="not inside a curate run folder"):
+            share(run, "stages/01_x", victim(tmp_path), "h2")
+        with pytest.raises(RunFolderError, match="symbolic link"):
+            remove_tree(run / "images", run)  # only unshare removes it
+        unshare(run, "images")
+        assert not (run / "images").exists() and (base / "images" / "0.parquet").is_file()
+        (run / "elsewhere").symlink_to(base / "images")
+        with pytest.raises(RunFolderError, match="did not make"):
+            unshare(run, "elsewhere")
+
+        share(run, "images", base / "images", "h1")
+        (run / LINKS).write_text(
+            json.dumps({**shared_links(run), "embeddings": shared_links(run)["images"]})
+        )
+        forget_missing(run)  # a record whose link was never made (a kill in between)
+        assert list(shared_links(run)) == ["images"]
+        shutil.rmtree(base / "images")
+        with pytest.raises(RunFolderError, match=f"shared with the base run {base.resolve()}"):
+            check_shared(run)
+        for damaged in ("[1, 2]", '{"images": {"target": 1}}', "{not json"):
+            (run / LINKS).write_text(damaged)
+            with pytest.raises(RunFolderError, match=LINKS):
+                shared_links(run)
 
 
 def test_scratch_and_staged_delete_only_their_own_folders(tmp_path):

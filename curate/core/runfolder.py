@@ -256,12 +256,25 @@ def run_folder_of(path: Path) -> Path | None:
 
 def shared_links(run: Path) -> dict[str, dict]:
     """The links ``run`` made to base runs: its folder name → {"target", "base", "hash"}."""
+    path = Path(run) / LINKS
     try:
-        return json.loads((Path(run) / LINKS).read_text())
+        links = json.loads(path.read_text())
     except FileNotFoundError:
         return {}
     except (OSError, ValueError) as exc:
-        raise RunFolderError(f"{Path(run) / LINKS}: unreadable ({exc}); remove the run") from exc
+        raise RunFolderError(
+            f"{path}: unreadable ({exc}); delete the run and start it again"
+        ) from exc
+    fields = {"target", "base", "hash"}
+    if not isinstance(links, dict) or not all(
+        isinstance(name, str)
+        and isinstance(link, dict)
+        and fields <= link.keys()
+        and all(isinstance(link[f], str) for f in fields)
+        for name, link in links.items()
+    ):
+        raise RunFolderError(f"{path}: not what curate writes; delete the run and start it again")
+    return links
 
 
 def _save_links(run: Path, links: dict[str, dict]) -> None:
