@@ -39,8 +39,8 @@ from curate.core.runfolder import (
     RunFolderError,
     check_shared,
     claim,
-    forget_missing,
     reading,
+    refresh_links,
     remove_tree,
     run_folder_of,
     share,
@@ -244,11 +244,14 @@ def _check_base(base: Path, run_dir: Path) -> Path:
 
 
 def _bases(run_dir: Path, base: Path | None) -> list[Path]:
-    """The runs whose folders this run reads: ``base``, and those it or the run link to."""
+    """The runs whose folders this run reads: ``base``, and those it or the run link to
+    (a base that is gone is reported later)."""
     runs = [base] if base is not None else []
-    links = [*shared_links(run_dir).values(), *(shared_links(base).values() if base else [])]
-    runs += [Path(link["base"]) for link in links]
-    return [r for r in runs if run_folder_of(r) == r]  # a base that is gone is reported later
+    for run in [*runs, run_dir]:
+        links = [run / name for name in shared_links(run)]
+        runs += [run_folder_of(link.resolve()) for link in links if link.is_symlink()]
+    mine = run_dir.resolve()
+    return [r for r in runs if r is not None and r.resolve() != mine]
 
 
 def _folders(stage: Stage, run_dir: Path, stage_dir: Path) -> list[str]:
@@ -315,7 +318,7 @@ def _run_claimed(
     (run_dir / RECIPE).write_text(yaml.safe_dump(recipe.resolved(), sort_keys=False))
     digests = _plan_digests(recipe, input_path)
     stage_dirs = [stage_folder(run_dir, i, s.name, s.folder) for i, s in enumerate(recipe.stages)]
-    forget_missing(run_dir)
+    refresh_links(run_dir)
     _drop_stale_links(run_dir, recipe, stage_dirs, digests)
     check_shared(run_dir)
     manifests = [read_manifest(d) for d in stage_dirs]

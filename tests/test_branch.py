@@ -160,10 +160,15 @@ def test_a_finished_branch_resumes_and_a_changed_stage_is_its_own(served_pool, b
 
 
 def test_a_base_that_is_gone_or_changed_is_named(served_pool, tmp_path):
-    base, branch = tmp_path / "base", tmp_path / "branch"
+    base, branch = tmp_path / "pair" / "base", tmp_path / "pair" / "branch"
     recipe = load_recipe(str(write(tmp_path, "base", BASE)))
     run_recipe(recipe, served_pool.urls_path, base, engine="local")
     run_recipe(recipe, served_pool.urls_path, branch, engine="local", base=base)
+    # Moved together (to another disk, say), the two still share.
+    (tmp_path / "pair").rename(tmp_path / "moved")
+    base, branch = tmp_path / "moved" / "base", tmp_path / "moved" / "branch"
+    moved = run_recipe(recipe, served_pool.urls_path, branch, engine="local")
+    assert all(s.skipped and s.shared_from for s in moved.stages)
 
     # Re-run with other download settings, the base no longer holds what the branch shares.
     other = load_recipe(str(write(tmp_path, "other", BASE)), ["download.image_size=48"])

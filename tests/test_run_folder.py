@@ -90,7 +90,7 @@ def test_shared_folders_are_links_curate_records_and_removes_as_links(tmp_path):
     from curate.core.runfolder import (
         LINKS,
         check_shared,
-        forget_missing,
+        refresh_links,
         share,
         shared_links,
         unshare,
@@ -121,7 +121,7 @@ def test_shared_folders_are_links_curate_records_and_removes_as_links(tmp_path):
         (run / LINKS).write_text(
             json.dumps({**shared_links(run), "embeddings": shared_links(run)["images"]})
         )
-        forget_missing(run)  # a record whose link was never made (a kill in between)
+        refresh_links(run)  # a record whose link was never made (a kill in between)
         assert list(shared_links(run)) == ["images"]
         shutil.rmtree(base / "images")
         with pytest.raises(RunFolderError, match=f"shared with the base run {base.resolve()}"):

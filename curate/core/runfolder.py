@@ -300,12 +300,13 @@ def share(run: Path, name: str, target: Path, digest: str) -> None:
     else:
         remove_tree(link, run)
     # Recorded before it is made: a run killed in between leaves a record without a link,
-    # which the next run drops (``forget_missing``), never a link nobody recorded.
+    # which the next run drops (``refresh_links``), never a link nobody recorded.
     links = shared_links(run)
     links[name] = {"target": str(real), "base": str(base), "hash": digest}
     _save_links(run, links)
     link.parent.mkdir(parents=True, exist_ok=True)
-    link.symlink_to(real, target_is_directory=True)
+    # Relative: a run and its base moved together (to a bigger disk) still share.
+    link.symlink_to(os.path.relpath(real, link.parent.resolve()), target_is_directory=True)
 
 
 def unshare(run: Path, name: str) -> None:
@@ -321,12 +322,21 @@ def unshare(run: Path, name: str) -> None:
     _save_links(run, links)
 
 
-def forget_missing(run: Path) -> None:
-    """Drop the records of links that were never made (a run killed while sharing)."""
+def refresh_links(run: Path) -> None:
+    """Bring ``links.json`` up to date: drop the records of links never made (a run killed
+    while sharing), and name where each link leads now (the runs may have moved)."""
+    run = Path(run)
     links = shared_links(run)
-    kept = {name: link for name, link in links.items() if (Path(run) / name).is_symlink()}
-    if kept != links:
-        _save_links(Path(run), kept)
+    fresh = {}
+    for name, link in links.items():
+        path = run / name
+        if not path.is_symlink():
+            continue
+        real = path.resolve()
+        base = run_folder_of(real) if real.is_dir() else None
+        fresh[name] = {**link, "target": str(real), "base": str(base)} if base else link
+    if fresh != links:
+        _save_links(run, fresh)
 
 
 def check_shared(run: Path) -> None:
