@@ -294,8 +294,7 @@ def _share(base: Path, recipe: Recipe, run_dir: Path, stage_dirs: list, digests:
     return names
 
 
-def _base_changed(run_dir: Path, stage: Stage, name: str, why: str) -> RunFolderError:
-    link = shared_links(run_dir)[name]
+def _base_changed(stage: Stage, link: dict, why: str) -> RunFolderError:
     return RunFolderError(
         f"stage {stage.name} is shared with the base run {link['base']}, whose {why}: this "
         "run still needs it as it was. Re-run the base with the recipe it had, or delete "
@@ -318,16 +317,16 @@ def _run_claimed(
     (run_dir / RECIPE).write_text(yaml.safe_dump(recipe.resolved(), sort_keys=False))
     digests = _plan_digests(recipe, input_path)
     stage_dirs = [stage_folder(run_dir, i, s.name, s.folder) for i, s in enumerate(recipe.stages)]
+    own = [d.relative_to(run_dir).as_posix() for d in stage_dirs]  # names of stage folders
     refresh_links(run_dir)
     _drop_stale_links(run_dir, recipe, stage_dirs, digests)
     check_shared(run_dir)
     manifests = [read_manifest(d) for d in stage_dirs]
     done = [m.get("hash") == h for m, h in zip(manifests, digests)]
     linked = shared_links(run_dir)
-    for stage, stage_dir, ok in zip(recipe.stages, stage_dirs, done):
-        name = _folders(stage, run_dir, stage_dir)[0]
+    for stage, name, ok in zip(recipe.stages, own, done):
         if name in linked and not ok:  # the link is this recipe's, the folder is not
-            raise _base_changed(run_dir, stage, name, f"{name} was run again since")
+            raise _base_changed(stage, linked[name], f"{name} was run again since")
     # A stage that re-runs invalidates everything after it, whatever is on disk.
     for i in range(1, len(done)):
         done[i] = done[i] and done[i - 1]
@@ -345,9 +344,8 @@ def _run_claimed(
         if damaged:
             (name, why), more = damaged[0], len(damaged) - 1
             reasons[i] = f"{name} {why}" + (f" (and {more} more files)" if more else "")
-            if _folders(stage, run_dir, stage_dir)[0] in linked:  # never repaired from here
-                raise _base_changed(run_dir, stage, _folders(stage, run_dir, stage_dir)[0],
-                                    f"file {reasons[i]}")  # fmt: skip
+            if own[i] in linked:  # never repaired from here
+                raise _base_changed(stage, linked[own[i]], f"file {reasons[i]}")
             _say(f"stage {stage.name}: {reasons[i]}; running it again from its input")
             for name, _ in damaged:
                 if not (run_dir / name).is_relative_to(stage_dir):
@@ -403,7 +401,7 @@ def _run_claimed(
                     m["rows_out"],
                     skipped=True,
                     counters=m.get("counters", {}),
-                    shared_from=linked.get(_folders(stage, run_dir, stage_dir)[0], {}).get("base"),
+                    shared_from=linked.get(own[i], {}).get("base"),
                 )
             else:
                 ctx = first if i == 0 else context(i, files, schema, engine)

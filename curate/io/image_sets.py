@@ -15,9 +15,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curate.core.config import ConfigError
+from curate.io import images
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-IMAGE_COLUMNS = ("image", "jpg", "png", "webp")
+#: A set's image column: ``image``, or one a download's image shards have.
+IMAGE_COLUMNS = ("image", *images.IMAGE_COLUMNS)
 VECTOR_COLUMNS = ("image_embedding", "embedding")
 
 

@@ -134,9 +134,6 @@ class UidSet:
         """The uids of a DataComp uid file."""
         return cls(_keys(load_pairs(path)))
 
-    def __len__(self) -> int:
-        return len(self.keys)
-
     def contains(self, uids: pa.Array | pa.ChunkedArray) -> np.ndarray:
         """Which of ``uids`` are in the set, as a bool array."""
         return is_member(self.keys_of(uids), self.keys)

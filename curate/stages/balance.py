@@ -91,7 +91,6 @@ class BalanceStage(MapStage):
             p = self.t / np.maximum(matches, self.t)
             (self.output_dir / STATS).mkdir()
             np.savez(self.output_dir / STATS / DRAWS, p=p, seed=ctx.seed)
-            jobs = [(self, path, keep) for path, keep in zip(ctx.input_files, saved)]
             decided = ctx.engine.map_items(_kept_in_file, jobs, f"{self.name}: decide")
             kept = np.sum(decided, axis=0, dtype=np.int64) if decided else np.zeros(n_concepts)
         table = pa.table({"concept": self._matcher.names, "matches": matches, "p": p, "kept": kept})

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 from curate.core.config import ConfigError
 from curate.core.filtering import FilterSet
-from curate.core.layout import CHECKPOINTS, IMAGES, count_rows
+from curate.core.layout import CHECKPOINTS, IMAGES, count_rows, ledger_files
 from curate.core.operators import DEFAULT_SET, Filter
 from curate.core.runfolder import remove_tree
 from curate.core.stage import Stage, StageContext, register_stage
@@ -135,7 +135,7 @@ class BootstrapStage(Stage):
                             engine=ctx.engine)  # fmt: skip
         chooser.plan(plan)
         ctx.engine.map_files(chooser, ctx.input_files, out)
-        return sorted(out.glob("*.parquet"))
+        return ledger_files(out)
 
     def _chooser(self) -> FilterSet:
         """The filter set that picks the training rows."""
