@@ -210,10 +210,16 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from curate.train.evaluate import eval_table, evaluate
+    from curate.train.evaluate import check_checkpoint, eval_table, evaluate
 
-    result = evaluate(Path(args.ckpt), Path(args.eval_set), args.device, args.batch_size)
-    print(f"curate eval: {args.ckpt} on {args.eval_set} ({result['images']:,} images)\n")
+    if args.ckpt:
+        check_checkpoint(Path(args.ckpt))
+    model = args.ckpt or args.model
+    result = evaluate(
+        model, Path(args.tasks), args.pretrained, args.device, args.batch_size, progress=True
+    )
+    weights = f" ({args.pretrained})" if args.pretrained else ""
+    print(f"curate eval: {model}{weights} on {args.tasks}\n")
     print(eval_table(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
@@ -233,11 +239,17 @@ def _compare(args: argparse.Namespace) -> int:
         f" {config.samples_seen:,} samples seen, seeds {seeds} → {args.out}",
         flush=True,
     )
-    rows = compare(runs, Path(args.eval_set), config, Path(args.out), args.seeds, progress=True)
+    rows = compare(runs, Path(args.tasks), config, Path(args.out), args.seeds, progress=True)
     print()
     print(compare_table(rows))
     print(f"\ntable: {Path(args.out) / 'compare.md'}   rows: {Path(args.out) / 'compare.json'}")
     return 0
+
+
+TASKS_HELP = (
+    "a suite YAML (a list of tasks), a folder holding suite.yaml (e.g. POOL/eval), "
+    "or one task: a webdataset or ImageNet-style folder, or a retrieval .parquet/.csv"
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -344,9 +356,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="autocast on CUDA (default bf16); CPU is fp32")  # fmt: skip
     train.set_defaults(func=_train)
 
-    ev = sub.add_parser("eval", help="zero-shot accuracy and retrieval recall of a checkpoint")
-    ev.add_argument("--ckpt", required=True, help="a checkpoint folder (`curate train` writes one)")
-    ev.add_argument("--eval-set", required=True, help="a labelled eval set, e.g. POOL/eval")
+    ev = sub.add_parser(
+        "eval", help="zero-shot classification and retrieval of a model on evaluation tasks"
+    )
+    which = ev.add_mutually_exclusive_group(required=True)
+    which.add_argument("--ckpt", help="a checkpoint folder (`curate train` writes one)")
+    which.add_argument("--model", help="an open_clip architecture, e.g. ViT-B-32")
+    ev.add_argument("--pretrained", help="with --model: a pretrained tag or a local weights file")
+    ev.add_argument("--tasks", "--eval-set", required=True, help=TASKS_HELP)
     ev.add_argument("--json", default=None, help="also write the results to this JSON file")
     ev.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     ev.add_argument("--batch-size", type=int, default=128, help="images per forward pass")
@@ -356,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
         "compare", help="train the same model with the same budget on each run's shards; tabulate"
     )
     cmp.add_argument("runs", nargs="+", help="run folders whose shards hold images")
-    cmp.add_argument("--eval-set", required=True, help="a labelled eval set, e.g. POOL/eval")
+    cmp.add_argument("--tasks", "--eval-set", required=True, help=TASKS_HELP)
     cmp.add_argument("--out", required=True, help="folder for checkpoints, compare.md and .json")
     cmp.add_argument("--config", default="tiny", help="model: tiny or an open_clip name")
     cmp.add_argument("--samples-seen", type=int, default=None, help="budget (default 20000)")

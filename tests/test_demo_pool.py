@@ -85,8 +85,9 @@ def test_same_seed_same_bytes_another_seed_other_bytes(tmp_path):
     b = tree(generate_pool(tmp_path / "b", size=150, seed=5, eval_size=24))
     c = tree(generate_pool(tmp_path / "c", size=150, seed=6, eval_size=24))
     assert a == b
-    assert "manifest.json" in a and "eval/labels.parquet" in a
-    for name in ("pairs.parquet", "manifest.json", "images/000000.jpg", "eval/labels.parquet"):
+    assert "manifest.json" in a and "eval/labels.parquet" in a and "eval/suite.yaml" in a
+    files = ("pairs.parquet", "manifest.json", "images/000000.jpg", "eval/labels.parquet")
+    for name in (*files, "eval/shape/test/0.tar", "eval/retrieval.parquet"):
         assert c.get(name) != a[name], name
 
 

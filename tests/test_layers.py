@@ -16,8 +16,8 @@ PACKAGE = ROOT / "curate"
 #: Lower imports nothing higher; packages of one layer do not import each other.
 LAYERS = [
     ["core"],  # config, registry, recipe, operators, stage base, schema, run-folder layout
-    ["io", "text", "demo"],  # readers and formats; caption text; the bundled demo pool
-    ["download", "clip", "dedup"],  # the crawler; CLIP models and vectors; dedup decisions
+    ["io", "text"],  # readers and formats; caption text
+    ["download", "clip", "dedup", "demo"],  # crawler; CLIP models; dedup; the demo pool
     ["train"],  # shards, trainer, evaluation, compare
     ["annotators", "filters"],
     ["stages"],  # thin adapters of the libraries below to the recipe

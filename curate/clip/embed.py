@@ -196,6 +196,16 @@ class Embedder:
             out = torch.nn.functional.normalize(out.float(), dim=-1)
         return out.cpu().numpy()
 
+    def images(self, crops: np.ndarray) -> np.ndarray:
+        """uint8 crops (N × S × S × 3) → unit image vectors (N × D, float32)."""
+        x = self._to_device(crops).permute(0, 3, 1, 2).float().div(255)
+        return self._encode(self.model.encode_image, x.sub_(self.mean).div_(self.std))
+
+    def texts(self, tokens: np.ndarray) -> np.ndarray:
+        """Token ids (N × context) → unit text vectors (N × D, float32)."""
+        ids = self.torch.from_numpy(tokens.astype(np.int64)).to(self.device)
+        return self._encode(self.model.encode_text, ids)
+
     def embed_chunk(self, chunk: dict) -> pa.Table:
         errors = chunk["errors"]
         n = len(errors)
@@ -204,16 +214,11 @@ class Embedder:
         image = np.zeros((n, self.dim), np.float32)
         if has_image.any():
             crops = np.frombuffer(chunk["pixels"], np.uint8)
-            crops = crops.reshape(-1, self.size, self.size, 3)
-            x = self._to_device(crops).permute(0, 3, 1, 2).float().div(255)
-            image[has_image] = self._encode(
-                self.model.encode_image, x.sub_(self.mean).div_(self.std)
-            )
+            image[has_image] = self.images(crops.reshape(-1, self.size, self.size, 3))
         text = np.zeros((n, self.dim), np.float32)
         if has_text.any():
             tokens = np.frombuffer(chunk["tokens"], np.int32).reshape(n, chunk["context"])
-            ids = self.torch.from_numpy(tokens[has_text].astype(np.int64)).to(self.device)
-            text[has_text] = self._encode(self.model.encode_text, ids)
+            text[has_text] = self.texts(tokens[has_text])
         both = has_image & has_text
         score = np.einsum("ij,ij->i", image, text).astype(np.float32)
         return pa.table(

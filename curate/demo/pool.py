@@ -10,7 +10,9 @@
   per row (see ``_entry``);
 - ``eval/images/*.jpg`` + ``eval/labels.parquet`` — a clean, shape-balanced
   held-out set from its own seed stream: path, one column per ``VOCABULARY``
-  attribute, and the caption (for retrieval).
+  attribute, and the caption; written again as evaluation tasks (one per
+  attribute, and caption retrieval) listed in ``eval/suite.yaml``
+  (``curate.demo.tasks``).
 
 The same seed gives byte-identical files: rows are planned in one process
 (``plan.py``) and each file is a pure function of its row, so rendering is
@@ -38,6 +40,7 @@ from curate.core.schema import stable_uid
 from curate.demo import draw
 from curate.demo.plan import DEFECTS, DefectRates, Row, plan_eval, plan_pool
 from curate.demo.serve import RULES_FILE, LoopbackServer
+from curate.demo.tasks import write_tasks
 from curate.demo.vocab import HTML_PAGES, VOCABULARY
 
 EVAL_QUALITY = 90
@@ -177,6 +180,7 @@ def generate_pool(
             "caption": [caption for _, caption in evals],
         }
         pq.write_table(pa.table(labels), work / "eval" / "labels.parquet")
+        write_tasks(work / "eval", labels)
         text = {"Content-Type": "text/plain"}
         failing = {"status": 500, "body": "Internal Server Error", "headers": text}
         rules = {f"/{r.path}": failing for r in rows if r.defect == "server_error"}

@@ -4,8 +4,10 @@ This is DataComp's protocol in miniature: the training recipe and the budget of
 samples seen are fixed, so any difference in the table comes from the data each
 curation run kept. Each run's shards train one checkpoint per seed into
 ``OUT/RUN/ckpt`` (``OUT/RUN/seed-S/ckpt`` with several seeds), which
-``curate.train.evaluate`` scores on the eval set; the rows go to ``OUT/compare.json``
-and, as a DataComp-style table, to ``OUT/compare.md``.
+``curate.train.evaluate`` scores on the tasks (the demo pool's ``POOL/eval``, or a
+suite of real benchmarks); the rows go to ``OUT/compare.json`` and, as a
+DataComp-style table with one column per task and their average, to
+``OUT/compare.md``.
 
 With several seeds a row holds the mean of each metric and its sample standard
 deviation (``<metric>_std``): a gap between two runs means something only when
@@ -27,15 +29,13 @@ import yaml
 from curate.core.config import ConfigError
 from curate.core.layout import LEDGER, RECIPE, SHARDS, count_rows, ledger_files
 from curate.core.runfolder import check_shared, claim, remove_tree
-from curate.demo.vocab import VOCABULARY
-from curate.train.evaluate import evaluate, read_labels
+from curate.io.eval_tasks import Task, read_tasks
+from curate.train.evaluate import evaluate
 
 if TYPE_CHECKING:
     from curate.train.trainer import TrainConfig
 
-#: What a per-seed entry holds besides its metrics.
-FACTS = ("seed", "checkpoint", "samples_seen", "train_seconds")
-#: Metrics are fractions of 120–480 eval images: four decimals say all there is.
+#: Metrics are fractions of at most a few thousand eval images: four decimals say all there is.
 DIGITS = 4
 
 
@@ -73,36 +73,40 @@ def run_info(run: Path) -> dict:
 
 
 def _flatten(result: dict) -> dict:
-    """One evaluation's numbers under the row's column names."""
-    row = {"zeroshot_acc": result["zeroshot_acc"]}
-    for attribute, z in result["zeroshot"].items():
-        row[f"acc_{attribute}"] = z["accuracy"]
-    row["recall_at_1"], row["recall_at_5"] = result["recall_at_1"], result["recall_at_5"]
-    for prefix, key in (("i2t", "image_to_text"), ("t2i", "text_to_image")):
-        for name, value in result["retrieval"][key].items():
-            row[f"{prefix}_{name}"] = value
-    return {k: round(v, DIGITS) for k, v in row.items()}
+    """One evaluation's numbers as a row holds them: each task's score, and their average."""
+    tasks = result["tasks"].items()
+    scores = {name: round(r["score"], DIGITS) for name, r in tasks}
+    chance = {name: round(r["chance"], DIGITS) for name, r in tasks}
+    return {"scores": scores, "average": round(result["average"], DIGITS), "chance": chance}
 
 
-def _summarise(info: dict, seeds: list[int], per_seed: list[dict]) -> dict:
-    """A run's row: its facts, each metric's mean over seeds and, with several, its spread."""
+def _mean_and_spread(values: list[float]) -> tuple[float, float | None]:
+    mean = round(float(np.mean(values)), DIGITS)
+    return mean, (round(float(np.std(values, ddof=1)), DIGITS) if len(values) > 1 else None)
+
+
+def _summarise(info: dict, seeds: list[int], tasks: list[Task], per_seed: list[dict]) -> dict:
+    """A run's row: its facts, each score's mean over seeds and, with several, its spread."""
     row = {
         **info,
         "samples_seen": per_seed[0]["samples_seen"],
         "seeds": seeds,
         "train_seconds": round(float(np.mean([s["train_seconds"] for s in per_seed])), 1),
+        "metric": {t.name: t.metric for t in tasks},
+        "chance": per_seed[0]["chance"],
+        "scores": {},
+        "scores_std": {},
     }
-    for key in (k for k in per_seed[0] if k not in FACTS):
-        values = [s[key] for s in per_seed]
-        row[key] = round(float(np.mean(values)), DIGITS)
-        spread = round(float(np.std(values, ddof=1)), DIGITS) if len(values) > 1 else None
-        row[f"{key}_std"] = spread
+    for task in tasks:
+        values = [s["scores"][task.name] for s in per_seed]
+        row["scores"][task.name], row["scores_std"][task.name] = _mean_and_spread(values)
+    row["average"], row["average_std"] = _mean_and_spread([s["average"] for s in per_seed])
     row["per_seed"] = per_seed
     return row
 
 
 def _train_and_evaluate(
-    run: Path, out: Path, ckpt: Path, eval_set: Path, config: TrainConfig, progress: bool
+    run: Path, out: Path, ckpt: Path, tasks: Path, config: TrainConfig, progress: bool
 ) -> dict:
     from curate.train.trainer import train
 
@@ -110,7 +114,7 @@ def _train_and_evaluate(
     remove_tree(ckpt, out)
     ckpt.parent.mkdir(parents=True, exist_ok=True)
     metrics = train(run / SHARDS, ckpt, config, progress=progress)
-    result = evaluate(ckpt, eval_set, device=config.device)
+    result = evaluate(str(ckpt), tasks, device=config.device, progress=progress)
     (ckpt.parent / "eval.json").write_text(json.dumps(result, indent=1) + "\n")
     return {
         "seed": config.seed,
@@ -134,23 +138,24 @@ def checked_seeds(seeds: list[int] | None, config: TrainConfig) -> list[int]:
 
 def compare(
     runs: list[Path],
-    eval_set: Path,
+    tasks: Path,
     config: TrainConfig,
     out: Path,
     seeds: list[int] | None = None,
     progress: bool = False,
 ) -> list[dict]:
     """Train ``config`` on each run's shards (once per seed, default ``config.seed``), evaluate
-    on ``eval_set``, write ``out/compare.json`` and ``out/compare.md``; return the rows.
+    on ``tasks`` (a suite, a folder holding one, or one task), write ``out/compare.json`` and
+    ``out/compare.md``; return the rows.
 
-    Every run and the eval set are checked before any training starts, so a typo in
-    the last run name fails at once, not after the first runs have trained.
+    Every run and task is checked before any training starts, so a typo in the last
+    run name fails at once, not after the first runs have trained.
     """
-    runs, eval_set, out = [Path(r) for r in runs], Path(eval_set), Path(out)
+    runs, out = [Path(r) for r in runs], Path(out)
     if not runs:
         raise ConfigError("compare needs at least one run folder")
     seeds = checked_seeds(seeds, config)
-    read_labels(eval_set)
+    chosen = read_tasks(Path(tasks))
     infos = [run_info(r) for r in runs]
     names = [i["run"] for i in infos]
     twice = sorted({n for n in names if names.count(n) > 1})
@@ -169,37 +174,34 @@ def compare(
                     print(f"compare: {info['run']}, seed {seed}", file=sys.stderr, flush=True)
                 per_seed.append(
                     _train_and_evaluate(
-                        run, out, folder / "ckpt", eval_set, replace(config, seed=seed), progress
+                        run, out, folder / "ckpt", tasks, replace(config, seed=seed), progress
                     )
                 )
-            rows.append(_summarise(info, seeds, per_seed))
+            rows.append(_summarise(info, seeds, chosen, per_seed))
 
         (out / "compare.json").write_text(json.dumps(rows, indent=1) + "\n")
         (out / "compare.md").write_text(compare_table(rows) + "\n")
     return rows
 
 
-def _cell(row: dict, key: str) -> str:
-    spread = row.get(f"{key}_std")
-    return f"{row[key]:.3f}" + (f" ± {spread:.3f}" if spread is not None else "")
+def _cell(mean: float, spread: float | None) -> str:
+    return f"{mean:.3f}" + (f" ± {spread:.3f}" if spread is not None else "")
 
 
 def compare_table(rows: list[dict]) -> str:
-    """The rows as a DataComp-style Markdown table, chance levels under it."""
-    attributes = [a for a in VOCABULARY if f"acc_{a}" in rows[0]]
-    chance = {a: 1 / len(VOCABULARY[a]) for a in attributes}
-    head = ["run", "recipe", "pool", "kept", "samples seen", "zero-shot (mean)"]
-    head += [*attributes, "I→T R@1", "T→I R@1", "R@1 (mean)", "R@5 (mean)"]
+    """The rows as a DataComp-style Markdown table: one column per task, then the average."""
+    tasks = list(rows[0]["scores"])
+    head = ["run", "recipe", "pool", "kept", "samples seen", *tasks, "average"]
     lines = ["| " + " | ".join(head) + " |", "| --- | --- |" + " ---: |" * (len(head) - 2)]
     for row in rows:
         cells = [row["run"], row["recipe"] or "", f"{row['pool']:,}", f"{row['kept']:,}"]
-        cells += [f"{row['samples_seen']:,}", _cell(row, "zeroshot_acc")]
-        cells += [_cell(row, f"acc_{a}") for a in attributes]
-        cells += [_cell(row, k) for k in ("i2t_recall_at_1", "t2i_recall_at_1")]
-        cells += [_cell(row, k) for k in ("recall_at_1", "recall_at_5")]
+        cells += [f"{row['samples_seen']:,}"]
+        cells += [_cell(row["scores"][t], row["scores_std"][t]) for t in tasks]
+        cells.append(_cell(row["average"], row["average_std"]))
         lines.append("| " + " | ".join(cells) + " |")
     seeds = rows[0]["seeds"]
     spread = f"mean ± std over seeds {seeds}" if len(seeds) > 1 else f"seed {seeds[0]}"
-    levels = ", ".join(f"{a} {p:.3f}" for a, p in chance.items())
-    lines += ["", f"Same model and budget for every run; {spread}. Chance: {levels}."]
+    chance = rows[0]["chance"]
+    metrics = ", ".join(f"{t} {m} (chance {chance[t]:.3f})" for t, m in rows[0]["metric"].items())
+    lines += ["", f"Same model and budget for every run; {spread}. Metrics: {metrics}."]
     return "\n".join(lines)
