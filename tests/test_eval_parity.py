@@ -93,7 +93,7 @@ def tasks(demo_pool: Path, tmp_path_factory) -> Path:
 
     # Two captions per image: its own, and a shorter one. Each is unique: two images with
     # the same caption tie exactly, and ties are the one place the two may differ.
-    captions = [[r["caption"], f"{r['colour']} {r['shape']}, number {i}"] for i, r in enumerate(labels)]
+    captions = [[r["caption"], f"{r['colour']} {r['shape']} {i}"] for i, r in enumerate(labels)]
     retrieval = root / "retrieval"
     (retrieval / "test").mkdir(parents=True)
     (retrieval / "dataset_type.txt").write_text("retrieval\n")
@@ -134,7 +134,8 @@ def _classification(reference_model, dataset, classes, templates, loader) -> dic
     else:
         (acc1,), acc5 = accuracy(logits, target), None
     pred = logits.argmax(axis=1)
-    return {"acc1": acc1, "acc5": acc5, "mean_per_class_recall": balanced_accuracy_score(target, pred)}
+    recall = balanced_accuracy_score(target, pred)
+    return {"acc1": acc1, "acc5": acc5, "mean_per_class_recall": recall}
 
 
 def _wds_classification(reference_model, folder: Path) -> dict:

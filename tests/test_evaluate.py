@@ -47,9 +47,9 @@ def random_model(tmp_path_factory) -> Path:
 
 
 def _numbers(result: dict) -> list[float]:
-    return [
-        v for r in result["tasks"].values() for v in r.values() if isinstance(v, float)
-    ] + [result["average"]]
+    return [v for r in result["tasks"].values() for v in r.values() if isinstance(v, float)] + [
+        result["average"]
+    ]
 
 
 def test_the_fixture_model_beats_chance_where_it_has_learned(result):

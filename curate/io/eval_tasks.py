@@ -177,7 +177,7 @@ def _tar_samples(task: Task, shards: list[Path]) -> Iterator[Sample]:
             where = f"{shard}: sample {sample['__key__']}"
             image = next((sample[e] for e in WDS_IMAGES if e in sample), None)
             if image is None or want not in sample:
-                missing = "an image (.webp, .png, .jpg, .jpeg)" if image is None else f".{want}"
+                missing = "image (.webp, .png, .jpg or .jpeg)" if image is None else f".{want}"
                 raise ConfigError(f"{where}: no {missing}")
             text = sample[want].decode("utf-8", errors="replace")
             if want == "txt":
@@ -333,7 +333,6 @@ def read_tasks(path: Path) -> list[Task]:
     if twice:
         raise ConfigError(f"{path}: tasks named {', '.join(twice)} twice; give each a name")
     return tasks
-
 
 
 def _tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:

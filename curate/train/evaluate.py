@@ -1,4 +1,4 @@
-"""Zero-shot classification and retrieval of a CLIP model on evaluation tasks, as DataComp scores them.
+"""Zero-shot classification and retrieval of a CLIP model on evaluation tasks, as DataComp's.
 
 DataComp judges a curation choice by what a model trained on its output scores
 downstream: zero-shot ImageNet accuracy and the average over its suite of tasks,
