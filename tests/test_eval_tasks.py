@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import re
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -85,6 +86,29 @@ def test_retrieval_tables_group_captions_by_image(tmp_path):
     table = pa.table({"image": ["b.jpg"], "captions": [["x", "y"]]})
     pq.write_table(table, tmp_path / "lists.parquet")
     assert [s.truth for s in read_task(tmp_path / "lists.parquet").samples()] == [["x", "y"]]
+
+
+def test_a_hugging_face_export_is_a_retrieval_table(tmp_path):
+    """DataComp's Flickr30k and MSCOCO come from Hugging Face (nlphuji/...): an Image
+    column and a list of captions, as ``to_parquet`` saves them."""
+    import datasets
+
+    files = []
+    for i, colour in enumerate(("red", "blue")):
+        Image.new("RGB", (8, 8), colour).save(tmp_path / f"{i}.png")
+        files.append(str(tmp_path / f"{i}.png"))
+    rows = {"image": files, "caption": [["red one", "a red"], ["blue one"]], "img_id": [0, 1]}
+    features = datasets.Features(
+        {
+            "image": datasets.Image(),
+            "caption": datasets.Sequence(datasets.Value("string")),
+            "img_id": datasets.Value("int64"),
+        }
+    )
+    datasets.Dataset.from_dict(rows, features=features).to_parquet(tmp_path / "flickr.parquet")
+    samples = list(read_task(tmp_path / "flickr.parquet").samples())
+    assert [s.truth for s in samples] == [["red one", "a red"], ["blue one"]]
+    assert samples[1].image == (tmp_path / "1.png").read_bytes()
 
 
 def test_a_suite_lists_tasks_relative_to_itself(tmp_path):
@@ -184,7 +208,7 @@ def test_bad_task_files_are_named(tmp_path, file, text, message):
     "table, message",
     [
         ({"image": ["a.jpg"]}, "needs an image column and a caption or captions column"),
-        ({"image": ["a.jpg"], "caption": [None]}, "row 1: needs an image path and caption text"),
+        ({"image": ["a.jpg"], "caption": [None]}, "row 1: needs an image and caption text"),
         ({"image": ["gone.jpg"], "caption": ["x"]}, r"image gone\.jpg: cannot read"),
         ({"image": [], "caption": []}, "no rows"),
     ],
@@ -202,3 +226,21 @@ def test_bad_retrieval_tables_are_named(tmp_path, table, message):
     (tmp_path / "notes.txt").write_text("x")
     with pytest.raises(ConfigError, match=r"a task is a folder, or a \.parquet or \.csv"):
         read_task(tmp_path / "notes.txt")
+
+
+def test_the_bundled_datacomp_suite_reads_once_its_tasks_are_there(tmp_path):
+    """``suites/datacomp.yaml`` beside folders shaped as DataComp's downloads: 31 webdataset
+    tasks, Flickr30k and MSCOCO as tables; each with DataComp's main metric."""
+    suite = Path(__file__).parent.parent / "suites" / "datacomp.yaml"
+    shutil.copy(suite, tmp_path / "datacomp.yaml")
+    for line in suite.read_text().splitlines():
+        if line.startswith("- path: wds_"):
+            _classification(tmp_path / line.removeprefix("- path: "), labels=[0])
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.jpg")
+    for table in ("flickr_1k.parquet", "mscoco_5k.parquet"):
+        pq.write_table(pa.table({"image": ["a.jpg"], "caption": ["x"]}), tmp_path / table)
+    tasks = {t.name: t for t in read_tasks(tmp_path / "datacomp.yaml")}
+    assert len(tasks) == 33 and tasks["imagenet1k"].metric == "acc1"
+    assert tasks["flickr30k"].metric == tasks["mscoco"].metric == "mean_recall@1"
+    recall = {n for n, t in tasks.items() if t.metric == "mean_per_class_recall"}
+    assert recall == {"caltech101", "fgvc_aircraft", "flowers", "pets"}

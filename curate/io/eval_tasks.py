@@ -17,8 +17,10 @@ A task is one of:
   1,000 classes; prompts from its templates file, or OpenAI's 80 ImageNet
   prompts;
 * **a retrieval table**: a Parquet or CSV file with an ``image`` column (a path
-  relative to the file) and a ``caption`` (one row per caption; rows of one
-  image are its captions) or ``captions`` (a list) column.
+  relative to the file, or Hugging Face's Image feature, whose bytes are read)
+  and a ``caption`` or ``captions`` column (a text or a list of texts; rows of one
+  image are its captions). DataComp's Flickr30k and MSCOCO tasks, saved with
+  ``datasets``' ``to_parquet``, are such tables.
 
 A suite is a YAML list of tasks: each a path (relative to the suite file) or a
 mapping with ``path`` and, optionally, ``name`` and ``metric``. A folder that
@@ -200,23 +202,31 @@ def _read_table(path: Path) -> pa.Table:
         raise ConfigError(f"{path}: not a readable {path.suffix[1:]} file: {exc}") from exc
 
 
+def _is_text(value) -> bool:
+    return isinstance(value, str)
+
+
 def _table_samples(path: Path) -> Iterator[Sample]:
     """A retrieval table's images, each with its captions (rows of one image grouped)."""
     table = _read_table(path)
     column = next((c for c in ("captions", "caption") if c in table.column_names), None)
     if "image" not in table.column_names or column is None:
         raise ConfigError(f"{path}: needs an image column and a caption or captions column")
-    captions: dict[str, list[str]] = {}
-    for row, (image, text) in enumerate(
-        zip(table["image"].to_pylist(), table[column].to_pylist()), 1
-    ):
-        texts = text if column == "captions" else [text]
-        if not isinstance(image, str) or not texts or not all(isinstance(t, str) for t in texts):
-            raise ConfigError(f"{path}: row {row}: needs an image path and caption text")
+    images = table["image"].to_pylist()
+    if pa.types.is_struct(table["image"].type):  # Hugging Face's Image feature: {bytes, path}
+        images = [(i or {}).get("bytes") or (i or {}).get("path") for i in images]
+    captions: dict[str | bytes, list[str]] = {}
+    for row, (image, text) in enumerate(zip(images, table[column].to_pylist()), 1):
+        texts = text if isinstance(text, list) else [text]
+        if not isinstance(image, (str, bytes)) or not texts or not all(map(_is_text, texts)):
+            raise ConfigError(f"{path}: row {row}: needs an image and caption text")
         captions.setdefault(image, []).extend(texts)
     if not captions:
         raise ConfigError(f"{path}: no rows")
-    for image, texts in captions.items():
+    for number, (image, texts) in enumerate(captions.items(), 1):
+        if isinstance(image, bytes):
+            yield Sample(f"{path}: image {number}", image, texts)
+            continue
         file = path.parent / image
         try:
             data = file.read_bytes()
