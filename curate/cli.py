@@ -138,7 +138,7 @@ def _demo_generate(args: argparse.Namespace) -> int:
     print(f"\n{'defect':<16} {'rows':>8}")
     for name, count in defect_counts(load_manifest(pool)).items():
         print(f"{name:<16} {count:>8,}")
-    print(f"\nground truth: {pool / 'manifest.json'}   eval set: {pool / 'eval'}")
+    print(f"\nground truth: {pool / 'manifest.json'}   eval tasks: {pool / 'eval'}")
     return 0
 
 
@@ -363,7 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--ckpt", help="a checkpoint folder (`curate train` writes one)")
     which.add_argument("--model", help="an open_clip architecture, e.g. ViT-B-32")
     ev.add_argument("--pretrained", help="with --model: a pretrained tag or a local weights file")
-    ev.add_argument("--tasks", "--eval-set", required=True, help=TASKS_HELP)
+    ev.add_argument("--tasks", required=True, help=TASKS_HELP)
     ev.add_argument("--json", default=None, help="also write the results to this JSON file")
     ev.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     ev.add_argument("--batch-size", type=int, default=128, help="images per forward pass")
@@ -373,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
         "compare", help="train the same model with the same budget on each run's shards; tabulate"
     )
     cmp.add_argument("runs", nargs="+", help="run folders whose shards hold images")
-    cmp.add_argument("--tasks", "--eval-set", required=True, help=TASKS_HELP)
+    cmp.add_argument("--tasks", required=True, help=TASKS_HELP)
     cmp.add_argument("--out", required=True, help="folder for checkpoints, compare.md and .json")
     cmp.add_argument("--config", default="tiny", help="model: tiny or an open_clip name")
     cmp.add_argument("--samples-seen", type=int, default=None, help="budget (default 20000)")

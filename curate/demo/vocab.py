@@ -3,8 +3,8 @@
 Every image of the pool is a scene of a few coloured shapes on a patterned
 background, so the ground truth of what an image shows is exact, and a
 caption can be written from it in any language the tables below cover. The
-trainer builds its zero-shot class names from ``VOCABULARY``; the pool's
-``eval/labels.parquet`` has one column per key of it.
+pool's ``eval/labels.parquet`` has one column per key of ``VOCABULARY``, and
+each key is one zero-shot task of the eval set (``curate.demo.tasks``).
 
 Translations carry grammatical gender (and German its adjective endings)
 because ungrammatical captions are a weaker test of a language filter than
