@@ -68,6 +68,9 @@ def test_an_imagenet_folder_takes_open_clips_names_and_prompts(tmp_path):
     assert task.templates[0] == "a bad photo of a {c}."
     assert [(Path(s.source).name, s.truth) for s in task.samples()] == [("x.JPEG", 1)]
 
+    (root / "n00000001" / "loop").symlink_to(root / "n00000001")  # read once, not forever
+    assert [(Path(s.source).name, s.truth) for s in task.samples()] == [("x.JPEG", 1)]
+
     (root / "n00000999").rmdir()
     with pytest.raises(ConfigError, match=r"task val: no .*classnames\.txt \(ImageNet-1k's"):
         read_task(root)
@@ -191,6 +194,7 @@ def test_bad_webdataset_tasks_are_named(tmp_path):
         ("classnames.txt", "", "it is empty"),
         ("zeroshot_classification_templates.txt", "a photo.\n", r"line 1: 'a photo\.' has no"),
         ("zeroshot_classification_templates.txt", "{c} of {x}\n", r"line 1: .* not a prompt"),
+        ("zeroshot_classification_templates.txt", "{{c}}\n", r"line 1: '\{\{c\}\}' has no"),
         ("dataset_type.txt", "multilabel\n", "'multilabel'; curate evaluates classification"),
     ],
 )

@@ -118,13 +118,13 @@ def _templates(path: Path) -> tuple[str, ...]:
     templates = _lines(path)
     for number, template in enumerate(templates, 1):
         try:
-            filled = template.format(c="")
+            filled = template.format(c="\0")
         except (KeyError, IndexError, ValueError) as exc:
             raise ConfigError(
                 f"{path}: line {number}: {template!r} is not a prompt template "
                 f"({type(exc).__name__}: {exc}); write {{c}} where the class name goes"
             ) from exc
-        if filled == template:
+        if "\0" not in filled:
             raise ConfigError(f"{path}: line {number}: {template!r} has no {{c}} for the class")
     return tuple(templates)
 
@@ -138,10 +138,20 @@ def _folder_images(folder: Path) -> list[Path]:
     """A class folder's images, walked and filtered as torchvision's ``ImageFolder`` does."""
     from torchvision.datasets.folder import IMG_EXTENSIONS
 
-    found = []
-    for root, _, names in sorted(os.walk(folder, followlinks=True)):
-        found += [Path(root, n) for n in sorted(names) if n.lower().endswith(IMG_EXTENSIONS)]
-    return found
+    walked, seen = [], set()
+    for root, folders, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:  # a link back up the tree: its images count once
+            folders.clear()
+            continue
+        seen.add(real)
+        walked.append((root, names))
+    return [
+        Path(root, n)
+        for root, names in sorted(walked)
+        for n in sorted(names)
+        if n.lower().endswith(IMG_EXTENSIONS)
+    ]
 
 
 def _shards(path: Path) -> list[Path]:
