@@ -296,7 +296,7 @@ def test_missing_inputs_fail_before_the_work(tmp_path, pool):
     with pytest.raises(ConfigError, match="clip stage"):
         run_recipe(recipe_from_data(data, {}, "t"), no_sha, tmp_path / "b", engine="local")
     data["stages"][1] = {"stage": "dedup_semantic"}
-    with pytest.raises(ConfigError, match="no image embeddings"):
+    with pytest.raises(ConfigError, match="needs the pool's image embeddings"):
         run_recipe(recipe_from_data(data, {}, "t"), no_sha, tmp_path / "c", engine="local")
     with pytest.raises(ValueError, match="epsilon"):
         semdedup_recipe(epsilon=0)

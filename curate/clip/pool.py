@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curate.clip.model import (
@@ -26,6 +27,7 @@ from curate.clip.model import (
 from curate.core.config import ConfigError
 from curate.core.layout import EMBEDDINGS, MODEL_FILE
 from curate.core.progress import Progress
+from curate.io.vectors import embedding_matrix
 
 if TYPE_CHECKING:
     from curate.engine import Engine
@@ -114,6 +116,59 @@ def embed_images(
     columns = ["uid", "image_embedding", "clip_error"]
     parts = sorted(out.glob("*.parquet"))
     return pa.concat_tables(pq.read_table(f, columns=columns) for f in parts)
+
+
+def set_model(run_dir: Path | None, who: str, model: str | None, pretrained: str | None, what: str):
+    """The prepared model a set of images (``what``: its parameter) is embedded with: the one
+    named, else the one that made the pool's vectors (``pool_model``)."""
+    if model is not None:
+        return prepare_model(model, pretrained)
+    remedy = (
+        f"{what} holds images: set `model` and `pretrained` on {who} to the model that made "
+        f"the pool's vectors, or give {what} as Parquet with an image_embedding column"
+    )
+    about = pool_model(run_dir, who, remedy)
+    return prepare_model(about["model"], about.get("pretrained"))
+
+
+def set_vectors(
+    path: Path, work: Path, prepared, engine: Engine
+) -> tuple[list[str], np.ndarray, int]:
+    """A set of images or vectors (``curate.io.image_sets``) as its items' names and float32
+    vectors, and how many items were unusable (an image that cannot be decoded, a null or
+    non-finite vector). Images are embedded in ``work`` with ``prepared()``, called only
+    when the set holds images."""
+    from curate.io.image_sets import VECTOR_COLUMNS, read_image_set
+
+    table = read_image_set(path)
+    vector = next((c for c in VECTOR_COLUMNS if c in table.column_names), None)
+    if vector is None and table.num_rows:
+        table = embed_images(table, work, prepared(), engine)
+        vector = "image_embedding"
+    if vector is None:
+        return [], np.zeros((0, 0), np.float32), 0
+    usable = table.filter(pc.is_valid(table[vector]))
+    x = embedding_matrix(usable[vector]).astype(np.float32) if usable.num_rows else None
+    finite = np.zeros(0, bool) if x is None else np.isfinite(x).all(axis=1)
+    names = usable.column(0).filter(pa.array(finite)).cast(pa.string()).to_pylist()
+    vectors = x[finite] if x is not None else np.zeros((0, 0), np.float32)
+    return names, vectors, table.num_rows - len(names)
+
+
+def embeddings_by_file(folder: Path, files: int) -> list[list[Path]]:
+    """For each ledger file (by place), the embeddings files holding its rows: read from the
+    ``file`` column's statistics in their footers, nothing else."""
+    holding: list[list[Path]] = [[] for _ in range(files)]
+    for path in sorted(Path(folder).glob("*.parquet")):
+        meta = pq.ParquetFile(path).metadata
+        column = meta.schema.names.index("file")
+        for g in range(meta.num_row_groups):
+            stats = meta.row_group(g).column(column).statistics
+            low, high = (stats.min, stats.max) if stats and stats.has_min_max else (0, files - 1)
+            for i in range(low, high + 1):
+                if not holding[i] or holding[i][-1] != path:
+                    holding[i].append(path)
+    return holding
 
 
 def _blank_tokens(resolved: ResolvedModel):

@@ -83,20 +83,19 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from curate.clip.pool import embed_images, pool_model, prepare_model
+from curate.clip.pool import set_model, set_vectors
 from curate.core.config import ConfigError, Count
-from curate.core.layout import EMBEDDINGS
 from curate.core.operators import Filter, FitContext, Fitted, register_filter
 from curate.core.runfolder import scratch
 from curate.core.schema import alive_mask
 from curate.dedup.semdedup import assign
-from curate.io.image_sets import VECTOR_COLUMNS, find_beside_input, read_image_set
+from curate.io.image_sets import find_beside_input
 from curate.io.readers import IngestError
 from curate.io.submission import UidSet
 from curate.io.uids import hashed_sample
+from curate.io.vector_sources import read_vector_source, vector_sources
 from curate.io.vectors import embedding_matrix
 
 ASSIGNMENTS = "assignments.parquet"
@@ -229,40 +228,21 @@ class DataCompImage(Fitted, Filter):
 
     def _vectors(self, ctx: FitContext) -> tuple[str, Batches]:
         """Where the pool's image vectors are, and a function iterating (uid, vector) batches."""
-        from curate.io.datacomp import MANIFEST, read_npz_embeddings
-
-        source = self.embeddings
-        run = Path(ctx.run_dir) if ctx.run_dir is not None else None
-        clip_files = sorted((run / EMBEDDINGS).glob("*.parquet")) if run else []
         files = ctx.ledger_files
         has_clip = bool(files) and "clip_score" in pq.read_schema(files[0]).names
-        has_npz = ctx.ingest_dir is not None and (Path(ctx.ingest_dir) / MANIFEST).is_file()
-        if source == "auto":
-            source = "clip" if has_clip and clip_files else "l14" if has_npz else None
-        if source == "clip" and clip_files:
+        who = f"filter {self.name}"
+        sources, what = vector_sources(self.embeddings, who, ctx.run_dir, ctx.ingest_dir, has_clip)
 
-            def clip_batches():
-                for path in clip_files:
-                    columns = ["uid", "image_embedding"]
-                    for batch in pq.ParquetFile(path).iter_batches(READ_BATCH, columns=columns):
-                        yield batch.column(0), batch.column(1)
-
-            return "clip", clip_batches
-        if source not in (None, "clip") and has_npz:
-
-            def npz_batches():
+        def batches():
+            for source in sources:
                 try:
-                    for table in read_npz_embeddings(Path(ctx.ingest_dir), f"{source}_img"):
-                        yield table["uid"].combine_chunks(), table["embedding"].combine_chunks()
+                    table = read_vector_source(source)
                 except IngestError as exc:
-                    raise ConfigError(f"filter {self.name}: {exc}") from exc
+                    raise ConfigError(f"{who}: {exc}") from exc
+                for batch in table.to_batches(READ_BATCH):
+                    yield batch.column(0), batch.column(1)
 
-            return f"{source}_img", npz_batches
-        raise ConfigError(
-            f"filter {self.name} needs the pool's image embeddings (embeddings: "
-            f"{self.embeddings}): run a clip stage before it, or ingest DataComp metadata "
-            "with its .npz files (embeddings: l14)"
-        )
+        return what, batches
 
     def _path(self, value: str, what: str, ctx: FitContext) -> Path:
         try:
@@ -287,37 +267,23 @@ class DataCompImage(Fitted, Filter):
         """The reference items' names and float32 vectors (images embedded first, in a
         scratch folder in ``tmp``)."""
         path = self._path(self.reference, "reference", ctx)
+        who = f"filter {self.name}"
         try:
-            table = read_image_set(path)
-        except ConfigError as exc:
-            raise ConfigError(f"filter {self.name}: reference: {exc}") from exc
-        vector = next((c for c in VECTOR_COLUMNS if c in table.column_names), None)
-        if vector is None and table.num_rows:
             with scratch(tmp, "_embed-") as work:
-                table = embed_images(table, work, self._model(ctx, path), ctx.engine)
-            vector = "image_embedding"
-        if vector is not None:
-            table = table.filter(pc.is_valid(table[vector]))
-        x = embedding_matrix(table[vector]).astype(np.float32) if table.num_rows else None
-        finite = np.zeros(0, bool) if x is None else np.isfinite(x).all(axis=1)
-        if not finite.any():
+                names, vectors, _ = set_vectors(
+                    path,
+                    work,
+                    lambda: set_model(ctx.run_dir, who, self.model, self.pretrained, "reference"),
+                    ctx.engine,
+                )
+        except ConfigError as exc:
+            raise ConfigError(f"{who}: reference: {exc}") from exc
+        if not names:
             raise ConfigError(
-                f"filter {self.name}: reference {path}: no usable item (no rows, no image "
+                f"{who}: reference {path}: no usable item (no rows, no image "
                 "that could be decoded, or no finite vector)"
             )
-        names = table.column(0).filter(pa.array(finite)).cast(pa.string()).to_pylist()
-        return names, x[finite]
-
-    def _model(self, ctx: FitContext, path: Path):
-        if self.model is not None:
-            return prepare_model(self.model, self.pretrained)
-        remedy = (
-            f"reference {path} holds images: set `model` and `pretrained` on this filter to "
-            "the model that made the pool's vectors (ViT-L-14 / openai for DataComp's l14), "
-            "or give the reference as Parquet with an embedding column"
-        )
-        about = pool_model(ctx.run_dir, f"filter {self.name}", remedy)
-        return prepare_model(about["model"], about.get("pretrained"))
+        return names, vectors
 
     # --- apply ---------------------------------------------------------------------------
 

@@ -58,7 +58,9 @@ EXAMPLES = 6
 
 
 def drop_order(stages: list[dict]) -> list[str]:
-    """Every reason a row can be dropped for, in the order the pipeline applies them.
+    """Every reason a row can be dropped for, in the order the pipeline applies them, each
+    once: a filter in two stages (a top fraction of one score, then of another) drops rows
+    under one name, counted where it first cuts.
 
     ``stages`` is a resolved recipe's stage list (``Recipe.resolved()["stages"]``, or
     a run's ``recipe.yaml``): plain data, so an old run's order needs no stage objects.
@@ -70,7 +72,7 @@ def drop_order(stages: list[dict]) -> list[str]:
             order.extend(name for f in entry["filters"] for name in f)
         elif STAGES[entry["stage"]].produces_ledger and entry["stage"] != "ingest":
             order.append(entry["name"])
-    return order
+    return list(dict.fromkeys(order))
 
 
 def funnel(run_dir: Path, order: list[str]) -> dict:

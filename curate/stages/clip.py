@@ -35,7 +35,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from curate.clip.pool import embed, prepare_model
+from curate.clip.pool import embed, embeddings_by_file, prepare_model
 from curate.core.config import ConfigError, Count
 from curate.core.layout import EMBEDDINGS, IMAGES, MODEL_FILE, count_rows
 from curate.core.progress import Progress
@@ -113,7 +113,7 @@ class ClipStage(Stage):
         remove_tree(tmp / "_work", ctx.run_dir)
         remove_tree(out, ctx.run_dir)
         tmp.rename(out)
-        holding = _embeddings_by_file(out, len(ctx.input_files))
+        holding = embeddings_by_file(out, len(ctx.input_files))
         jobs = [(path, ctx.out_dir / path.name, i, holding[i], self.name)
                 for i, path in enumerate(ctx.input_files)]  # fmt: skip
         counts = {"embedded": 0, "no_caption": 0, "failed": 0}
@@ -257,22 +257,6 @@ def _file_todo(job: tuple[Path, Path, list[str], Path]) -> int:
     todo = pa.concat_tables(parts) if parts else TODO.empty_table()
     pq.write_table(todo, out)
     return todo.num_rows
-
-
-def _embeddings_by_file(folder: Path, files: int) -> list[list[Path]]:
-    """For each ledger file (by place), the embeddings files holding its rows: read from the
-    ``file`` column's statistics in their footers, nothing else."""
-    holding: list[list[Path]] = [[] for _ in range(files)]
-    for path in sorted(Path(folder).glob("*.parquet")):
-        meta = pq.ParquetFile(path).metadata
-        column = meta.schema.names.index("file")
-        for g in range(meta.num_row_groups):
-            stats = meta.row_group(g).column(column).statistics
-            low, high = (stats.min, stats.max) if stats and stats.has_min_max else (0, files - 1)
-            for i in range(low, high + 1):
-                if not holding[i] or holding[i][-1] != path:
-                    holding[i].append(path)
-    return holding
 
 
 def _join_file(job: tuple[Path, Path, int, list[Path], str]) -> dict[str, int]:

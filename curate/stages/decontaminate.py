@@ -34,7 +34,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from curate.clip.pool import embed_images, pool_model, prepare_model
+from curate.clip.pool import set_model, set_vectors
 from curate.core.config import ConfigError, Range
 from curate.core.layout import EMBEDDINGS
 from curate.core.runfolder import scratch
@@ -48,9 +48,9 @@ from curate.dedup.decisions import (
     write_decisions,
 )
 from curate.dedup.semdedup import SCREEN
-from curate.io.image_sets import VECTOR_COLUMNS, find_beside_input, read_image_set
+from curate.io.image_sets import find_beside_input
 from curate.io.stats import connect, partition_files, partitions_for, scatter, write_query
-from curate.io.vectors import embedding_matrix, unit_rows
+from curate.io.vectors import unit_rows
 
 MATCHES = pa.schema([("uid", pa.string()), ("eval_index", pa.int64()), ("cosine", pa.float64())])
 FOUND = pa.schema([("uid", pa.string()), ("eval_item", pa.string()), ("cosine", pa.float64())])
@@ -114,32 +114,24 @@ class DecontaminateStage(DecidedStage):
 
     def _eval_vectors(self, ctx: StageContext, work: Path) -> tuple[list[str], np.ndarray]:
         """The evaluation set's names and image vectors (embedded here when they are images)."""
+        who = f"stage {self.name}"
         try:
             path = find_beside_input(self.eval_set, ctx.input_path)
-            table = read_image_set(path)
+            names, vectors, unusable = set_vectors(
+                path,
+                work / "embed",
+                lambda: set_model(ctx.run_dir, who, self.model, self.pretrained, "eval_set"),
+                ctx.engine,
+            )
         except ConfigError as exc:
-            raise ConfigError(f"stage {self.name}: eval_set: {exc}") from exc
-        if not table.num_rows:
-            raise ConfigError(f"eval_set {path}: it holds no rows")
-        vector = next((c for c in VECTOR_COLUMNS if c in table.column_names), None)
-        if vector is None:  # images: undecodable ones come back with a null vector
-            table = embed_images(table, work / "embed", self._prepared(ctx), ctx.engine)
-            vector = "image_embedding"
-        usable = table.filter(pc.is_valid(table[vector]))
-        ctx.counters["eval_unusable"] = table.num_rows - usable.num_rows
-        if not usable.num_rows:
-            raise ConfigError(f"eval_set {path}: no image in it could be decoded, or no vector")
-        return usable.column(0).to_pylist(), embedding_matrix(usable[vector])
-
-    def _prepared(self, ctx: StageContext):
-        if self.model is not None:
-            return prepare_model(self.model, self.pretrained)
-        remedy = (
-            "set `model` and `pretrained` on this stage to the model that made them, or give "
-            "eval_set as Parquet with an image_embedding column"
-        )
-        about = pool_model(ctx.run_dir, f"stage {self.name}", remedy)
-        return prepare_model(about["model"], about.get("pretrained"))
+            raise ConfigError(f"{who}: eval_set: {exc}") from exc
+        ctx.counters["eval_unusable"] = unusable
+        if not names:
+            raise ConfigError(
+                f"eval_set {path}: no usable item (no rows, no image that could be decoded, "
+                "or no finite vector)"
+            )
+        return names, vectors
 
 
 def _match_task(item: dict) -> None:

@@ -57,7 +57,6 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curate.core.config import ConfigError, Count, Range
-from curate.core.layout import EMBEDDINGS
 from curate.core.runfolder import scratch
 from curate.core.stage import StageContext, register_stage
 from curate.dedup.decided import ALIVE, DecidedStage, scatter_alive
@@ -73,6 +72,7 @@ from curate.dedup.decisions import (
 from curate.dedup.semdedup import absorb_on_graph, absorbers, assign, pairs_between, train_centroids
 from curate.io.stats import connect, partition_files, partitions_for, scatter, sql_paths
 from curate.io.uids import hashed_sample, sample_keys
+from curate.io.vector_sources import read_vector_source, vector_sources
 from curate.io.vectors import embedding_matrix, unit_rows
 
 #: Rows of the pool per bucket of clusters deduplicated by one task.
@@ -254,26 +254,9 @@ class SemanticDedupStage(DecidedStage):
     def _vector_sources(self, ctx: StageContext) -> tuple[list[dict], str]:
         """What each vector-reading task reads (``read_vector_source``), and what the vectors
         are (for the manifest)."""
-        from curate.io.datacomp import MANIFEST, npz_sources
-
-        source = self.embeddings
-        clip_files = sorted((ctx.run_dir / EMBEDDINGS).glob("*.parquet"))
         has_clip = ctx.input_schema is not None and "clip_score" in ctx.input_schema.names
-        if source == "auto":
-            if has_clip and clip_files:
-                source = "clip"
-            elif ctx.ingest_dir is not None and (ctx.ingest_dir / MANIFEST).is_file():
-                source = "l14"
-            else:
-                raise ConfigError(
-                    f"stage {self.name}: no image embeddings: run a clip stage before it, or "
-                    "ingest DataComp metadata with its .npz files"
-                )
-        if source == "clip":
-            return [{"path": f, "column": "image_embedding"} for f in clip_files], source
-        key = f"{source}_img"
-        count = len(npz_sources(ctx.ingest_dir))
-        return [{"ingest": ctx.ingest_dir, "index": i, "key": key} for i in range(count)], key
+        who = f"stage {self.name}"
+        return vector_sources(self.embeddings, who, ctx.run_dir, ctx.ingest_dir, has_clip)
 
 
 class _Clock:
@@ -327,19 +310,6 @@ def uid_partition(uids: pa.Array | pa.ChunkedArray, parts: int) -> np.ndarray:
     with connect() as con:
         con.register("uids", pa.table({"uid": uids}))
         return con.sql(f"SELECT hash(uid) % {parts} AS part FROM uids").fetchnumpy()["part"]
-
-
-def read_vector_source(source: dict) -> pa.Table:
-    """(uid, vector) of one source's rows that have a vector: a clip stage's embeddings file
-    (``path``, ``column``) or one DataComp source's .npz (``ingest``, ``index``, ``key``)."""
-    from curate.io.datacomp import read_npz_source
-
-    if "path" in source:
-        table = pq.read_table(source["path"], columns=["uid", source["column"]])
-    else:
-        table = read_npz_source(source["ingest"], source["index"], source["key"])
-    table = table.rename_columns(["uid", "vector"])
-    return table.filter(pc.is_valid(table["vector"]))
 
 
 def _write_arrow(table: pa.Table, path: Path) -> None:
