@@ -226,6 +226,7 @@ def test_the_demo_tasks_read_by_clip_benchmark_score_the_same(
         _assert_same(result[attribute], theirs)
 
 
+@pytest.mark.filterwarnings("ignore:y_pred contains classes not in y_true")
 def test_metrics_equal_sklearn_and_clip_benchmark_on_random_scores():
     rng = np.random.default_rng(0)
     logits = rng.normal(size=(300, 7)).astype(np.float32)

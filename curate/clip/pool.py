@@ -118,9 +118,11 @@ def embed_images(
     return pa.concat_tables(pq.read_table(f, columns=columns) for f in parts)
 
 
-def set_model(run_dir: Path | None, who: str, model: str | None, pretrained: str | None, what: str):
-    """The prepared model a set of images (``what``: its parameter) is embedded with: the one
-    named, else the one that made the pool's vectors (``pool_model``)."""
+def _set_model(
+    run_dir: Path | None, who: str, what: str, model: str | None, pretrained: str | None
+):
+    """The prepared model a set of images is embedded with: the one named, else the one
+    that made the pool's vectors (``pool_model``)."""
     if model is not None:
         return prepare_model(model, pretrained)
     remedy = (
@@ -132,27 +134,42 @@ def set_model(run_dir: Path | None, who: str, model: str | None, pretrained: str
 
 
 def set_vectors(
-    path: Path, work: Path, prepared, engine: Engine
+    path: Path,
+    work: Path,
+    engine: Engine,
+    *,
+    who: str,
+    what: str,
+    run_dir: Path | None,
+    model: str | None = None,
+    pretrained: str | None = None,
 ) -> tuple[list[str], np.ndarray, int]:
-    """A set of images or vectors (``curate.io.image_sets``) as its items' names and float32
-    vectors, and how many items were unusable (an image that cannot be decoded, a null or
-    non-finite vector). Images are embedded in ``work`` with ``prepared()``, called only
-    when the set holds images."""
+    """A set of images or vectors (``curate.io.image_sets``) that ``who`` reads as its
+    ``what``: its items' names and float32 vectors, and how many items were unusable
+    (an image that cannot be decoded, a null or non-finite vector). Images are embedded
+    in ``work`` with ``model``, else with the model that made the pool's vectors; a set
+    with no usable item is an error."""
     from curate.io.image_sets import VECTOR_COLUMNS, read_image_set
 
-    table = read_image_set(path)
-    vector = next((c for c in VECTOR_COLUMNS if c in table.column_names), None)
-    if vector is None and table.num_rows:
-        table = embed_images(table, work, prepared(), engine)
-        vector = "image_embedding"
-    if vector is None:
-        return [], np.zeros((0, 0), np.float32), 0
-    usable = table.filter(pc.is_valid(table[vector]))
+    try:
+        table = read_image_set(path)
+        vector = next((c for c in VECTOR_COLUMNS if c in table.column_names), None)
+        if vector is None and table.num_rows:
+            prepared = _set_model(run_dir, who, what, model, pretrained)
+            table = embed_images(table, work, prepared, engine)
+            vector = "image_embedding"
+    except ConfigError as exc:
+        raise ConfigError(f"{who}: {what}: {exc}") from exc
+    usable = table.filter(pc.is_valid(table[vector])) if vector else table.slice(0, 0)
     x = embedding_matrix(usable[vector]).astype(np.float32) if usable.num_rows else None
     finite = np.zeros(0, bool) if x is None else np.isfinite(x).all(axis=1)
+    if not finite.any():
+        raise ConfigError(
+            f"{who}: {what} {path}: no usable item (no rows, no image that could be decoded, "
+            "or no finite vector)"
+        )
     names = usable.column(0).filter(pa.array(finite)).cast(pa.string()).to_pylist()
-    vectors = x[finite] if x is not None else np.zeros((0, 0), np.float32)
-    return names, vectors, table.num_rows - len(names)
+    return names, x[finite], table.num_rows - len(names)
 
 
 def embeddings_by_file(folder: Path, files: int) -> list[list[Path]]:

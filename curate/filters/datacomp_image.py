@@ -85,7 +85,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from curate.clip.pool import set_model, set_vectors
+from curate.clip.pool import set_vectors
 from curate.core.config import ConfigError, Count
 from curate.core.operators import Filter, FitContext, Fitted, register_filter
 from curate.core.runfolder import scratch
@@ -267,22 +267,11 @@ class DataCompImage(Fitted, Filter):
         """The reference items' names and float32 vectors (images embedded first, in a
         scratch folder in ``tmp``)."""
         path = self._path(self.reference, "reference", ctx)
-        who = f"filter {self.name}"
-        try:
-            with scratch(tmp, "_embed-") as work:
-                names, vectors, _ = set_vectors(
-                    path,
-                    work,
-                    lambda: set_model(ctx.run_dir, who, self.model, self.pretrained, "reference"),
-                    ctx.engine,
-                )
-        except ConfigError as exc:
-            raise ConfigError(f"{who}: reference: {exc}") from exc
-        if not names:
-            raise ConfigError(
-                f"{who}: reference {path}: no usable item (no rows, no image "
-                "that could be decoded, or no finite vector)"
-            )
+        with scratch(tmp, "_embed-") as work:
+            names, vectors, _ = set_vectors(
+                path, work, ctx.engine, who=f"filter {self.name}", what="reference",
+                run_dir=ctx.run_dir, model=self.model, pretrained=self.pretrained,
+            )  # fmt: skip
         return names, vectors
 
     # --- apply ---------------------------------------------------------------------------

@@ -34,7 +34,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from curate.clip.pool import set_model, set_vectors
+from curate.clip.pool import set_vectors
 from curate.core.config import ConfigError, Range
 from curate.core.layout import EMBEDDINGS
 from curate.core.runfolder import scratch
@@ -117,20 +117,13 @@ class DecontaminateStage(DecidedStage):
         who = f"stage {self.name}"
         try:
             path = find_beside_input(self.eval_set, ctx.input_path)
-            names, vectors, unusable = set_vectors(
-                path,
-                work / "embed",
-                lambda: set_model(ctx.run_dir, who, self.model, self.pretrained, "eval_set"),
-                ctx.engine,
-            )
         except ConfigError as exc:
             raise ConfigError(f"{who}: eval_set: {exc}") from exc
+        names, vectors, unusable = set_vectors(
+            path, work / "embed", ctx.engine, who=who, what="eval_set", run_dir=ctx.run_dir,
+            model=self.model, pretrained=self.pretrained,
+        )  # fmt: skip
         ctx.counters["eval_unusable"] = unusable
-        if not names:
-            raise ConfigError(
-                f"eval_set {path}: no usable item (no rows, no image that could be decoded, "
-                "or no finite vector)"
-            )
         return names, vectors
 
 

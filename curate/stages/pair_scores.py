@@ -25,7 +25,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curate.clip.pair_scores import neg_clip_loss, norm_sim
-from curate.clip.pool import embeddings_by_file, set_model, set_vectors
+from curate.clip.pool import embeddings_by_file, set_vectors
 from curate.core.config import ConfigError, Count, Positive
 from curate.core.layout import EMBEDDINGS, STATS, count_rows
 from curate.core.runfolder import scratch
@@ -135,25 +135,18 @@ class NormSimStage(PairScoreStage):
         who = f"stage {self.name}"
         try:
             path = find_beside_input(self.target, ctx.input_path)
-            with scratch(ctx.out_dir) as work:
-                names, vectors, unusable = set_vectors(
-                    path,
-                    work,
-                    lambda: set_model(ctx.run_dir, who, self.model, self.pretrained, "target"),
-                    ctx.engine,
-                )
         except ConfigError as exc:
             raise ConfigError(f"{who}: target: {exc}") from exc
-        if not names:
-            raise ConfigError(
-                f"{who}: target {path}: no usable item (no rows, no image that could be "
-                "decoded, or no finite vector)"
-            )
+        with scratch(ctx.out_dir) as work:
+            _, vectors, unusable = set_vectors(
+                path, work, ctx.engine, who=who, what="target", run_dir=ctx.run_dir,
+                model=self.model, pretrained=self.pretrained,
+            )  # fmt: skip
         stats = self.output_dir / STATS
         stats.mkdir(parents=True, exist_ok=True)
         unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
         np.save(stats / TARGETS, unit.astype(np.float32))
-        ctx.counters.update(targets=len(names), targets_unusable=unusable)
+        ctx.counters.update(targets=len(vectors), targets_unusable=unusable)
 
     def _score(self, uids: pa.Array, vectors: pa.Table, seed: int) -> np.ndarray:
         targets = np.load(self.output_dir / STATS / TARGETS)
