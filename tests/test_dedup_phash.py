@@ -121,15 +121,15 @@ def test_survivors_follow_the_semantic_stages_rule():
         assert absorb_by_hash(uids, scores, hashes, edges) == absorb_on_graph(order, graph), trial
 
 
-def _phash_run(start: Path, folder: Path, served_pool, **params) -> tuple[Path, object]:
+def _phash_run(start: Path, folder: Path, served_pool, engine="local") -> tuple[Path, object]:
     run = folder
     shutil.copytree(start, run)
-    recipe = _recipe({"stage": "dedup_phash", **params}, name="phash_test")
-    return run, run_recipe(recipe, served_pool.urls_path, run, engine="local")
+    recipe = _recipe({"stage": "dedup_phash"}, name="phash_test")
+    return run, run_recipe(recipe, served_pool.urls_path, run, engine=engine)
 
 
 @pytest.mark.slow
-def test_the_demo_pools_planted_duplicates(downloaded, tmp_path, served_pool):  # noqa: F811
+def test_the_demo_pools_planted_duplicates(downloaded, tmp_path, served_pool, ray_local):  # noqa: F811
     run, result = _phash_run(downloaded, tmp_path / "run", served_pool)
     stage = result.stages[2]
     ledger = pq.read_table(run / "ledger").to_pylist()
@@ -157,7 +157,8 @@ def test_the_demo_pools_planted_duplicates(downloaded, tmp_path, served_pool):  
     counters = stage.counters
     assert counters["dropped"] == len(dropped) and counters["hashed"] > 0
 
-    again, _ = _phash_run(downloaded, tmp_path / "again", served_pool)  # the same decisions
+    # The same decisions on a Ray cluster.
+    again, _ = _phash_run(downloaded, tmp_path / "again", served_pool, engine="ray")
     assert pq.read_table(again / "ledger").sort_by("uid") == pq.read_table(run / "ledger").sort_by(
         "uid"
     )
