@@ -68,24 +68,25 @@ def test_one_batch_is_the_papers_formula():
 
 
 def test_random_batches_average_as_the_reference_code_does():
-    """Repeats × batches of 16 of 70 rows: the reference's function with our batch order,
-    averaged over repeats as its ``average_num`` loop does."""
+    """Repeats × batches of at most 16 of 70 rows (five of 14): the reference's function on
+    each of our batches, averaged over repeats as its ``average_num`` loop does."""
     uids, f, g = _pairs(70)
     repeats, size, tau = 4, 16, 0.07
     ours = neg_clip_loss(uids, f, g, batch_size=size, repeats=repeats, temperature=tau, seed=5)
     css, norms = torch.zeros(70), torch.zeros(70)
     for repeat in range(repeats):
         order = batches(uids, size, seed=5, repeat=repeat)
-        assert [len(b) for b in order] == [16, 16, 16, 16, 6]
-        c, n1, n2 = cal_new_clip_score(
-            torch.from_numpy(f),
-            torch.from_numpy(g),
-            size,
-            tau,
-            torch.from_numpy(np.concatenate(order)),
-        )
-        css, norms = css + c, norms + n1 + n2
+        assert [len(b) for b in order] == [14] * 5
+        for rows in order:
+            index = torch.from_numpy(rows)
+            c, n1, n2 = cal_new_clip_score(
+                torch.from_numpy(f[rows]), torch.from_numpy(g[rows]), len(rows), tau,
+                torch.arange(len(rows)),
+            )  # fmt: skip
+            css[index], norms[index] = css[index] + c, norms[index] + n1 + n2
     np.testing.assert_allclose(ours, ((css - norms) / repeats).numpy(), atol=1e-5)
+    assert [len(b) for b in batches(uids, 35, 0, 0)] == [35, 35]
+    assert [len(b) for b in batches(uids, 69, 0, 0)] == [35, 35]  # not 69 and 1
 
 
 def test_batches_are_seeded_and_blind_to_row_order():
@@ -187,7 +188,7 @@ def test_the_datacomp_normsim_recipe(metadata, tmp_path, engine, request):
     ledger = {r["uid"]: r for r in pq.read_table(run / "ledger").to_pylist()}
     assert len(ledger) == 600 and result.stages[2].counters["scored"] == 600
 
-    def negclip(uids, f, g):  # the recipe's stage: batches of 64 (10 per file), 10 repeats
+    def negclip(uids, f, g):  # the recipe's stage: batches of at most 64, 10 repeats
         return neg_clip_loss(uids, f, g, 64, 10, 0.01, seed=0)
 
     expected = _expected(run, negclip)
