@@ -15,6 +15,7 @@ import pytest
 import torch
 from pools import write_datacomp_pool
 
+from curate.clip import pair_scores
 from curate.clip.pair_scores import batches, neg_clip_loss, norm_sim
 from curate.core.config import ConfigError
 from curate.core.recipe import load_recipe, recipe_from_data
@@ -126,12 +127,18 @@ def test_a_generic_caption_scores_lower_than_a_specific_one_of_equal_clip_score(
     assert score[0] < score[1] - 0.01
 
 
-def test_norm_sim_is_the_p_norm_of_cosines_to_the_targets():
+def test_norm_sim_is_the_p_norm_of_cosines_to_the_targets(monkeypatch):
     _, f, _ = _pairs(30, seed=1)
     _, targets, _ = _pairs(7, seed=2)
     cos = f.astype(np.float64) @ targets.astype(np.float64).T
-    np.testing.assert_allclose(norm_sim(f, targets, 2.0), np.sqrt((cos**2).sum(1)), atol=1e-5)
-    np.testing.assert_allclose(norm_sim(f, targets, math.inf), np.abs(cos).max(1), atol=1e-5)
+    two, inf = np.sqrt((cos**2).sum(1)), np.abs(cos).max(1)
+    np.testing.assert_allclose(norm_sim(f, targets, 2.0), two, atol=1e-5)
+    np.testing.assert_allclose(norm_sim(f, targets, math.inf), inf, atol=1e-5)
+    # Blocks of 4 rows and 3 targets: the same numbers.
+    monkeypatch.setattr(pair_scores, "ROW_BLOCK", 8)
+    monkeypatch.setattr(pair_scores, "TARGET_BLOCK", 3)
+    np.testing.assert_allclose(norm_sim(f, targets, 2.0), two, atol=1e-5)
+    np.testing.assert_allclose(norm_sim(f, targets, math.inf), inf, atol=1e-5)
 
 
 # --- the stages and recipes ------------------------------------------------------------------

@@ -149,7 +149,7 @@ class NormSimStage(PairScoreStage):
         ctx.counters.update(targets=len(vectors), targets_unusable=unusable)
 
     def _score(self, uids: pa.Array, vectors: pa.Table, seed: int) -> np.ndarray:
-        targets = np.load(self.output_dir / STATS / TARGETS)
+        targets = np.load(self.output_dir / STATS / TARGETS, mmap_mode="r")  # one copy per node
         images = embedding_matrix(vectors["image_embedding"])
         if images.shape[1] != targets.shape[1]:
             raise ConfigError(
