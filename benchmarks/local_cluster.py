@@ -88,8 +88,12 @@ def _alive_nodes(address: str, wanted: int) -> list[str]:
 
 
 @contextlib.contextmanager
-def local_cluster(nodes: int, cpus: int, logs: Path) -> Iterator[str]:
-    """``nodes`` Ray nodes of ``cpus`` CPUs each on 127.0.0.1; yields the head's address."""
+def local_cluster(nodes: int, cpus: int, logs: Path, gpus: int = 0) -> Iterator[str]:
+    """``nodes`` Ray nodes of ``cpus`` CPUs each on 127.0.0.1; yields the head's address.
+
+    ``gpus``: how many GPUs each node other than the head declares to Ray. Declared,
+    not present: tasks that ask for one are placed there, and find no CUDA device.
+    """
     logs.mkdir(parents=True, exist_ok=True)
     port = free_port()
     address = f"127.0.0.1:{port}"
@@ -107,7 +111,8 @@ def local_cluster(nodes: int, cpus: int, logs: Path) -> Iterator[str]:
         _wait_for_log(logs / "node-0.log", "Ray runtime started")
         other = {**LOOPBACK_ENV, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"}
         for i in range(1, nodes):
-            cmd = [sys.executable, "-c", OTHER_NODE, "start", f"--address={address}", *common]
+            cmd = [sys.executable, "-c", OTHER_NODE, "start", f"--address={address}", *common,
+                   f"--num-gpus={gpus}"]  # fmt: skip
             started.append(_start(cmd, other, logs / f"node-{i}.log"))
         found = _alive_nodes(address, nodes)
         if found != ["127.0.0.1"] * nodes:

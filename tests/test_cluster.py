@@ -141,3 +141,31 @@ def test_run_killed_mid_stage_resumes_to_the_same_ledger(tmp_path):
     assert "ingest" in out and "skipped" in out  # the finished ingest stage was not redone
     run_locally(pool, tmp_path / "clean")
     assert decisions(run_dir) == decisions(tmp_path / "clean")
+
+
+@pytest.mark.slow
+def test_negcliploss_tasks_go_to_the_node_with_a_gpu(tmp_path):
+    """A cluster whose second node declares a GPU: the neg_clip_loss tasks ask for one and all
+    run there (on its CPU, as no CUDA device is there), with the scores of a local run."""
+    pool = tmp_path / "metadata"
+    write_datacomp_pool(pool, 600, n_files=3, seed=3)
+    args = ["run", "datacomp_negcliploss", "--input", str(pool), "--quiet"]
+    with local_cluster(2, 1, tmp_path / "logs", gpus=1) as address:
+        run = curate([*args, "--output", str(tmp_path / "cluster"), "--address", address])
+        _, err = run.communicate(timeout=300)
+    assert run.returncode == 0, err[-3000:]
+    local = curate([*args, "--output", str(tmp_path / "local"), "--engine", "local"])
+    _, err = local.communicate(timeout=300)
+    assert local.returncode == 0, err[-3000:]
+    manifest = json.loads(
+        next((tmp_path / "cluster" / "stages").glob("*_neg_clip_loss/_SUCCESS")).read_text()
+    )
+    assert list(manifest["tasks_per_node"].values()) == [3]  # every file's task on one node
+    clip = json.loads(next((tmp_path / "cluster" / "stages").glob("*_clip/_SUCCESS")).read_text())
+    assert set(manifest["tasks_per_node"]) < set(clip["tasks_per_node"])  # not the head's
+
+    def scores(run: Path) -> dict:
+        table = pq.ParquetDataset([str(f) for f in ledger_files(run / "ledger")]).read()
+        return dict(zip(table["uid"].to_pylist(), table["neg_clip_loss"].to_pylist()))
+
+    assert scores(tmp_path / "cluster") == scores(tmp_path / "local")

@@ -36,11 +36,15 @@ class Engine:
         label: str,
         progress: bool = False,
         processes: int | None = None,
+        gpus: float = 0,
     ) -> list[Result]:
         """``[fn(item) for item in items]``, in order, each item a task of one CPU.
 
         ``processes``: on the local engine, run in that many processes of their own
         (work that needs its own processes to go fast, like downloads); else here.
+        ``gpus``: on Ray, what each task asks for besides its CPU, so the GPU work of
+        a task (negCLIPLoss) lands where a GPU is; the local engine's tasks run in
+        this process, which uses its GPU when it has one.
         ``progress`` draws a line: ``label``, items done of all.
         """
         raise NotImplementedError

@@ -46,6 +46,7 @@ class LocalEngine(Engine):
         label: str,
         progress: bool = False,
         processes: int | None = None,
+        gpus: float = 0,
     ) -> list[Result]:
         self._tasks += len(items)
         with Progress(label, len(items), unit="tasks", enabled=progress and bool(items)) as shown:

@@ -81,9 +81,10 @@ class RayEngine(Engine):
         label: str,
         progress: bool = False,
         processes: int | None = None,
+        gpus: float = 0,
     ) -> list[Result]:
         with Progress(label, len(items), unit="tasks", enabled=progress and bool(items)) as shown:
-            done = _run_tasks(fn, items, shown)
+            done = _run_tasks(fn, items, shown, gpus)
         self._placed.update(node for node, _ in done)
         return [result for _, result in done]
 
@@ -147,13 +148,17 @@ class RayEngine(Engine):
             ray.shutdown()
 
 
-def _run_tasks(fn: Callable, items: Sequence, shown: Progress | None = None) -> list[tuple]:
-    """(node, fn(item)) for each item, a task each, in order."""
+def _run_tasks(
+    fn: Callable, items: Sequence, shown: Progress | None = None, gpus: float = 0
+) -> list[tuple]:
+    """(node, fn(item)) for each item, a task each (of one CPU and ``gpus``), in order."""
     import ray
 
     # SPREAD: a stage's tasks go round the nodes (as Ray Data's reads do), not first to
     # the driver's node until it is full.
-    remote = ray.remote(num_cpus=1, max_retries=1, scheduling_strategy="SPREAD")(_call_item)
+    remote = ray.remote(num_cpus=1, num_gpus=gpus, max_retries=1, scheduling_strategy="SPREAD")(
+        _call_item
+    )
     shared = ray.put(fn)  # once, not with every task: it may be a large object
     refs = [remote.remote(shared, item) for item in items]
     pending = list(refs)

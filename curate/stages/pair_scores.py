@@ -11,6 +11,7 @@ One engine task per ledger file reads that file's alive rows and their vectors
 (the embeddings files that hold them, by their ``file`` column) and writes the
 file again with the score: null where a row is not alive, or alive without a
 vector (counted as ``no_vectors``; a top-fraction filter drops a null score).
+When the cluster has GPUs, each task asks Ray for one and scores there.
 """
 
 from __future__ import annotations
@@ -57,7 +58,8 @@ class PairScoreStage(Stage):
             (self, i, path, holding[i], ctx.out_dir / path.name, ctx.seed)
             for i, path in enumerate(ctx.input_files)
         ]
-        counts = ctx.engine.map_items(_score_file, jobs, self.name, ctx.progress)
+        gpus = 1 if ctx.engine.resources()["GPU"] >= 1 else 0  # a task per GPU, when any
+        counts = ctx.engine.map_items(_score_file, jobs, self.name, ctx.progress, gpus=gpus)
         ctx.counters.update(
             scored=sum(c["scored"] for c in counts),
             no_vectors=sum(c["no_vectors"] for c in counts),
