@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
-from test_clip_stage import _recipe, downloaded  # noqa: F401  (a module fixture, reused)
+from test_clip_stage import DOWNLOAD, _recipe, downloaded  # noqa: F401  (a module fixture, reused)
 
 from curate.core.config import ConfigError
 from curate.core.recipe import recipe_from_data
@@ -157,7 +157,15 @@ def test_the_demo_pools_planted_duplicates(downloaded, tmp_path, served_pool, ra
     counters = stage.counters
     assert counters["dropped"] == len(dropped) and counters["hashed"] > 0
 
-    # The same decisions on a Ray cluster.
+    # The same decisions on a Ray cluster, and with the pool in 9 ledger files (pairs and
+    # groups across files; 9 partitions per band).
+    data = {"name": "split", "stages": [{"stage": "ingest", "rows_per_file": 60}, DOWNLOAD,
+                                        {"stage": "dedup_phash"}]}  # fmt: skip
+    split = tmp_path / "split"
+    run_recipe(recipe_from_data(data, {}, "inline"), served_pool.urls_path, split, engine="ray")
+    decided = ["uid", "keep", "dropped_by", "dup_group"]
+    first = pq.read_table(run / "ledger", columns=decided).sort_by("uid")
+    assert pq.read_table(split / "ledger", columns=decided).sort_by("uid") == first
     again, _ = _phash_run(downloaded, tmp_path / "again", served_pool, engine="ray")
     assert pq.read_table(again / "ledger").sort_by("uid") == pq.read_table(run / "ledger").sort_by(
         "uid"

@@ -12,10 +12,10 @@ counted as ``unhashed`` in the manifest.
 The driver plans; the engine's tasks do the row work, in three rounds:
 
 1. per ledger file: the pHash of each alive row's downloaded image (uid, score,
-   phash), read from the file's own image shards;
-2. per band of the hash and partition of its values: the distinct hashes that
-   share the band's value, compared (``near_pairs``) → pairs within
-   ``max_distance``;
+   phash), read from the file's own image shards; and its distinct hashes, once
+   per band, split by a hash of the band's value;
+2. per band and partition of its values: the distinct hashes that share the
+   band's value, compared (``near_pairs``) → pairs within ``max_distance``;
 3. one task: the rows whose hash is shared or in a pair, in survivor order,
    each absorbed by its best kept neighbour → the decisions (``_stats/``).
 
@@ -42,7 +42,7 @@ from curate.dedup.decided import DecidedStage
 from curate.dedup.decisions import PARENTS, alive_sql, final_decisions, write_decisions
 from curate.dedup.phash import absorb_by_hash, bands, near_pairs, phashes
 from curate.io.images import holding_images, images_by_file
-from curate.io.stats import connect, partitions_for, sql_paths
+from curate.io.stats import connect, partition_files, partitions_for, scatter, sql_paths
 
 HASHES = pa.schema([("uid", pa.string()), ("score", pa.float32()), ("phash", pa.uint64())])
 PAIRS = pa.schema([("a", pa.uint64()), ("b", pa.uint64())])
@@ -67,21 +67,22 @@ class PhashDedupStage(DecidedStage):
         decided = self._decisions_dir()
         decided.mkdir()
         images = ctx.run_dir / IMAGES
+        parts = partitions_for(ctx.input_files)
         with scratch(ctx.out_dir) as work:
             jobs = [
-                (path, images, names, self.score, work / "hashes" / f"{i:06d}.parquet")
+                (path, images, names, self.score, work, i, self.max_distance, parts)
                 for i, (path, names) in enumerate(zip(ctx.input_files, images_by_file(images)))
             ]
             start = time.perf_counter()
             counted = self._map(ctx, _hash_file, jobs, "hash")
             hash_seconds = round(time.perf_counter() - start, 2)
-            hashed = [job[-1] for job in jobs]
-            parts = partitions_for(ctx.input_files)
+            hashed = sorted((work / "hashes").glob("*.parquet"))
             jobs = [
-                (hashed, self.max_distance, band, part, parts, work / "pairs" / f"{band}-{part}")
+                (partition_files(work / "bands" / str(band), part), self.max_distance, band,
+                 work / "pairs" / f"{band}-{part}.parquet")
                 for band in range(self.max_distance + 1)
                 for part in range(parts)
-            ]
+            ]  # fmt: skip
             pairs = sum(self._map(ctx, _pairs_task, jobs, "compare"))
             job = (hashed, sorted((work / "pairs").glob("*.parquet")), decided)
             ((groups, dropped),) = self._map(ctx, _decide_task, [job], "groups")
@@ -95,43 +96,47 @@ class PhashDedupStage(DecidedStage):
         )
 
 
-def _hash_file(job: tuple[Path, Path, list[str], str, Path]) -> tuple[int, int]:
-    """One ledger file's alive rows with an image: (uid, score, phash); (hashed, unhashed)."""
-    path, images, names, score, out = job
-    out.parent.mkdir(parents=True, exist_ok=True)
+def _hash_file(job: tuple[Path, Path, list[str], str, Path, int, int, int]) -> tuple[int, int]:
+    """One ledger file's alive rows with an image: (uid, score, phash), and its distinct
+    hashes split, band by band, by a hash of the band's value; (hashed, unhashed)."""
+    path, images, names, score, work, index, max_distance, parts = job
+    (work / "hashes").mkdir(parents=True, exist_ok=True)
     with connect() as con:
         alive = con.sql(alive_sql(path, score, where="status = 'success'")).to_arrow_table()
-    parts, unhashed = [], 0
+    found_rows, unhashed = [], 0
     for shard, column in holding_images(images, names):
         for batch in pq.ParquetFile(shard).iter_batches(HASH_BATCH, columns=["uid", column]):
-            index = pc.index_in(batch["uid"], value_set=alive["uid"])
-            found = index.is_valid()
-            rows = alive.take(index.filter(found))
+            at = pc.index_in(batch["uid"], value_set=alive["uid"])
+            found = at.is_valid()
+            rows = alive.take(at.filter(found))
             codes, ok = phashes(batch[column].filter(found).to_pylist())
             unhashed += int((~ok).sum())
             table = rows.append_column("phash", pa.array(codes, pa.uint64()))
-            parts.append(table.filter(pa.array(ok)).cast(HASHES))
-    table = pa.concat_tables(parts) if parts else HASHES.empty_table()
-    pq.write_table(table, out)
+            found_rows.append(table.filter(pa.array(ok)).cast(HASHES))
+    table = pa.concat_tables(found_rows) if found_rows else HASHES.empty_table()
+    pq.write_table(table, work / "hashes" / f"{index:06d}.parquet")
+    with connect() as con:
+        con.register("hashes", table)
+        for band, (shift, width) in enumerate(bands(max_distance)):
+            value = f"((phash >> {shift}) & {(1 << width) - 1})"
+            folder = work / "bands" / str(band) / f"{index:06d}"
+            scatter(con, "SELECT DISTINCT phash FROM hashes", value, folder, parts)
     return table.num_rows, unhashed
 
 
-def _pairs_task(job: tuple[list[Path], int, int, int, int, Path]) -> int:
-    """The pairs within ``max_distance`` among distinct hashes whose value of ``band`` falls
-    in partition ``part``, found by that band first; how many."""
-    files, max_distance, band, part, parts, out = job
-    shift, width = bands(max_distance)[band]
-    value = f"((phash >> {shift}) & {(1 << width) - 1})"
-    sql = f"""
-        SELECT DISTINCT phash FROM read_parquet({sql_paths(files)})
-        WHERE hash({value}) % {parts} = {part}
-    """
+def _pairs_task(job: tuple[list[Path], int, int, Path]) -> int:
+    """The pairs within ``max_distance`` among the distinct hashes of one partition of
+    ``band``'s values, found by that band first; how many."""
+    files, max_distance, band, out = job
+    if not files:
+        return 0
+    sql = f"SELECT DISTINCT phash FROM read_parquet({sql_paths(files)}, hive_partitioning = false)"
     with connect() as con:
         hashes = con.sql(sql).to_arrow_table()["phash"].to_numpy().astype(np.uint64)
     a, b = near_pairs(hashes, max_distance, band)
     if len(a):
         out.parent.mkdir(parents=True, exist_ok=True)
-        pq.write_table(pa.table({"a": a, "b": b}, PAIRS), out.with_suffix(".parquet"))
+        pq.write_table(pa.table({"a": a, "b": b}, PAIRS), out)
     return len(a)
 
 
