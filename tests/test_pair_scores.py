@@ -222,6 +222,24 @@ def test_the_datacomp_normsim_recipe(metadata, tmp_path, engine, request):
     assert report["funnel"][-1]["remaining"] == report["rows_out"] == 121
 
 
+def test_zero_target_vectors_are_left_out(metadata, tmp_path):
+    """A zero vector has no direction: counted unusable, not a NaN in every row's score."""
+    path = tmp_path / "zeros.parquet"
+    vectors = [[0.0] * 12, [1.0] + [0.0] * 11]
+    pq.write_table(pa.table({"name": ["zero", "x"], "image_embedding": vectors}), path)
+    overrides = [f"norm_sim.target={path}", "neg_clip_loss.batch_size=64"]
+    recipe = load_recipe(str(ROOT / "pipelines" / "datacomp_normsim.yaml"), overrides)
+    result = run_recipe(recipe, metadata, tmp_path / "run", engine="local")
+    assert result.stages[3].counters == {
+        "targets": 1, "targets_unusable": 1, "scored": 600, "no_vectors": 0
+    }  # fmt: skip
+    ledger = pq.read_table(tmp_path / "run" / "ledger")
+    assert not np.isnan(ledger["norm_sim"].to_numpy()).any()
+    pq.write_table(pa.table({"name": ["zero"], "image_embedding": vectors[:1]}), path)
+    with pytest.raises(ConfigError, match="every vector is zero"):
+        run_recipe(recipe, metadata, tmp_path / "again", engine="local")
+
+
 def test_the_stages_need_a_clip_stage_and_a_target(metadata, tmp_path):
     data = {"name": "x", "stages": [{"stage": "ingest"}, {"stage": "neg_clip_loss"}]}
     with pytest.raises(ConfigError, match="neg_clip_loss: needs the pool's CLIP vectors"):

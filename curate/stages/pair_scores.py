@@ -33,7 +33,7 @@ from curate.core.runfolder import scratch
 from curate.core.schema import alive_mask, set_column
 from curate.core.stage import Stage, StageContext, register_stage
 from curate.io.image_sets import find_beside_input
-from curate.io.vectors import embedding_matrix
+from curate.io.vectors import embedding_matrix, unit_rows
 
 TARGETS = "targets.npy"
 
@@ -144,11 +144,16 @@ class NormSimStage(PairScoreStage):
                 path, work, ctx.engine, who=who, what="target", run_dir=ctx.run_dir,
                 model=self.model, pretrained=self.pretrained,
             )  # fmt: skip
+        unit = unit_rows(vectors)
+        usable = np.isfinite(unit).all(axis=1)  # a zero vector has no direction
+        if not usable.any():
+            raise ConfigError(f"{who}: target {path}: every vector is zero")
         stats = self.output_dir / STATS
         stats.mkdir(parents=True, exist_ok=True)
-        unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
-        np.save(stats / TARGETS, unit.astype(np.float32))
-        ctx.counters.update(targets=len(vectors), targets_unusable=unusable)
+        np.save(stats / TARGETS, unit[usable])
+        ctx.counters.update(
+            targets=int(usable.sum()), targets_unusable=unusable + int((~usable).sum())
+        )
 
     def _score(self, uids: pa.Array, vectors: pa.Table, seed: int) -> np.ndarray:
         targets = np.load(self.output_dir / STATS / TARGETS, mmap_mode="r")  # one copy per node
