@@ -60,7 +60,9 @@ def _row_positions(pf: pq.ParquetFile, rows: np.ndarray) -> tuple[list[int], np.
     return groups, positions
 
 
-def _decode_image(data: bytes | None, steps, max_pixels: int) -> tuple[bytes, str | None]:
+def decode_image(data: bytes | None, steps, max_pixels: int) -> tuple[bytes, str | None]:
+    """An image's bytes through the byte guard, Pillow and ``steps`` (PIL image in, crop out):
+    the crop as raw uint8 bytes, or ``b""`` and why it could not be had."""
     if data is None:
         return b"", "decode: no image bytes"
     problem = image_problem(data, max_pixels)
@@ -117,7 +119,7 @@ def decode_chunk(item: pa.Table, spec: DecodeSpec) -> pa.Table:
         if isinstance(data, Exception):
             crop, error = b"", f"decode: {data}"
         else:
-            crop, error = _decode_image(data, steps, spec.max_pixels)
+            crop, error = decode_image(data, steps, spec.max_pixels)
         crops.append(crop)
         errors.append(error)
     captions = todo["caption"].to_pylist()

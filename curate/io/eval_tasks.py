@@ -212,10 +212,6 @@ def _read_table(path: Path) -> pa.Table:
         raise ConfigError(f"{path}: not a readable {path.suffix[1:]} file: {exc}") from exc
 
 
-def _is_text(value) -> bool:
-    return isinstance(value, str)
-
-
 def _table_samples(path: Path) -> Iterator[Sample]:
     """A retrieval table's images, each with its captions (rows of one image grouped)."""
     table = _read_table(path)
@@ -228,7 +224,11 @@ def _table_samples(path: Path) -> Iterator[Sample]:
     captions: dict[str | bytes, list[str]] = {}
     for row, (image, text) in enumerate(zip(images, table[column].to_pylist()), 1):
         texts = text if isinstance(text, list) else [text]
-        if not isinstance(image, (str, bytes)) or not texts or not all(map(_is_text, texts)):
+        if (
+            not isinstance(image, (str, bytes))
+            or not texts
+            or not all(isinstance(t, str) for t in texts)
+        ):
             raise ConfigError(f"{path}: row {row}: needs an image and caption text")
         captions.setdefault(image, []).extend(texts)
     if not captions:

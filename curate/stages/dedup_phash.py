@@ -39,7 +39,13 @@ from curate.core.layout import IMAGES
 from curate.core.runfolder import scratch
 from curate.core.stage import StageContext, register_stage
 from curate.dedup.decided import DecidedStage
-from curate.dedup.decisions import PARENTS, alive_sql, final_decisions, write_decisions
+from curate.dedup.decisions import (
+    PARENTS,
+    alive_sql,
+    final_decisions,
+    read_tables,
+    write_decisions,
+)
 from curate.dedup.phash import absorb_by_hash, bands, near_pairs, phashes
 from curate.io.images import holding_images, images_by_file
 from curate.io.stats import connect, partition_files, partitions_for, scatter, sql_paths
@@ -143,21 +149,18 @@ def _pairs_task(job: tuple[list[Path], int, int, Path]) -> int:
 def _decide_task(job: tuple[list[Path], list[Path], Path]) -> tuple[int, int]:
     """The rows with a near or equal hash, absorbed by the rule; (groups, rows dropped)."""
     files, pair_files, decided = job
-    pairs = pa.concat_tables([pq.read_table(f) for f in pair_files]) if pair_files else None
+    pairs = read_tables(pair_files, PAIRS).combine_chunks()
     with connect() as con:
+        con.register("pairs", pairs)
         rows = f"read_parquet({sql_paths(files)})"
-        involved = f"SELECT phash FROM {rows} GROUP BY phash HAVING count(*) > 1"
-        if pairs is not None:
-            con.register("pairs", pairs)
-            involved += " UNION SELECT a FROM pairs UNION SELECT b FROM pairs"
+        involved = f"""
+            SELECT phash FROM {rows} GROUP BY phash HAVING count(*) > 1
+            UNION SELECT a FROM pairs UNION SELECT b FROM pairs
+        """
         table = con.sql(
             f"SELECT uid, score, phash FROM {rows} WHERE phash IN ({involved})"
         ).to_arrow_table()
-    edges = (
-        (pairs["a"].to_numpy(), pairs["b"].to_numpy())
-        if pairs is not None
-        else (np.zeros(0, np.uint64), np.zeros(0, np.uint64))
-    )
+    edges = (pairs["a"].to_numpy(), pairs["b"].to_numpy())
     uids = table["uid"].to_pylist()
     scores = table["score"].to_numpy(zero_copy_only=False).astype(np.float64)
     parent = absorb_by_hash(uids, scores, table["phash"].to_numpy(), edges)

@@ -9,9 +9,9 @@ suite of real benchmarks); the rows go to ``OUT/compare.json`` and, as a
 DataComp-style table with one column per task and their average, to
 ``OUT/compare.md``.
 
-With several seeds a row holds the mean of each metric and its sample standard
-deviation (``<metric>_std``): a gap between two runs means something only when
-it is larger than the seed-to-seed spread.
+With several seeds a row holds the mean of each score and its sample standard
+deviation (``scores_std``, ``average_std``): a gap between two runs means something
+only when it is larger than the seed-to-seed spread.
 """
 
 from __future__ import annotations

@@ -27,20 +27,18 @@ it: skipping it would change the metric.
 
 from __future__ import annotations
 
-import io
 import os
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
-from curate.clip.embed import Embedder
+from curate.clip.embed import Embedder, decode_image
 from curate.clip.model import CONFIG_FILE, folder_weights, tokenizer_for
 from curate.core.config import ConfigError
 from curate.core.progress import Progress
 from curate.io.eval_tasks import CLASSIFICATION, Sample, Task, read_tasks
-from curate.io.image_guard import DEFAULT_MAX_PIXELS, image_problem
+from curate.io.image_guard import DEFAULT_MAX_PIXELS
 from curate.io.vectors import unit_rows
 from curate.train import metrics
 
@@ -85,19 +83,14 @@ class Scorer:
 
     def _crop(self, sample: Sample) -> np.ndarray:
         """The image as ``clip_benchmark`` reads it: RGB first, then the eval transform."""
-        from PIL import Image
+        crop, error = decode_image(sample.image, self._rgb_steps, DEFAULT_MAX_PIXELS)
+        if error:
+            raise ConfigError(f"{sample.source}: cannot read the image: {error}")
+        side = self.embedder.size
+        return np.frombuffer(crop, np.uint8).reshape(side, side, 3)
 
-        problem = image_problem(sample.image, DEFAULT_MAX_PIXELS)
-        try:
-            if problem:
-                raise ValueError(problem)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # EXIF and palette chatter
-                with Image.open(io.BytesIO(sample.image)) as image:
-                    image.load()
-                    return np.asarray(self.steps(image.convert("RGB")), dtype=np.uint8)
-        except Exception as exc:
-            raise ConfigError(f"{sample.source}: cannot read the image: {exc}") from exc
+    def _rgb_steps(self, image):
+        return self.steps(image.convert("RGB"))
 
     def images(self, task: Task, progress: bool) -> tuple[np.ndarray, list]:
         """Every image of ``task`` as a unit vector, and each one's truth.
