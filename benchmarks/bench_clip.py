@@ -3,16 +3,22 @@
 Writes a run folder as the download stage leaves it (img2dataset-style image
 shards of JPEGs, 100-row row groups, and a ledger), then times the clip stage
 on it, and, to say what bounds the stage, its two halves alone: decoding (one
-process per CPU, as the decode tasks run) and the model's forward pass on
-already-decoded crops. On a GPU, ``nvidia-smi`` is sampled every 0.2 s while
-the stage runs.
+process per CPU, as the decode tasks run; with ``--decode gpu``, also the GPU's
+decoder alone) and the model's forward pass on already-decoded crops. On a GPU,
+``nvidia-smi`` is sampled every 0.2 s while the stage runs.
 
-    python benchmarks/bench_clip.py --images 2048 --engine local          # CPU
-    python benchmarks/bench_clip.py --images 50000 --engine ray --device cuda
+    python benchmarks/bench_clip.py --images 2048 --engine local               # CPU
+    python benchmarks/bench_clip.py --images 2048 --engine local --jpeg-draft  # fast CPU
+    python benchmarks/bench_clip.py --images 50000 --engine ray --device cuda  # GPU decode
 
-The images are synthetic 512 × 384 JPEGs (quality 95, DataComp's download
-size): smooth gradients with noise, about as costly to decode as photos.
-Weights are random (``pretrained: random``): speed does not depend on them.
+With ``--decode gpu`` or ``--jpeg-draft``, the first ``--reference`` images are
+also scored with exact CPU decoding, and the score differences reported.
+
+The images are synthetic JPEGs (quality 95) of ``--short-side`` pixels on the
+short side and 4:3 (default 683 × 512: the download stage's default,
+``keep_ratio`` at 512): smooth gradients with noise, about as costly to decode
+as photos. Weights are random (``pretrained: random``): speed does not depend
+on them.
 """
 
 from __future__ import annotations
@@ -44,11 +50,11 @@ from curate.stages.clip import ClipStage
 CAPTIONS = ["a photo of a dog on a beach", "a red car in front of a house", "two cats asleep"]
 
 
-def _jpeg(seed: int) -> bytes:
+def _jpeg(seed: int, short_side: int) -> bytes:
     from PIL import Image
 
     rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:384, 0:512]
+    y, x = np.mgrid[0:short_side, 0 : round(short_side * 4 / 3)]
     base = np.stack([x * rng.uniform(0.2, 0.5), y * rng.uniform(0.2, 0.6), (x + y) * 0.2], -1)
     pixels = np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
     out = io.BytesIO()
@@ -56,9 +62,10 @@ def _jpeg(seed: int) -> bytes:
     return out.getvalue()
 
 
-def write_run(run: Path, n: int, per_shard: int = 10_000) -> None:
+def write_run(run: Path, n: int, per_shard: int = 10_000, short_side: int = 512) -> None:
     """images/NNNNN.parquet (uid, jpg) and a one-file ledger, as after the download stage."""
-    distinct = [_jpeg(i) for i in range(64)]  # decoding cost is per image, not per distinct one
+    # decoding cost is per image, not per distinct one
+    distinct = [_jpeg(i, short_side) for i in range(64)]
     with claim(run, "run"):  # a run folder: the clip stage replaces its embeddings/ only there
         pass
     (run / "images").mkdir(parents=True)
@@ -117,8 +124,11 @@ class GpuSampler:
                 "gpu_util_median": float(np.median(self.samples))}  # fmt: skip
 
 
-def _decode_rate(stage: ClipStage, prepared, run: Path, processes: int, chunks: int) -> float:
-    """Images/s of decode_chunk alone, ``processes`` at a time."""
+def _decode_rate(
+    stage: ClipStage, prepared, run: Path, processes: int, chunks: int, on_device: bool
+) -> float:
+    """Images/s of decode_chunk alone, ``processes`` at a time (``on_device``: what is
+    left to the CPUs when the GPU decodes: reading, checking and tokenizing)."""
     from curate.clip.embed import DecodeSpec
     from curate.stages.clip import _chunks
 
@@ -126,7 +136,7 @@ def _decode_rate(stage: ClipStage, prepared, run: Path, processes: int, chunks: 
                        engine=open_engine("local"))  # fmt: skip
     work = _chunks(ctx, run / "decode_work", stage.batch_size)[:chunks]
     resolved, preprocess, _ = prepared
-    spec = DecodeSpec(resolved, preprocess)
+    spec = DecodeSpec(resolved, preprocess, jpeg_draft=stage.jpeg_draft, on_device=on_device)
     with ProcessPoolExecutor(processes) as pool:
         list(pool.map(_decode_one, [(w, spec) for w in work[:processes]]))  # warm: imports
         start = time.perf_counter()
@@ -140,6 +150,55 @@ def _decode_one(args) -> int:
 
     work, spec = args
     return len(decode_chunk(pa.Table.from_pylist([work]), spec)["errors"][0])
+
+
+def _device_decode_rate(prepared, run: Path, device: str, batch: int, batches: int) -> float:
+    """Images/s of the model worker's own decoder (nvJPEG, resize, crop) on ``device``."""
+    import torch
+
+    from curate.clip.embed import DeviceDecoder
+
+    blobs = pq.read_table(run / "images" / "00000.parquet", columns=["jpg"])["jpg"].to_pylist()
+    blobs = (blobs * (batch // len(blobs) + 1))[:batch]
+    decoder = DeviceDecoder(prepared[1], torch.device(device))
+    decoder(blobs)  # warm-up: nvJPEG handles, kernels
+    start = time.perf_counter()
+    for _ in range(batches):
+        torch.stack(decoder(blobs))
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return batch * batches / (time.perf_counter() - start)
+
+
+def _score_difference(args, run: Path, scores: dict, engine) -> dict:
+    """The stage's scores against exact CPU decoding's on the first ``--reference`` images."""
+    reference = run.with_name(run.name + "_reference")
+    shutil.rmtree(reference, ignore_errors=True)
+    n = min(args.reference, args.images)
+    write_run(reference, n, short_side=args.short_side)
+    exact = _run_stage(args, reference, engine, decode="cpu", jpeg_draft=False)[0]
+    shutil.rmtree(reference)
+    diff = np.array([abs(scores[u] - exact[u]) for u in exact])
+    return {"images": n, "max": float(diff.max()), "mean": float(diff.mean())}
+
+
+def _run_stage(args, run: Path, engine, **decode) -> tuple[dict, float, ClipStage, tuple]:
+    """The clip stage on ``run``: scores by uid, seconds, the stage, its plan."""
+    stage = ClipStage(model=args.model, pretrained="random", device=args.device,
+                      batch_size=args.batch_size, **decode)  # fmt: skip
+    stage.name = "clip"
+    out_dir = run / "stage_out"
+    shutil.rmtree(out_dir, ignore_errors=True)
+    out_dir.mkdir()
+    ctx = StageContext(run, out_dir, [run / "ledger_in" / "part-00000.parquet"], None,
+                       engine=engine)  # fmt: skip
+    ctx.plan = stage.plan(ctx)
+    start = time.perf_counter()
+    stage.run(ctx)
+    seconds = time.perf_counter() - start
+    table = pq.read_table(run / "embeddings", columns=["uid", "clip_score"])
+    scores = dict(zip(table["uid"].to_pylist(), table["clip_score"].to_pylist()))
+    return scores, seconds, stage, ctx.plan
 
 
 def _model_rate(stage: ClipStage, prepared, device: str, batches: int) -> float:
@@ -182,48 +241,53 @@ def main() -> None:
     parser.add_argument("--engine", choices=["local", "ray"], default="local")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--decode", choices=["auto", "cpu", "gpu"], default="auto")
+    parser.add_argument("--jpeg-draft", action="store_true", help="Pillow's reduced-scale decode")
+    parser.add_argument("--short-side", type=int, default=512, help="the JPEGs' short side")
+    parser.add_argument("--reference", type=int, default=2048,
+                        help="images scored again with exact CPU decoding to compare")  # fmt: skip
     parser.add_argument("--work", type=Path, default=Path("/tmp/bench_clip"))
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = parser.parse_args()
 
     shutil.rmtree(args.work, ignore_errors=True)
-    write_run(args.work, args.images)
-    stage = ClipStage(model=args.model, pretrained="random", device=args.device,
-                      batch_size=args.batch_size)  # fmt: skip
-    stage.name = "clip"
+    write_run(args.work, args.images, short_side=args.short_side)
     engine = open_engine(args.engine)
-    out_dir = args.work / "stage_out"
-    out_dir.mkdir()
-    ctx = StageContext(args.work, out_dir, [args.work / "ledger_in" / "part-00000.parquet"], None,
-                       engine=engine)  # fmt: skip
-    ctx.plan = stage.plan(ctx)
-    device = stage._device(engine)
+    decode = {"decode": args.decode, "jpeg_draft": args.jpeg_draft}
+    device = ClipStage(device=args.device)._device(engine)
     with GpuSampler() if device == "cuda" else contextlib.nullcontext() as sampler:
-        start = time.perf_counter()
-        stage.run(ctx)
-        seconds = time.perf_counter() - start
+        scores, seconds, stage, plan = _run_stage(args, args.work, engine, **decode)
+    decoded_on = stage._decode(device, plan[1])
+    exact = decoded_on == "cpu" and not args.jpeg_draft
+    difference = None if exact else _score_difference(args, args.work, scores, engine)
     engine.close()
     cpus = os.cpu_count() or 1
     decode_processes = max(1, cpus - 1) if device == "cuda" else cpus
+    chunks = max(decode_processes * 4, 8)
+    cpu_decode = _decode_rate(stage, plan, args.work, decode_processes, chunks, decoded_on == "gpu")
+    device_decode = None
+    if decoded_on == "gpu":
+        rate = _device_decode_rate(plan, args.work, device, args.batch_size, 20)
+        device_decode = round(rate, 1)
     result = {
         "model": args.model,
         "engine": args.engine,
         "device": device,
         "precision": stage.precision if device == "cuda" else "fp32",
+        "decode": decoded_on,
+        "jpeg_draft": args.jpeg_draft,
+        "image_size": f"{round(args.short_side * 4 / 3)}x{args.short_side}",
         "images": args.images,
         "batch_size": args.batch_size,
         "seconds": round(seconds, 2),
         "images_per_s": round(args.images / seconds, 1),
-        "decode_only_images_per_s": round(
-            _decode_rate(
-                stage, ctx.plan, args.work, decode_processes, chunks=max(decode_processes * 4, 8)
-            ),
-            1,
-        ),
+        "decode_only_images_per_s": round(cpu_decode, 1),
         "decode_processes": decode_processes,
+        "device_decode_only_images_per_s": device_decode,
         "model_only_images_per_s": round(
-            _model_rate(stage, ctx.plan, device, 20 if device == "cuda" else 2), 1
+            _model_rate(stage, plan, device, 20 if device == "cuda" else 2), 1
         ),
+        "score_vs_exact_cpu_decode": difference,
         **(sampler.summary() if device == "cuda" else {}),
         "machine": f"{platform.machine()}, {cpus} CPUs, {_gpu_name() or 'no GPU'}",
         "python": sys.version.split()[0],

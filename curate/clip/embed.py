@@ -2,7 +2,10 @@
 
 The unit of work is a *chunk*: ``batch_size`` consecutive rows to embed, which
 may span image shards. A decode task turns a chunk into uint8 crops and token
-ids; the model's worker embeds each chunk as one batch. Chunks, not whatever
+ids; the model's worker embeds each chunk as one batch. With ``on_device`` the
+decode task ships baseline JPEGs undecoded instead, and the model's worker
+decodes them on its own device (nvJPEG on a GPU, ``DeviceDecoder``): Pillow on
+the CPUs is what bounds a GPU's throughput otherwise. Chunks, not whatever
 batches Ray Data happens to form, are the batches the model sees, because a
 CLIP forward pass is not batch-invariant (a row's embedding moves by ~1e-6 with its batch-mates on
 CPU): fixing the batches makes in-process and Ray runs give identical bytes.
@@ -33,11 +36,20 @@ CHARS_PER_TOKEN = 64
 
 @dataclass(frozen=True)
 class DecodeSpec:
-    """What a decode worker needs: the model's preprocessing and tokenizer, by value."""
+    """What a decode worker needs: the model's preprocessing and tokenizer, by value.
+
+    ``jpeg_draft``: Pillow decodes a JPEG at the smallest DCT scale (1/2, 1/4, 1/8)
+    still at least the model's input size on both sides, then resizes as usual:
+    faster, and not the exact pixels of open_clip's preprocessing (the README gives
+    the measured score difference). ``on_device``: JPEGs the model's device can decode
+    (``device_decodable``) are shipped as bytes for it to decode.
+    """
 
     resolved: ResolvedModel
     preprocess: Preprocess
     max_pixels: int = DEFAULT_MAX_PIXELS
+    jpeg_draft: bool = False
+    on_device: bool = False
 
 
 @lru_cache(maxsize=4)
@@ -60,9 +72,12 @@ def _row_positions(pf: pq.ParquetFile, rows: np.ndarray) -> tuple[list[int], np.
     return groups, positions
 
 
-def decode_image(data: bytes | None, steps, max_pixels: int) -> tuple[bytes, str | None]:
+def decode_image(
+    data: bytes | None, steps, max_pixels: int, draft: int = 0
+) -> tuple[bytes, str | None]:
     """An image's bytes through the byte guard, Pillow and ``steps`` (PIL image in, crop out):
-    the crop as raw uint8 bytes, or ``b""`` and why it could not be had."""
+    the crop as raw uint8 bytes, or ``b""`` and why it could not be had. ``draft``: a JPEG
+    is decoded at the smallest DCT scale still at least ``draft`` pixels on both sides."""
     if data is None:
         return b"", "decode: no image bytes"
     problem = image_problem(data, max_pixels)
@@ -74,11 +89,29 @@ def decode_image(data: bytes | None, steps, max_pixels: int) -> tuple[bytes, str
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # EXIF and palette chatter
             with Image.open(io.BytesIO(data)) as image:
+                if draft and image.format == "JPEG":
+                    image.draft(image.mode, (draft, draft))
                 image.load()
                 crop = steps(image)
         return np.asarray(crop, dtype=np.uint8).tobytes(), None
     except Exception as exc:
         return b"", f"decode: {type(exc).__name__}: {exc}"
+
+
+def device_decodable(data: bytes | None, max_pixels: int) -> bool:
+    """Whether ``data`` passes the byte guard and the model's device decodes it as Pillow
+    would: a sequential 8-bit JPEG in YCbCr or greyscale. CMYK and progressive JPEGs,
+    every other format and bytes the guard refuses are left to Pillow on the CPUs."""
+    from PIL import Image
+
+    if not data or image_problem(data, max_pixels):
+        return False
+    with Image.open(io.BytesIO(data)) as image:
+        return (
+            image.format == "JPEG"
+            and image.mode in ("RGB", "L")
+            and not image.info.get("progressive")
+        )
 
 
 def _clean_caption(text: str, context_length: int) -> str:
@@ -108,20 +141,27 @@ def decode_chunk(item: pa.Table, spec: DecodeSpec) -> pa.Table:
 
     One row, not one per image: Ray Data may slice blocks between rows, never
     inside one, so the chunk reaches its model worker whole. ``pixels`` is the
-    valid crops back to back (uint8, S × S × 3 each), ``tokens`` the int32 token
-    ids of every caption, ``errors`` null for rows whose image decoded.
+    crops decoded here back to back (uint8, S × S × 3 each), ``encoded`` the bytes
+    left for the model's device to decode (null for the other rows), ``tokens``
+    the int32 token ids of every caption, ``errors`` null for rows whose image
+    decoded or is left to the device.
     """
     (work,) = item.to_pylist()
     steps, tokenizer = _tools(spec)
+    draft = spec.preprocess.size if spec.jpeg_draft else 0
     todo = pq.read_table(work["todo"]).slice(work["start"], work["stop"] - work["start"])
-    crops, errors = [], []
+    crops, errors, encoded = [], [], []
     for data in read_image_bytes(todo):
+        shipped = None
         if isinstance(data, Exception):
             crop, error = b"", f"decode: {data}"
+        elif spec.on_device and device_decodable(data, spec.max_pixels):
+            crop, error, shipped = b"", None, data
         else:
-            crop, error = decode_image(data, steps, spec.max_pixels)
+            crop, error = decode_image(data, steps, spec.max_pixels, draft)
         crops.append(crop)
         errors.append(error)
+        encoded.append(shipped)
     captions = todo["caption"].to_pylist()
     context = tokenizer.context_length
     texts = ["" if c is None else _clean_caption(c, context) for c in captions]
@@ -134,6 +174,7 @@ def decode_chunk(item: pa.Table, spec: DecodeSpec) -> pa.Table:
             "errors": pa.array([errors], pa.list_(pa.string())),
             "has_text": [[c is not None for c in captions]],
             "pixels": pa.array([b"".join(crops)], pa.large_binary()),
+            "encoded": pa.array([encoded], pa.list_(pa.large_binary())),
             "tokens": pa.array([tokens.tobytes()], pa.large_binary()),
             "context": [context],
         }
@@ -146,11 +187,55 @@ def _fixed_list(vectors: np.ndarray, valid: np.ndarray) -> pa.Array:
     return pa.FixedSizeListArray.from_arrays(flat, vectors.shape[1], mask=pa.array(~valid))
 
 
+class DeviceDecoder:
+    """JPEG bytes → uint8 crops (N × 3 × S × S) on ``device``: TorchCodec's ``decode_jpeg``
+    (nvJPEG on a GPU, a batch per call; torchvision's own decoders are deprecated since
+    0.29 in its favour), then open_clip's own resize and crop steps, which torchvision
+    applies to tensors as to PIL images (bicubic, antialiased).
+
+    An image the device cannot decode is decoded by Pillow instead, here, exactly as a
+    decode task would; one Pillow cannot decode either comes back as its reason, as
+    on the CPU path. Never raises for bad bytes.
+    """
+
+    def __init__(self, preprocess: Preprocess, device):
+        self.steps = preprocess.pil_steps()  # tensor-ready; MaybeConvertMode passes tensors
+        self.size = preprocess.size
+        self.device = device
+
+    def __call__(self, blobs: list[bytes]) -> list:
+        """A crop (3 × S × S uint8 tensor on the device) or the reason, for each blob."""
+        import torch
+        from torchcodec.decoders import decode_jpeg
+
+        try:
+            images = decode_jpeg(blobs, mode="RGB", device=self.device)
+        except RuntimeError:  # one bad image fails the batch: find it
+            images = []
+            for blob in blobs:
+                try:
+                    images.append(decode_jpeg(blob, mode="RGB", device=self.device))
+                except RuntimeError:
+                    images.append(blob)
+        return [self.steps(image) if torch.is_tensor(image) else self._on_cpu(image)
+                for image in images]  # fmt: skip
+
+    def _on_cpu(self, data: bytes):
+        import torch
+
+        crop, error = decode_image(data, self.steps, DEFAULT_MAX_PIXELS)
+        if error:
+            return error
+        pixels = torch.frombuffer(bytearray(crop), dtype=torch.uint8).view(self.size, self.size, 3)
+        return pixels.permute(2, 0, 1).to(self.device)
+
+
 class Embedder:
     """One model per instance (one per actor on Ray): chunks of decoded rows → embeddings.
 
     On CUDA the crops travel as uint8 through pinned memory and are normalised
-    on the GPU under bf16/fp16 autocast; on CPU everything is float32.
+    on the GPU under bf16/fp16 autocast; on CPU everything is float32. JPEG bytes
+    that a decode task left undecoded are decoded here, on the model's device.
     """
 
     def __init__(
@@ -168,6 +253,7 @@ class Embedder:
         self.std = torch.tensor(preprocess.std, device=self.device).view(shape)
         self.autocast = dtype if self.device.type == "cuda" and dtype != "fp32" else None
         self._pinned = None
+        self.decoder = DeviceDecoder(preprocess, self.device)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         """Decoded chunks (one per row) → one output row per image."""
@@ -200,8 +286,32 @@ class Embedder:
 
     def images(self, crops: np.ndarray) -> np.ndarray:
         """uint8 crops (N × S × S × 3) → unit image vectors (N × D, float32)."""
-        x = self._to_device(crops).permute(0, 3, 1, 2).float().div(255)
+        return self._images(self._to_device(crops).permute(0, 3, 1, 2))
+
+    def _images(self, crops) -> np.ndarray:
+        """uint8 crops (N × 3 × S × S) on the device → unit image vectors (N × D, float32)."""
+        x = crops.float().div(255)
         return self._encode(self.model.encode_image, x.sub_(self.mean).div_(self.std))
+
+    def _crops(self, chunk: dict, errors: list) -> tuple:
+        """Every row's crop (N × 3 × S × S uint8, on the device): those a decode task made,
+        and those decoded here from the bytes it shipped. Rows whose image could not be
+        had (here too) get their reason in ``errors``."""
+        torch = self.torch
+        n, size = len(errors), self.size
+        crops = torch.zeros((n, 3, size, size), dtype=torch.uint8, device=self.device)
+        encoded = chunk.get("encoded") or [None] * n
+        made = [i for i in range(n) if errors[i] is None and encoded[i] is None]
+        if made:
+            pixels = np.frombuffer(chunk["pixels"], np.uint8).reshape(-1, size, size, 3)
+            crops[made] = self._to_device(pixels).permute(0, 3, 1, 2)
+        shipped = [i for i in range(n) if encoded[i] is not None]
+        for i, crop in zip(shipped, self.decoder([encoded[i] for i in shipped])):
+            if isinstance(crop, str):
+                errors[i] = crop
+            else:
+                crops[i] = crop
+        return crops
 
     def texts(self, tokens: np.ndarray) -> np.ndarray:
         """Token ids (N × context) → unit text vectors (N × D, float32)."""
@@ -209,14 +319,14 @@ class Embedder:
         return self._encode(self.model.encode_text, ids)
 
     def embed_chunk(self, chunk: dict) -> pa.Table:
-        errors = chunk["errors"]
+        errors = list(chunk["errors"])
         n = len(errors)
+        crops = self._crops(chunk, errors)
         has_image = np.array([e is None for e in errors], bool)
         has_text = np.array(chunk["has_text"], bool)
         image = np.zeros((n, self.dim), np.float32)
         if has_image.any():
-            crops = np.frombuffer(chunk["pixels"], np.uint8)
-            image[has_image] = self.images(crops.reshape(-1, self.size, self.size, 3))
+            image[has_image] = self._images(crops[np.flatnonzero(has_image).tolist()])
         text = np.zeros((n, self.dim), np.float32)
         if has_text.any():
             tokens = np.frombuffer(chunk["tokens"], np.int32).reshape(n, chunk["context"])

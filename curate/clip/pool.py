@@ -199,16 +199,21 @@ def embed(
     workers: int,
     out: Path,
     progress: Progress | None = None,
+    *,
+    jpeg_draft: bool = False,
+    on_device: bool = False,
 ) -> None:
     """Chunks decoded on CPU workers, embedded by ``workers`` model workers (a GPU each on
-    CUDA), written to ``out`` as Parquet parts of about ``ROWS_PER_FILE`` rows."""
+    CUDA), written to ``out`` as Parquet parts of about ``ROWS_PER_FILE`` rows.
+    ``jpeg_draft`` and ``on_device``: see ``curate.clip.embed.DecodeSpec``."""
     from curate.clip.embed import DecodeSpec, Embedder, decode_chunk
 
     resolved, preprocess, _, device, _ = model_args
+    spec = DecodeSpec(resolved, preprocess, jpeg_draft=jpeg_draft, on_device=on_device)
     engine.map_with_models(
         chunks,
         decode_chunk,
-        {"spec": DecodeSpec(resolved, preprocess)},
+        {"spec": spec},
         Embedder,
         model_args,
         workers,

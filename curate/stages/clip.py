@@ -20,6 +20,14 @@ Outputs:
 
 Only rows still alive are embedded: a cheap filter before this stage saves
 model time.
+
+Decoding: ``decode: cpu`` is open_clip's own preprocessing, Pillow on the CPU
+workers. ``decode: gpu`` (what ``auto`` means when the model is on CUDA) ships
+baseline JPEGs undecoded and decodes them on the model's GPU with nvJPEG, then
+resizes and crops there with the same torchvision steps; other formats, and any
+JPEG the GPU refuses, still go through Pillow. ``jpeg_draft: true`` lets Pillow
+decode JPEGs at a reduced DCT scale (at least the model's input size): faster
+on CPUs, and not the exact pixels (the README has the measured differences).
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from curate.clip.model import Preprocess
 from curate.clip.pool import embed, embeddings_by_file, prepare_model
 from curate.core.config import ConfigError, Count
 from curate.core.layout import EMBEDDINGS, IMAGES, MODEL_FILE, count_rows
@@ -67,8 +76,12 @@ class ClipStage(Stage):
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"  # autocast on CUDA; CPU is fp32
     batch_size: Count = 256
     concurrency: Count | None = None  # model workers; default one per GPU, else one per CPU
+    decode: Literal["auto", "cpu", "gpu"] = "auto"  # JPEGs decoded on the GPU; auto: if CUDA
+    jpeg_draft: bool = False  # Pillow decodes JPEGs at a reduced DCT scale: faster, not exact
 
     def columns_after(self, columns: set[str]) -> set[str]:
+        if self.decode == "gpu" and self.device == "cpu":
+            raise ConfigError(f"stage {self.name}: decode: gpu needs device: cuda or auto")
         if self.precomputed is None and "sha256" not in columns:
             raise ConfigError(
                 f"stage {self.name}: embedding images needs a download stage before it "
@@ -133,8 +146,9 @@ class ClipStage(Stage):
 
     def _embed_images(self, ctx: StageContext, out: Path) -> dict:
         resolved, preprocess, dim = ctx.plan
-        work = _chunks(ctx, out / "_work", self.batch_size)
         device = self._device(ctx.engine)
+        on_device = self._decode(device, preprocess) == "gpu"
+        work = _chunks(ctx, out / "_work", self.batch_size)
         images = sum(item["stop"] - item["start"] for item in work)
         with Progress(self.name, images, unit="images", enabled=ctx.progress) as progress:
             if work:
@@ -146,6 +160,8 @@ class ClipStage(Stage):
                     self.concurrency or max(1, int(have)),
                     out,
                     progress,
+                    jpeg_draft=self.jpeg_draft,
+                    on_device=on_device,
                 )
         return {
             **resolved.description,
@@ -153,12 +169,31 @@ class ClipStage(Stage):
             "image_size": preprocess.size,
             "device": device,
             "precision": self.precision if device == "cuda" else "fp32",
+            "decode": self._decode(device, preprocess),
+            "jpeg_draft": self.jpeg_draft,
         }
 
     def _device(self, engine: Engine) -> str:
         if self.device != "auto":
             return self.device
         return "cuda" if engine.resources()["GPU"] >= 1 else "cpu"
+
+    def _decode(self, device: str, preprocess: Preprocess) -> str:
+        """Where JPEGs are decoded: ``gpu`` needs the model on CUDA and preprocessing that
+        applies to tensors; ``auto`` is ``gpu`` where both hold."""
+        able = device == "cuda" and preprocess.resize_mode != "longest"
+        if self.decode == "gpu" and not able:
+            why = (
+                f"the model runs on {device}, not a GPU (set decode: cpu, or run where "
+                "there are GPUs)"
+                if device != "cuda"
+                # open_clip's ResizeKeepRatio reads a PIL image's size: it takes no tensor
+                else "the model's resize_mode longest has no GPU form (set decode: cpu)"
+            )
+            raise ConfigError(f"stage {self.name}: decode: gpu: {why}")
+        if self.decode == "auto":
+            return "gpu" if able else "cpu"
+        return self.decode
 
     # --- DataComp's vectors ---------------------------------------------------------------
 
