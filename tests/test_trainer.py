@@ -171,6 +171,32 @@ def test_samples_are_open_clips_train_transform(run):
         assert torch.equal(normalise(crop[None], mean, std)[0], want)
 
 
+def test_jpeg_draft_decodes_at_a_reduced_scale_and_trains(run, tmp_path):
+    """Draft crops have the model's shape, differ from full decoding's only for JPEGs, and
+    a run with them records the choice."""
+    import open_clip
+
+    cfg = open_clip.get_model_preprocess_cfg(open_clip.create_model("test-micro"))
+    groups = row_groups(find_shards(run / "shards"))
+    full, draft = (ShardDataset(groups, crop_steps(cfg), open_clip.get_tokenizer("test-micro"),
+                                0, d) for d in (0, 16))  # fmt: skip
+    rows = list(full.group_rows(0))[:10]
+    png = io.BytesIO()
+    Image.open(io.BytesIO(rows[0]["image"])).save(png, "PNG")
+    differ = []
+    for row in [*rows, {**rows[0], "image": png.getvalue()}]:
+        torch.manual_seed(0)
+        a, _ = full.sample(row)
+        torch.manual_seed(0)
+        b, _ = draft.sample(row)
+        assert a.shape == b.shape == (32, 32, 3)
+        differ.append(not torch.equal(a, b))
+    # the downloads are 64 px on the long side, so ≥ 16 px halves every one; the PNG is untouched
+    assert all(differ[:-1]) and not differ[-1]
+    metrics = train(run / "shards", tmp_path / "ckpt", replace(SHORT, jpeg_draft=True))
+    assert metrics["config"]["jpeg_draft"] and metrics["steps"] == 8
+
+
 # --- training ----------------------------------------------------------------------------------
 
 
