@@ -22,6 +22,16 @@
    same DataLoader and workers decoding and augmenting as many batches as the
    run took, start-up included, no model) and the model (forward, backward and
    AdamW step on one fixed random batch, no data).
+4. With ``--open-clip-train``, writes the same rows as webdataset tars (one per
+   row group, ``KEY.jpg`` + ``KEY.txt``) and trains the same model with the same
+   batch, budget, learning rate, warm-up, weight decay, gradient clipping,
+   precision, workers and seed with open_clip's own ``open_clip_train.main``,
+   in a subprocess. Its speed is read from its log (every step logged): the
+   step times summed, start-up of its workers included as in ours, model
+   building and checkpoint writing excluded.
+
+``--jpeg-draft`` trains with ``TrainConfig.jpeg_draft`` (open_clip_train has no
+such option, so the comparison is then not like for like; say so).
 
 Writes ``benchmarks/results/bench_train_cpu.json`` (or ``--out``) with the machine.
 """
@@ -35,7 +45,9 @@ import itertools
 import json
 import os
 import platform
+import re
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -154,6 +166,69 @@ def model_rate(config: TrainConfig, device: str, threads: int | None, steps: int
     return steps * config.batch_size / (time.perf_counter() - start)
 
 
+# --- open_clip's own trainer on the same rows ----------------------------------------------
+
+#: ``python -c`` program: open_clip_train.main with curate's model configs registered. Its
+#: webdataset reader chokes on the end-of-shard marker webdataset ≥ 0.2.96 yields
+#: (open_clip issue #935); the fix its maintainers point to is ``eof_value=None``.
+OPEN_CLIP_TRAIN = (
+    "import functools, sys\n"
+    "import open_clip_train.data as data\n"
+    "from curate.clip.model_configs import register_model_configs\n"
+    "register_model_configs()\n"
+    "data.tar_file_expander = functools.partial(data.tar_file_expander, eof_value=None)\n"
+    "from open_clip_train.main import main\n"
+    "main(sys.argv[1:])\n"
+)
+STEP_LOG = re.compile(r"Batch \(t\): [\d.]+, ([\d.e+]+)/s,")
+
+
+def write_tars(shards: Path, folder: Path) -> str:
+    """Every row group of the shards as a webdataset tar; the brace pattern naming them."""
+    import webdataset
+
+    from curate.train.dataset import find_shards, row_groups
+
+    folder.mkdir(parents=True)
+    groups = row_groups(find_shards(shards))
+    for n, group in enumerate(groups):
+        table = pq.ParquetFile(group.path).read_row_group(group.index)
+        with webdataset.TarWriter(str(folder / f"{n:05d}.tar")) as tar:
+            for uid, caption, image in zip(table["uid"].to_pylist(), table["caption"].to_pylist(),
+                                           table["image"].to_pylist()):  # fmt: skip
+                tar.write({"__key__": uid, "jpg": image["bytes"], "txt": caption or ""})
+    return str(folder / f"{{00000..{len(groups) - 1:05d}}}.tar")
+
+
+def open_clip_train_rate(tars: str, config: TrainConfig, device: str, work: Path) -> dict:
+    """open_clip_train.main on ``tars`` with ``config``'s settings: samples/s from its log."""
+    precision = (
+        ("amp_bf16" if config.precision == "bf16" else "amp") if device == "cuda" else "fp32"
+    )
+    if device == "cuda" and config.precision == "fp32":
+        precision = "fp32"
+    argv = ["--train-data", tars, "--dataset-type", "webdataset",
+            "--train-num-samples", str(config.steps * config.batch_size), "--epochs", "1",
+            "--model", config.model, "--batch-size", str(config.batch_size),
+            "--workers", str(config.workers), "--lr", str(config.lr),
+            "--warmup", str(config.warmup), "--wd", str(config.weight_decay),
+            "--grad-clip-norm", str(config.grad_clip), "--precision", precision,
+            "--device", device, "--seed", str(config.seed), "--log-every-n-steps", "1",
+            "--logs", str(work), "--name", "open_clip_train", "--report-to", "",
+            "--save-frequency", "0"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-c", OPEN_CLIP_TRAIN, *argv], env=env,
+                          capture_output=True, text=True)  # fmt: skip
+    log = (work / "open_clip_train" / "out.log").read_text() if done.returncode == 0 else ""
+    rates = [float(m) for m in STEP_LOG.findall(log)]
+    if not rates:
+        raise RuntimeError(f"open_clip_train failed:\n{done.stderr[-3000:]}")
+    seconds = sum(config.batch_size / r for r in rates)
+    return {"steps": len(rates), "seconds": round(seconds, 3),
+            "samples_per_s": round(len(rates) * config.batch_size / seconds, 1),
+            "precision": precision}  # fmt: skip
+
+
 # --- main ----------------------------------------------------------------------------------
 
 
@@ -167,13 +242,16 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=None, help="shard rows (default: --samples)")
     parser.add_argument("--image-size", type=int, default=128, help="JPEG long side (4:3)")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--jpeg-draft", action="store_true", help="TrainConfig.jpeg_draft")
+    parser.add_argument("--open-clip-train", action="store_true",
+                        help="also train with open_clip_train.main on the same rows")  # fmt: skip
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "bench_train")
     parser.add_argument("--out", type=Path, default=RESULTS, help="the results JSON")
     args = parser.parse_args()
 
     config = TrainConfig(model=model_name(args.model), samples_seen=args.samples,
                          batch_size=args.batch_size, workers=args.workers, device=args.device,
-                         precision=args.precision)  # fmt: skip
+                         precision=args.precision, jpeg_draft=args.jpeg_draft)  # fmt: skip
     config.check()
     shutil.rmtree(args.work, ignore_errors=True)
     shards = args.work / "shards"
@@ -186,6 +264,13 @@ def main() -> None:
     other = busy_cpu_seconds() - busy - (_own_cpu_seconds() - own)
     data = data_rate(shards, args.work / "ckpt", config, batches=metrics["steps"])
     model = model_rate(config, device, metrics["torch_threads"], 20 if device == "cuda" else 5)
+    reference = None
+    if args.open_clip_train:
+        tars = write_tars(shards, args.work / "tars")
+        reference = open_clip_train_rate(tars, config, device, args.work / "open_clip_logs")
+        reference["ours_over_theirs"] = round(
+            metrics["samples_per_second"] / reference["samples_per_s"], 3
+        )
     result = {
         "machine": {**machine(), "gpu": _gpu_name(), "python": platform.python_version()},
         "curate": curate_version(),
@@ -201,6 +286,7 @@ def main() -> None:
         "data_only_samples_per_s": round(data, 1),
         "model_only_samples_per_s": round(model, 1),
         "final_loss": round(metrics["final_loss"], 4),
+        "open_clip_train": reference,
         # CPU seconds other processes used while this one trained: a shared machine skews it.
         "other_cpu_seconds": round(other, 1),
         **(sampler.summary() if device == "cuda" else {}),
