@@ -245,7 +245,7 @@ def main() -> None:
     parser.add_argument("--jpeg-draft", action="store_true", help="Pillow's reduced-scale decode")
     parser.add_argument("--short-side", type=int, default=512, help="the JPEGs' short side")
     parser.add_argument("--reference", type=int, default=2048,
-                        help="images scored again with exact CPU decoding to compare")  # fmt: skip
+                        help="images scored again with exact CPU decoding (0: none)")  # fmt: skip
     parser.add_argument("--work", type=Path, default=Path("/tmp/bench_clip"))
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = parser.parse_args()
@@ -259,7 +259,8 @@ def main() -> None:
         scores, seconds, stage, plan = _run_stage(args, args.work, engine, **decode)
     decoded_on = stage._decode(device, plan[1])
     exact = decoded_on == "cpu" and not args.jpeg_draft
-    difference = None if exact else _score_difference(args, args.work, scores, engine)
+    compare = not exact and args.reference > 0
+    difference = _score_difference(args, args.work, scores, engine) if compare else None
     engine.close()
     cpus = os.cpu_count() or 1
     decode_processes = max(1, cpus - 1) if device == "cuda" else cpus

@@ -85,6 +85,13 @@ def test_device_decoding_matches_pillow_within_rounding(size, resize_mode):
         assert diff.max() <= 4 and diff.mean() < 0.25 and np.quantile(diff, 0.999) <= 1
 
 
+def _rotated(pixels: np.ndarray) -> bytes:
+    """A JPEG whose EXIF says to turn it a quarter: Pillow (and open_clip) ignore that."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    return _encode(pixels, exif=exif.tobytes())
+
+
 def test_only_sequential_ycbcr_and_grey_jpegs_go_to_the_device():
     pixels = _photo(0, 200, 150)
     assert device_decodable(_encode(pixels), DEFAULT_MAX_PIXELS)
@@ -92,6 +99,7 @@ def test_only_sequential_ycbcr_and_grey_jpegs_go_to_the_device():
     for refused in (
         _encode(pixels, mode="CMYK"),
         _encode(pixels, progressive=True),
+        _rotated(pixels),
         _encode(pixels, "PNG"),
         _encode(pixels, "WEBP"),
         b"<html><body>not found</body></html>",
@@ -134,16 +142,17 @@ def test_device_path_gives_the_cpu_paths_rows_and_close_scores(tmp_path, tiny):
     pixels = _photo(3, 320, 240)
     images = [*JPEGS, _encode(pixels, mode="CMYK"), _encode(pixels, progressive=True),
               _encode(pixels, "PNG"), _encode(pixels, mode="L"), JPEGS[0][:300], None,
-              b"<!doctype html>", JPEGS[3][: len(JPEGS[3]) // 2]]  # fmt: skip
+              b"<!doctype html>", JPEGS[3][: len(JPEGS[3]) // 2], _rotated(pixels)]  # fmt: skip
     cpu = _chunk(tmp_path, images, DecodeSpec(resolved, preprocess))
     device = _chunk(tmp_path, images, DecodeSpec(resolved, preprocess, on_device=True))
     shipped = [i for i, b in enumerate(device["encoded"][0].as_py()) if b is not None]
     # the 8 JPEGs, the grey one, and the truncated one (its header is whole)
     assert shipped == [*range(8), 11, 15]
-    assert len(device["pixels"][0].as_py()) == 3 * preprocess.size**2 * 3  # CMYK, prog., PNG
+    # CMYK, progressive, PNG and the rotated JPEG
+    assert len(device["pixels"][0].as_py()) == 4 * preprocess.size**2 * 3
     a, b = embedder(cpu).to_pylist(), embedder(device).to_pylist()
     assert [r["clip_error"] for r in a] == [r["clip_error"] for r in b]
-    assert sum(r["clip_error"] is None for r in a) == 12  # the truncated JPEG included
+    assert sum(r["clip_error"] is None for r in a) == 13  # the truncated JPEG included
     diff = [abs(x["clip_score"] - y["clip_score"]) for x, y in zip(a, b) if x["clip_score"]]
     assert max(diff) < DEVICE_SCORE_BOUND
 

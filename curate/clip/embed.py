@@ -32,6 +32,8 @@ from curate.io.image_guard import DEFAULT_MAX_PIXELS, image_problem
 #: collapsing whitespace, as open_clip does): a 1 MB alt-text cannot stall a worker,
 #: and no caption short enough to matter changes.
 CHARS_PER_TOKEN = 64
+#: The EXIF tag saying how to turn the image upright.
+ORIENTATION = 0x0112
 
 
 @dataclass(frozen=True)
@@ -100,8 +102,10 @@ def decode_image(
 
 def device_decodable(data: bytes | None, max_pixels: int) -> bool:
     """Whether ``data`` passes the byte guard and the model's device decodes it as Pillow
-    would: a sequential 8-bit JPEG in YCbCr or greyscale. CMYK and progressive JPEGs,
-    every other format and bytes the guard refuses are left to Pillow on the CPUs."""
+    would: a sequential 8-bit JPEG in YCbCr or greyscale with no EXIF rotation (TorchCodec
+    turns the image upright; Pillow, hence open_clip, does not). CMYK and progressive
+    JPEGs, rotated ones, every other format and bytes the guard refuses are left to
+    Pillow on the CPUs."""
     from PIL import Image
 
     if not data or image_problem(data, max_pixels):
@@ -111,6 +115,7 @@ def device_decodable(data: bytes | None, max_pixels: int) -> bool:
             image.format == "JPEG"
             and image.mode in ("RGB", "L")
             and not image.info.get("progressive")
+            and image.getexif().get(ORIENTATION, 1) == 1
         )
 
 
