@@ -197,6 +197,45 @@ def test_jpeg_draft_decodes_at_a_reduced_scale_and_trains(run, tmp_path):
     assert metrics["config"]["jpeg_draft"] and metrics["steps"] == 8
 
 
+def test_device_decoding_draws_the_same_boxes_and_crops_within_rounding(run):
+    """decode: gpu's data path, run here on the CPU (TorchCodec's CPU decoder): workers ship
+    JPEG bytes with the box RandomResizedCrop would draw, the same boxes as decoding in the
+    worker, and the device's crops match the workers' within resize rounding."""
+    import open_clip
+
+    from curate.train.dataset import DeviceCrops, Encoded, collate
+
+    cfg = open_clip.get_model_preprocess_cfg(open_clip.create_model("test-micro"))
+    groups = row_groups(find_shards(run / "shards"))
+    tokenizer = open_clip.get_tokenizer("test-micro")
+    worker = ShardDataset(groups, crop_steps(cfg), tokenizer, 0)
+    device = ShardDataset(groups, crop_steps(cfg), tokenizer, 0, on_device=True)
+    rows = list(worker.group_rows(0))[:16]
+    png = io.BytesIO()
+    Image.open(io.BytesIO(rows[0]["image"])).save(png, "PNG")
+    rows.append({**rows[0], "image": png.getvalue()})  # decoded by the worker either way
+    torch.manual_seed(7)
+    want = torch.stack([worker.sample(row)[0] for row in rows])
+    torch.manual_seed(7)
+    shipped = [device.sample(row) for row in rows]
+    assert [isinstance(image, Encoded) for image, _ in shipped] == [True] * 16 + [False]
+    got = DeviceCrops(device.crop, torch.device("cpu"))(collate(shipped))
+    diff = (got.int() - want.int()).abs()
+    assert got.shape == want.shape and diff.float().mean() < 0.3 and diff.max() <= 8
+    assert torch.equal(got[-1], want[-1])  # the PNG's crop is the worker's own
+
+    broken = {**rows[0], "image": rows[0]["image"][:300] + b"\x00" * 64 + b"\xff\xd9"}
+    with pytest.raises(ValueError, match=f"row {rows[0]['uid']}: bad image"):
+        DeviceCrops(device.crop, torch.device("cpu"))(collate([device.sample(broken)]))
+
+
+def test_decode_gpu_needs_a_gpu(run, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(ConfigError, match="decode gpu"):
+        train(run / "shards", tmp_path / "ckpt", replace(SHORT, decode="gpu"))
+
+
 # --- training ----------------------------------------------------------------------------------
 
 

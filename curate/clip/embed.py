@@ -192,6 +192,23 @@ def _fixed_list(vectors: np.ndarray, valid: np.ndarray) -> pa.Array:
     return pa.FixedSizeListArray.from_arrays(flat, vectors.shape[1], mask=pa.array(~valid))
 
 
+def decode_jpegs(blobs: list[bytes], device) -> list:
+    """Each JPEG as a full-size RGB uint8 tensor (3 × H × W) on ``device``, by TorchCodec
+    (one batched nvJPEG call on a GPU); None for one the decoder refuses."""
+    from torchcodec.decoders import decode_jpeg
+
+    try:
+        return decode_jpeg(blobs, mode="RGB", device=device)
+    except RuntimeError:  # one bad image fails the batch: find it
+        images = []
+        for blob in blobs:
+            try:
+                images.append(decode_jpeg(blob, mode="RGB", device=device))
+            except RuntimeError:
+                images.append(None)
+        return images
+
+
 class DeviceDecoder:
     """JPEG bytes → uint8 crops (N × 3 × S × S) on ``device``: TorchCodec's ``decode_jpeg``
     (nvJPEG on a GPU, a batch per call; torchvision's own decoders are deprecated since
@@ -210,20 +227,9 @@ class DeviceDecoder:
 
     def __call__(self, blobs: list[bytes]) -> list:
         """A crop (3 × S × S uint8 tensor on the device) or the reason, for each blob."""
-        import torch
-        from torchcodec.decoders import decode_jpeg
-
-        try:
-            images = decode_jpeg(blobs, mode="RGB", device=self.device)
-        except RuntimeError:  # one bad image fails the batch: find it
-            images = []
-            for blob in blobs:
-                try:
-                    images.append(decode_jpeg(blob, mode="RGB", device=self.device))
-                except RuntimeError:
-                    images.append(blob)
-        return [self.steps(image) if torch.is_tensor(image) else self._on_cpu(image)
-                for image in images]  # fmt: skip
+        images = decode_jpegs(blobs, self.device)
+        return [self.steps(image) if image is not None else self._on_cpu(blob)
+                for image, blob in zip(images, blobs)]  # fmt: skip
 
     def _on_cpu(self, data: bytes):
         import torch

@@ -23,6 +23,17 @@ DCT scale (1/2, 1/4, 1/8) still at least the model's input size on both sides
 decoding work, and the random crop, which keeps 90–100 % of the area, is
 resized from about the model's size rather than from 512 px.
 
+With ``on_device`` (``TrainConfig.decode``: ``gpu``, what ``auto`` means on
+CUDA) a worker leaves each JPEG the device can decode as it is
+(``curate.clip.embed.device_decodable``): it reads only the header, draws the
+random crop box exactly as ``RandomResizedCrop`` would (the same draws from the
+same generator, so the same boxes as decoding on the CPU), and ships the bytes
+and the box. ``DeviceCrops`` then decodes the batch's JPEGs on the training
+device (TorchCodec's batched nvJPEG on a GPU) and cuts each box with
+torchvision's ``resized_crop``, the function ``RandomResizedCrop`` calls. The
+workers are left reading Parquet and tokenizing; the pixels differ from
+Pillow's only by rounding in the resize.
+
 Everything random comes from seeded generators, never from process state:
 row order within a group from (seed, epoch, group), and the augmentation
 (open_clip's ``RandomResizedCrop`` draws from torch's global generator) from a
@@ -43,10 +54,12 @@ import torch
 from open_clip.transform import PreprocessCfg, image_transform_v2
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
-from torchvision.transforms import Compose, ToTensor
+from torchvision.transforms import Compose, RandomResizedCrop, ToTensor
 
+from curate.clip.embed import decode_jpegs, device_decodable
 from curate.core.config import ConfigError
 from curate.core.layout import SHARDS
+from curate.io.image_guard import DEFAULT_MAX_PIXELS
 
 SHARD_GLOB = "shard-*.parquet"
 #: The columns a sample needs; the shards' other columns are never read.
@@ -107,6 +120,77 @@ def crop_steps(preprocess_cfg: dict) -> Compose:
     return Compose(steps[: next(i for i, t in enumerate(steps) if isinstance(t, ToTensor))])
 
 
+def device_crop(crop: Compose) -> RandomResizedCrop | None:
+    """The train transform's ``RandomResizedCrop`` when it is all there is to the transform
+    (then the device can apply it), else None."""
+    first, *rest = crop.transforms
+    if isinstance(first, RandomResizedCrop) and all(type(t).__name__ == "MaybeConvertMode"
+                                                    for t in rest):  # fmt: skip
+        return first
+    return None
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """A JPEG a worker left for the training device, and the crop box it drew for it."""
+
+    data: bytes
+    box: tuple[int, int, int, int]  # top, left, height, width in the full image
+    where: str  # the shard and uid, for errors
+
+
+def collate(samples: list) -> dict:
+    """A batch: the workers' crops (N × H × W × 3 uint8) and the JPEGs left to the device,
+    each with its place in the batch, and the token ids."""
+    images, tokens = zip(*samples)
+    made = [i for i, image in enumerate(images) if torch.is_tensor(image)]
+    return {
+        "size": len(images),
+        "made": made,
+        "pixels": torch.stack([images[i] for i in made]) if made else None,
+        "encoded": [(i, image) for i, image in enumerate(images) if not torch.is_tensor(image)],
+        "tokens": torch.stack(tokens),
+    }
+
+
+class DeviceCrops:
+    """A collated batch → its crops (N × H × W × 3 uint8) on ``device``: the workers' crops
+    copied there, the JPEGs they left decoded there and cut with their boxes."""
+
+    def __init__(self, crop: Compose, device: torch.device):
+        self.device = device
+        self.resize = device_crop(crop)
+
+    def __call__(self, batch: dict) -> torch.Tensor:
+        if not batch["encoded"]:
+            return batch["pixels"].to(self.device, non_blocking=True)
+        height, width = self.resize.size
+        crops = torch.empty((batch["size"], height, width, 3), dtype=torch.uint8,
+                            device=self.device)  # fmt: skip
+        if batch["made"]:
+            crops[batch["made"]] = batch["pixels"].to(self.device, non_blocking=True)
+        places, encoded = zip(*batch["encoded"])
+        images = decode_jpegs([e.data for e in encoded], self.device)
+        cut = [self._cut(item, image) for item, image in zip(encoded, images)]
+        crops[list(places)] = torch.stack(cut).permute(0, 2, 3, 1)
+        return crops
+
+    def _cut(self, item: Encoded, image: torch.Tensor | None) -> torch.Tensor:
+        """The item's box of its image, resized as ``RandomResizedCrop`` resizes; an image the
+        device refused is decoded by Pillow first."""
+        from torchvision.transforms import functional
+
+        if image is None:
+            try:
+                with Image.open(io.BytesIO(item.data)) as opened:
+                    pixels = np.array(opened.convert("RGB"), dtype=np.uint8)
+            except Exception as exc:  # PIL raises many types; name the row either way
+                raise ValueError(f"{item.where}: bad image: {exc}") from exc
+            image = torch.from_numpy(pixels).permute(2, 0, 1).to(self.device)
+        size, interpolation = list(self.resize.size), self.resize.interpolation
+        return functional.resized_crop(image, *item.box, size, interpolation, antialias=True)
+
+
 def normalise(pixels: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     """uint8 crops (N, H, W, 3) → ``ToTensor`` + ``Normalize``'s floats (N, 3, H, W).
 
@@ -122,9 +206,21 @@ class ShardDataset(IterableDataset):
     started per epoch (``persistent_workers=False``) and copy it then.
     """
 
-    def __init__(self, groups: list[RowGroup], crop: Compose, tokenizer, seed: int, draft: int = 0):
+    def __init__(
+        self,
+        groups: list[RowGroup],
+        crop: Compose,
+        tokenizer,
+        seed: int,
+        draft: int = 0,
+        on_device: bool = False,
+    ):
         self.groups, self.crop, self.tokenizer, self.seed = groups, crop, tokenizer, seed
         self.draft = draft  # decode JPEGs at the smallest DCT scale ≥ this many pixels; 0: full
+        # leave JPEGs the device decodes to it (DeviceCrops), with the box drawn here
+        self.resize = device_crop(crop) if on_device else None
+        if on_device and self.resize is None:
+            raise ConfigError(f"the train transform {crop} has no form for the device")
         self.epoch = 0
 
     @property
@@ -162,7 +258,13 @@ class ShardDataset(IterableDataset):
                    "path": where.path}  # fmt: skip
 
     def sample(self, row: dict):
-        """Decode, crop and tokenize one row."""
+        """Decode, crop and tokenize one row; or, for the device, draw its crop box."""
+        tokens = self.tokenizer([row["caption"]])[0]
+        if self.resize is not None and device_decodable(row["image"], DEFAULT_MAX_PIXELS):
+            with Image.open(io.BytesIO(row["image"])) as image:  # the header only
+                box = self.resize.get_params(image, self.resize.scale, self.resize.ratio)
+            where = f"shard {row['path']}: row {row['uid']}"
+            return Encoded(row["image"], tuple(box), where), tokens
         try:
             with Image.open(io.BytesIO(row["image"])) as image:
                 if self.draft and image.format == "JPEG":
@@ -170,4 +272,4 @@ class ShardDataset(IterableDataset):
                 pixels = np.array(self.crop(image.convert("RGB")), dtype=np.uint8)
         except Exception as exc:  # PIL raises many types; name the row either way
             raise ValueError(f"shard {row['path']}: row {row['uid']}: bad image: {exc}") from exc
-        return torch.from_numpy(pixels), self.tokenizer([row["caption"]])[0]
+        return torch.from_numpy(pixels), tokens

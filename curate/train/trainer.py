@@ -40,7 +40,16 @@ from curate.clip.model_configs import CONFIG_DIR, register_model_configs
 from curate.core.config import ConfigError
 from curate.core.progress import Progress
 from curate.core.runfolder import staged
-from curate.train.dataset import ShardDataset, crop_steps, find_shards, normalise, row_groups
+from curate.train.dataset import (
+    DeviceCrops,
+    ShardDataset,
+    collate,
+    crop_steps,
+    device_crop,
+    find_shards,
+    normalise,
+    row_groups,
+)
 from curate.train.losses import LOSSES
 
 WEIGHTS_FILE = "open_clip_model.safetensors"  # the name open_clip's local-dir loader reads first
@@ -64,6 +73,7 @@ class TrainConfig:
     device: str = "auto"  # cuda when available
     precision: str = "bf16"  # autocast on CUDA ("bf16", "fp16", "fp32"); CPU is float32
     jpeg_draft: bool = False  # workers decode JPEGs at a reduced DCT scale (dataset.py): faster
+    decode: str = "auto"  # "gpu": JPEGs decoded on the training GPU (dataset.py); auto: on CUDA
 
     def check(self) -> None:
         if self.loss not in LOSSES:
@@ -72,6 +82,10 @@ class TrainConfig:
             raise ConfigError(f"precision {self.precision!r}: expected bf16, fp16 or fp32")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"device {self.device!r}: expected auto, cpu or cuda")
+        if self.decode not in ("auto", "cpu", "gpu"):
+            raise ConfigError(f"decode {self.decode!r}: expected auto, cpu or gpu")
+        if self.decode == "gpu" and not torch.cuda.is_available():
+            raise ConfigError("decode gpu: no CUDA device is available")
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ConfigError("device cuda: no CUDA device is available")
         if not 0 <= self.seed < 2**63:  # numpy's and torch's generators both take these
@@ -129,12 +143,26 @@ def train(shards: Path, out: Path, config: TrainConfig, progress: bool = False) 
         preprocess = open_clip.get_model_preprocess_cfg(model)
         draft = max(_pair(preprocess["size"])) if config.jpeg_draft else 0
         tokenizer = open_clip.get_tokenizer(config.model)
-        dataset = ShardDataset(groups, crop_steps(preprocess), tokenizer, config.seed, draft)
+        crop = crop_steps(preprocess)
+        on_device = _decode_on_device(config, device, crop)
+        dataset = ShardDataset(groups, crop, tokenizer, config.seed, draft, on_device)
         losses, seconds = _fit(model, dataset, config, device, progress)
         threads = torch.get_num_threads()
     metrics = _metrics(config, device, threads, dataset, losses, seconds, model)
     _save(model, config, metrics, out)
     return metrics
+
+
+def _decode_on_device(config: TrainConfig, device: str, crop) -> bool:
+    """Whether JPEGs are decoded on the GPU: asked for (``gpu``), or ``auto`` on CUDA with a
+    train transform the device can apply (a random resized crop and nothing else)."""
+    able = device == "cuda" and device_crop(crop) is not None
+    if config.decode == "gpu" and not able:
+        raise ConfigError(
+            f"decode gpu: the model trains on {device} with the transform {crop}; "
+            "the GPU applies only a random resized crop on CUDA (use decode cpu)"
+        )
+    return config.decode == "gpu" or (config.decode == "auto" and able)
 
 
 def _pair(size) -> tuple[int, int]:
@@ -186,11 +214,12 @@ def _fit(model, dataset: ShardDataset, config: TrainConfig, device: str, show: b
     meter = Progress("train", samples, unit="samples", enabled=show, extra=step_and_loss)
     model.train()
     start = time.perf_counter()
-    for step, (images, texts) in enumerate(_batches(dataset, config, cuda)):
+    crops = DeviceCrops(dataset.crop, torch.device(device))
+    for step, batch in enumerate(_batches(dataset, config, cuda)):
         for group in optimizer.param_groups:
             group["lr"] = cosine_lr(step, config.lr, config.warmup, config.steps)
-        images = normalise(images.to(device, non_blocking=True), mean, std)
-        texts = texts.to(device, non_blocking=True)
+        images = normalise(crops(batch), mean, std)
+        texts = batch["tokens"].to(device, non_blocking=True)
         with autocast:
             loss = loss_fn(*model(images, texts))
         optimizer.zero_grad(set_to_none=True)
@@ -219,6 +248,7 @@ def _batches(dataset: ShardDataset, config: TrainConfig, pin: bool):
         batch_size=config.batch_size,
         num_workers=config.workers,
         drop_last=True,  # a worker's last partial batch of an epoch is skipped
+        collate_fn=collate,
         pin_memory=pin,
         generator=torch.Generator().manual_seed(config.seed),
     )
