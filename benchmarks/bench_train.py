@@ -106,22 +106,40 @@ def write_shards(folder: Path, rows: int, long_side: int) -> None:
 # --- the two halves alone ------------------------------------------------------------------
 
 
-def data_rate(shards: Path, ckpt: Path, config: TrainConfig, batches: int) -> float:
-    """Samples/s of the trainer's data stream alone (same dataset, loader and workers)."""
+def data_rate(shards: Path, ckpt: Path, config: TrainConfig, batches: int, device: str) -> float:
+    """Samples/s of the trainer's data stream alone: the same dataset, loader and workers,
+    and the batch's crops made on the device as the trainer makes them (no model)."""
     import open_clip
+    import torch
     from torch.utils.data import DataLoader
 
-    from curate.train.dataset import ShardDataset, crop_steps, find_shards, row_groups
+    from curate.train.dataset import (
+        DeviceCrops,
+        ShardDataset,
+        collate,
+        crop_steps,
+        find_shards,
+        row_groups,
+    )
+    from curate.train.trainer import _decode_on_device, _pair
 
     preprocess = json.loads((ckpt / "open_clip_config.json").read_text())["preprocess_cfg"]
     crop, tokenizer = crop_steps(preprocess), open_clip.get_tokenizer(config.model)
-    dataset = ShardDataset(row_groups(find_shards(shards)), crop, tokenizer, 0)
-    loader = DataLoader(dataset, config.batch_size, num_workers=config.workers, drop_last=True)
+    draft = max(_pair(preprocess["size"])) if config.jpeg_draft else 0
+    on_device = _decode_on_device(config, device, crop)
+    dataset = ShardDataset(row_groups(find_shards(shards)), crop, tokenizer, 0, draft, on_device)
+    crops = DeviceCrops(crop, torch.device(device))
+    loader = DataLoader(dataset, config.batch_size, num_workers=config.workers, drop_last=True,
+                        collate_fn=collate, pin_memory=device == "cuda")  # fmt: skip
     start, got = time.perf_counter(), 0
     for epoch in itertools.count():  # as the trainer: workers restart each epoch
         dataset.epoch = epoch
-        got += sum(1 for _ in itertools.islice(loader, batches - got))
+        for batch in itertools.islice(loader, batches - got):
+            crops(batch)
+            got += 1
         if got >= batches:
+            if device == "cuda":
+                torch.cuda.synchronize()
             return got * config.batch_size / (time.perf_counter() - start)
 
 
@@ -243,6 +261,7 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=128, help="JPEG long side (4:3)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--jpeg-draft", action="store_true", help="TrainConfig.jpeg_draft")
+    parser.add_argument("--decode", choices=["auto", "cpu", "gpu"], default="auto")
     parser.add_argument("--open-clip-train", action="store_true",
                         help="also train with open_clip_train.main on the same rows")  # fmt: skip
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "bench_train")
@@ -251,7 +270,8 @@ def main() -> None:
 
     config = TrainConfig(model=model_name(args.model), samples_seen=args.samples,
                          batch_size=args.batch_size, workers=args.workers, device=args.device,
-                         precision=args.precision, jpeg_draft=args.jpeg_draft)  # fmt: skip
+                         precision=args.precision, jpeg_draft=args.jpeg_draft,
+                         decode=args.decode)  # fmt: skip
     config.check()
     shutil.rmtree(args.work, ignore_errors=True)
     shards = args.work / "shards"
@@ -262,7 +282,7 @@ def main() -> None:
     with GpuSampler() if device == "cuda" else contextlib.nullcontext() as sampler:
         metrics = train(shards, args.work / "ckpt", config)
     other = busy_cpu_seconds() - busy - (_own_cpu_seconds() - own)
-    data = data_rate(shards, args.work / "ckpt", config, batches=metrics["steps"])
+    data = data_rate(shards, args.work / "ckpt", config, metrics["steps"], device)
     model = model_rate(config, device, metrics["torch_threads"], 20 if device == "cuda" else 5)
     reference = None
     if args.open_clip_train:

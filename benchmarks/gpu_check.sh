@@ -34,10 +34,12 @@ step clip_b32_cpu_decode 60 python benchmarks/bench_clip.py --images 12000 --eng
 step clip_l14_gpu_decode 80 python benchmarks/bench_clip.py --images 6000 --engine ray \
   --device cuda --decode gpu --model ViT-L-14 --batch-size 256 --reference 512 \
   --out "$out/clip_l14_gpu_decode.json"
-# The trainer, ViT-B-32 at DataComp's download size, against open_clip_train.
+# The trainer, ViT-B-32 at DataComp's download size: GPU decoding (auto on CUDA) against
+# open_clip_train; then the workers decoding with Pillow's draft instead.
 step train_b32 130 python benchmarks/bench_train.py --model ViT-B-32 --device cuda \
   --batch-size 256 --samples 30720 --workers "$workers" --image-size 683 --open-clip-train \
   --out "$out/train_b32.json"
 step train_b32_draft 60 python benchmarks/bench_train.py --model ViT-B-32 --device cuda \
   --batch-size 256 --samples 20480 --workers "$workers" --image-size 683 --jpeg-draft \
+  --decode cpu \
   --out "$out/train_b32_draft.json"

@@ -185,7 +185,7 @@ def _train_config(args: argparse.Namespace):
     from curate.train.trainer import TrainConfig, model_name
 
     names = ("samples_seen", "loss", "seed", "batch_size", "lr", "warmup", "workers", "device",
-             "jpeg_draft")  # fmt: skip
+             "jpeg_draft", "decode")  # fmt: skip
     given = {name: getattr(args, name) for name in (*names, "precision") if hasattr(args, name)}
     given["model"] = model_name(args.config)
     return TrainConfig(**{k: v for k, v in given.items() if v is not None})
@@ -251,6 +251,7 @@ TASKS_HELP = (
     "a suite YAML (a list of tasks), a folder holding suite.yaml (e.g. POOL/eval), "
     "or one task: a webdataset or ImageNet-style folder, or a retrieval .parquet/.csv"
 )
+DECODE_HELP = "where JPEGs are decoded: gpu (nvJPEG on the training GPU), cpu; auto: gpu on CUDA"
 JPEG_DRAFT_HELP = (
     "workers decode JPEGs at a reduced DCT scale, still at least the model's input size: "
     "several times less decoding for large images, slightly softer crops"
@@ -360,6 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default=None,
                        help="autocast on CUDA (default bf16); CPU is fp32")  # fmt: skip
     train.add_argument("--jpeg-draft", action="store_true", default=None, help=JPEG_DRAFT_HELP)
+    train.add_argument("--decode", choices=["auto", "cpu", "gpu"], default=None, help=DECODE_HELP)
     train.set_defaults(func=_train)
 
     ev = sub.add_parser(
@@ -395,6 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--workers", type=int, default=None, help="data workers (default 2)")
     cmp.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None)
     cmp.add_argument("--jpeg-draft", action="store_true", default=None, help=JPEG_DRAFT_HELP)
+    cmp.add_argument("--decode", choices=["auto", "cpu", "gpu"], default=None, help=DECODE_HELP)
     cmp.set_defaults(func=_compare)
 
     walk = sub.add_parser(
