@@ -304,7 +304,7 @@ class Embedder:
         x = crops.float().div(255)
         return self._encode(self.model.encode_image, x.sub_(self.mean).div_(self.std))
 
-    def _crops(self, chunk: dict, errors: list) -> tuple:
+    def _crops(self, chunk: dict, errors: list):
         """Every row's crop (N × 3 × S × S uint8, on the device): those a decode task made,
         and those decoded here from the bytes it shipped. Rows whose image could not be
         had (here too) get their reason in ``errors``."""
