@@ -77,12 +77,18 @@ class Sample:
     truth: int | list[str]
 
 
+#: How a task is laid out on disk (``Task.layout``), decided once by ``read_task``.
+TABLE, TARS, CLASS_FOLDERS = "table", "tars", "class folders"
+
+
 @dataclass(frozen=True)
 class Task:
-    """A task's name, kind, main metric and, for classification, its classes and prompts."""
+    """A task's name, layout, kind, main metric and, for classification, its classes and
+    prompts."""
 
     name: str
     path: Path
+    layout: str  # TABLE, TARS or CLASS_FOLDERS
     kind: str
     metric: str
     classnames: tuple[str, ...] = ()
@@ -90,9 +96,9 @@ class Task:
 
     def samples(self) -> Iterator[Sample]:
         """The task's samples, checked as they are read."""
-        if self.path.is_file():
+        if self.layout == TABLE:
             yield from _table_samples(self.path)
-        elif (self.path / SPLIT).is_dir():
+        elif self.layout == TARS:
             yield from _tar_samples(self, _shards(self.path))
         else:
             for label, folder in enumerate(_class_folders(self.path)):
@@ -245,8 +251,8 @@ def _table_samples(path: Path) -> Iterator[Sample]:
         yield Sample(str(file), data, texts)
 
 
-def _folder_task(path: Path, name: str) -> tuple[str, tuple[str, ...], tuple[str, ...]]:
-    """A task folder's kind, class names and prompts, checked."""
+def _folder_task(path: Path, name: str) -> tuple[str, str, tuple[str, ...], tuple[str, ...]]:
+    """A task folder's layout, kind, class names and prompts, checked."""
     kind = CLASSIFICATION
     if (path / DATASET_TYPE).is_file():
         kind = (path / DATASET_TYPE).read_text(encoding="utf-8").strip().lower()
@@ -257,7 +263,7 @@ def _folder_task(path: Path, name: str) -> tuple[str, tuple[str, ...], tuple[str
     if kind == RETRIEVAL:
         if not (path / SPLIT).is_dir():
             raise ConfigError(f"task {name}: {path} holds no {SPLIT}/ folder of tar shards")
-        return kind, (), ()
+        return TARS, kind, (), ()
     webdataset = (path / SPLIT).is_dir()
     if webdataset:
         classes = None
@@ -289,7 +295,7 @@ def _folder_task(path: Path, name: str) -> tuple[str, tuple[str, ...], tuple[str
         templates = tuple(t("{c}") for t in OPENAI_IMAGENET_TEMPLATES)
     else:
         raise ConfigError(f"task {name}: no {templates_file}")
-    return kind, tuple(classnames), templates
+    return (TARS if webdataset else CLASS_FOLDERS), kind, tuple(classnames), templates
 
 
 def read_task(path: Path, name: str | None = None, metric: str | None = None) -> Task:
@@ -303,9 +309,9 @@ def read_task(path: Path, name: str | None = None, metric: str | None = None) ->
             raise ConfigError(
                 f"task {name}: {path}: a task is a folder, or a .parquet or .csv retrieval table"
             )
-        kind, classnames, templates = RETRIEVAL, (), ()
+        layout, kind, classnames, templates = TABLE, RETRIEVAL, (), ()
     else:
-        kind, classnames, templates = _folder_task(path, name)
+        layout, kind, classnames, templates = _folder_task(path, name)
     metric = metric or METRICS[kind][0]
     if metric not in METRICS[kind]:
         raise ConfigError(
@@ -313,7 +319,7 @@ def read_task(path: Path, name: str | None = None, metric: str | None = None) ->
         )
     if metric == "acc5" and len(classnames) < 5:
         raise ConfigError(f"task {name}: acc5 needs at least 5 classes; it has {len(classnames)}")
-    return Task(name, path, kind, metric, classnames, templates)
+    return Task(name, path, layout, kind, metric, classnames, templates)
 
 
 def _suite_entry(entry, suite: Path, number: int) -> Task:
