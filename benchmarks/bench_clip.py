@@ -224,6 +224,7 @@ def _model_rate(stage: ClipStage, prepared, device: str, batches: int) -> float:
             "tokens": pa.array(
                 [rng.integers(1, 400, (n, context)).astype(np.int32).tobytes()], pa.large_binary()
             ),
+            "encoded": pa.array([[None] * n], pa.list_(pa.large_binary())),
             "context": [context],
         }
     )

@@ -311,7 +311,7 @@ class Embedder:
         torch = self.torch
         n, size = len(errors), self.size
         crops = torch.zeros((n, 3, size, size), dtype=torch.uint8, device=self.device)
-        encoded = chunk.get("encoded") or [None] * n
+        encoded = chunk["encoded"]
         made = [i for i in range(n) if errors[i] is None and encoded[i] is None]
         if made:
             pixels = np.frombuffer(chunk["pixels"], np.uint8).reshape(-1, size, size, 3)

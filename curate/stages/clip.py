@@ -147,7 +147,7 @@ class ClipStage(Stage):
     def _embed_images(self, ctx: StageContext, out: Path) -> dict:
         resolved, preprocess, dim = ctx.plan
         device = self._device(ctx.engine)
-        on_device = self._decode(device, preprocess) == "gpu"
+        decode = self._decode(device, preprocess)
         work = _chunks(ctx, out / "_work", self.batch_size)
         images = sum(item["stop"] - item["start"] for item in work)
         with Progress(self.name, images, unit="images", enabled=ctx.progress) as progress:
@@ -161,7 +161,7 @@ class ClipStage(Stage):
                     out,
                     progress,
                     jpeg_draft=self.jpeg_draft,
-                    on_device=on_device,
+                    on_device=decode == "gpu",
                 )
         return {
             **resolved.description,
@@ -169,7 +169,7 @@ class ClipStage(Stage):
             "image_size": preprocess.size,
             "device": device,
             "precision": self.precision if device == "cuda" else "fp32",
-            "decode": self._decode(device, preprocess),
+            "decode": decode,
             "jpeg_draft": self.jpeg_draft,
         }
 

@@ -181,14 +181,24 @@ class DeviceCrops:
         from torchvision.transforms import functional
 
         if image is None:
-            try:
-                with Image.open(io.BytesIO(item.data)) as opened:
-                    pixels = np.array(opened.convert("RGB"), dtype=np.uint8)
-            except Exception as exc:  # PIL raises many types; name the row either way
-                raise ValueError(f"{item.where}: bad image: {exc}") from exc
+            pixels = rgb_pixels(item.data, item.where)
             image = torch.from_numpy(pixels).permute(2, 0, 1).to(self.device)
         size, interpolation = list(self.resize.size), self.resize.interpolation
         return functional.resized_crop(image, *item.box, size, interpolation, antialias=True)
+
+
+def rgb_pixels(data: bytes, where: str, steps: Compose | None = None, draft: int = 0):
+    """An image's bytes through Pillow, converted to RGB and through ``steps`` if given, as a
+    uint8 array (H, W, 3); ``draft``: JPEGs decoded at the smallest DCT scale ≥ ``draft``
+    pixels. Undecodable bytes raise ValueError naming ``where``."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            if draft and image.format == "JPEG":
+                image.draft(image.mode, (draft, draft))
+            image = image.convert("RGB")
+            return np.array(steps(image) if steps else image, dtype=np.uint8)
+    except Exception as exc:  # PIL raises many types; name the row either way
+        raise ValueError(f"{where}: bad image: {exc}") from exc
 
 
 def normalise(pixels: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
@@ -260,16 +270,10 @@ class ShardDataset(IterableDataset):
     def sample(self, row: dict):
         """Decode, crop and tokenize one row; or, for the device, draw its crop box."""
         tokens = self.tokenizer([row["caption"]])[0]
+        where = f"shard {row['path']}: row {row['uid']}"
         if self.resize is not None and device_decodable(row["image"], DEFAULT_MAX_PIXELS):
             with Image.open(io.BytesIO(row["image"])) as image:  # the header only
                 box = self.resize.get_params(image, self.resize.scale, self.resize.ratio)
-            where = f"shard {row['path']}: row {row['uid']}"
             return Encoded(row["image"], tuple(box), where), tokens
-        try:
-            with Image.open(io.BytesIO(row["image"])) as image:
-                if self.draft and image.format == "JPEG":
-                    image.draft(image.mode, (self.draft, self.draft))
-                pixels = np.array(self.crop(image.convert("RGB")), dtype=np.uint8)
-        except Exception as exc:  # PIL raises many types; name the row either way
-            raise ValueError(f"shard {row['path']}: row {row['uid']}: bad image: {exc}") from exc
+        pixels = rgb_pixels(row["image"], where, self.crop, self.draft)
         return torch.from_numpy(pixels), tokens
