@@ -109,26 +109,16 @@ def write_shards(folder: Path, rows: int, long_side: int) -> None:
 def data_rate(shards: Path, ckpt: Path, config: TrainConfig, batches: int, device: str) -> float:
     """Samples/s of the trainer's data stream alone: the same dataset, loader and workers,
     and the batch's crops made on the device as the trainer makes them (no model)."""
-    import open_clip
     import torch
     from torch.utils.data import DataLoader
 
-    from curate.train.dataset import (
-        DeviceCrops,
-        ShardDataset,
-        collate,
-        crop_steps,
-        find_shards,
-        row_groups,
-    )
-    from curate.train.trainer import _decode_on_device, _pair
+    from curate.train.dataset import DeviceCrops, collate, find_shards, row_groups
+    from curate.train.trainer import training_dataset
 
     preprocess = json.loads((ckpt / "open_clip_config.json").read_text())["preprocess_cfg"]
-    crop, tokenizer = crop_steps(preprocess), open_clip.get_tokenizer(config.model)
-    draft = max(_pair(preprocess["size"])) if config.jpeg_draft else 0
-    on_device = _decode_on_device(config, device, crop)
-    dataset = ShardDataset(row_groups(find_shards(shards)), crop, tokenizer, 0, draft, on_device)
-    crops = DeviceCrops(crop, torch.device(device))
+    groups = row_groups(find_shards(shards))
+    dataset = training_dataset(groups, preprocess, config, device)
+    crops = DeviceCrops(dataset.crop, torch.device(device))
     loader = DataLoader(dataset, config.batch_size, num_workers=config.workers, drop_last=True,
                         collate_fn=collate, pin_memory=device == "cuda")  # fmt: skip
     start, got = time.perf_counter(), 0

@@ -141,16 +141,24 @@ def train(shards: Path, out: Path, config: TrainConfig, progress: bool = False) 
             model = open_clip.create_model(config.model, **LOSSES[config.loss].model_kwargs)
         model.to(device)
         preprocess = open_clip.get_model_preprocess_cfg(model)
-        draft = max(_pair(preprocess["size"])) if config.jpeg_draft else 0
-        tokenizer = open_clip.get_tokenizer(config.model)
-        crop = crop_steps(preprocess)
-        on_device = _decode_on_device(config, device, crop)
-        dataset = ShardDataset(groups, crop, tokenizer, config.seed, draft, on_device)
+        dataset = training_dataset(groups, preprocess, config, device)
         losses, seconds = _fit(model, dataset, config, device, progress)
         threads = torch.get_num_threads()
     metrics = _metrics(config, device, threads, dataset, losses, seconds, model)
     _save(model, config, metrics, out)
     return metrics
+
+
+def training_dataset(
+    groups: list, preprocess: dict, config: TrainConfig, device: str
+) -> ShardDataset:
+    """The samples a run trains on: the model's train transform, decoded where ``config``
+    says (``decode``, ``jpeg_draft``) for ``device``."""
+    draft = max(_pair(preprocess["size"])) if config.jpeg_draft else 0
+    crop = crop_steps(preprocess)
+    on_device = _decode_on_device(config, device, crop)
+    tokenizer = open_clip.get_tokenizer(config.model)
+    return ShardDataset(groups, crop, tokenizer, config.seed, draft, on_device)
 
 
 def _decode_on_device(config: TrainConfig, device: str, crop) -> bool:
