@@ -34,7 +34,7 @@ FILTER = {
 }
 CONFIG = TrainConfig(samples_seen=512, batch_size=32, warmup=4, workers=0)
 REQUIRED = {"run", "recipe", "pool", "kept", "samples_seen", "scores", "average"}
-TASKS = ["shape", "colour", "background", "retrieval"]
+TASKS = ["shape", "colour", "background", "colour_head", "colour_tail", "retrieval"]
 
 
 def _run(name: str, stages: list[dict], urls: Path, folder: Path) -> Path:
@@ -86,7 +86,10 @@ def test_the_markdown_table_has_a_line_per_run(compared):
     out, rows = compared
     table = (out / "compare.md").read_text()
     lines = table.splitlines()
-    head = "| run | recipe | pool | kept | samples seen | shape | colour | background | retrieval"
+    head = (
+        "| run | recipe | pool | kept | samples seen | shape | colour | background "
+        "| colour_head | colour_tail | retrieval"
+    )
     assert lines[0] == head + " | average |"
     for row in rows:
         assert any(line.startswith(f"| {row['run']} | {row['recipe']} | 500 |") for line in lines)

@@ -33,8 +33,11 @@ from curate.demo import (
     load_manifest,
     write_url_list,
 )
+from curate.demo.plan import COPIES, plan_pool
+from curate.demo.scene import HEAD_COLOURS, TAIL_COLOURS
 from curate.demo.vocab import RGB, SHAPES
 from curate.filters.boilerplate import boilerplate_mask
+from curate.io.eval_tasks import read_tasks
 
 ENTRY_KEYS = {
     "uid", "path", "caption", "defect", "language", "duplicate_of", "caption_of",
@@ -165,13 +168,37 @@ def test_clean_images_are_jpegs_of_moderate_size_as_recorded(demo_pool, manifest
         assert min(w, h) >= 224 and max(w, h) <= 512 and max(w, h) / min(w, h) <= 2
 
 
-def test_tiny_images_are_tiny_and_banners_pass_the_size_filter(demo_pool, manifest):
-    for row in rows_with(manifest, "tiny"):
+def test_tiny_images_are_thumbnails_and_banners_strips_of_their_scene(demo_pool, manifest):
+    """Both fail DataComp's size rules and show less of their caption than a clean image."""
+    tiny, banners = rows_with(manifest, "tiny"), rows_with(manifest, "banner")
+    assert tiny and banners
+    for row in tiny:
         w, h = decode(demo_pool / row["path"]).size
-        assert min(w, h) < 200 and 32 <= min(w, h) <= 150
-    for row in rows_with(manifest, "banner"):
-        w, h = decode(demo_pool / row["path"]).size
-        assert min(w, h) >= 200 and max(w, h) / min(w, h) > 3
+        assert (w, h) == (row["width"], row["height"]) and 32 <= min(w, h) <= 96
+    for row in banners:
+        image = decode(demo_pool / row["path"])
+        w, h = image.size
+        assert (w, h) == (row["width"], row["height"])
+        assert 200 <= h <= 260 and 3.1 < w / h <= 4.6
+
+
+def test_a_banner_cuts_off_most_of_the_objects_its_caption_names():
+    rows = plan_pool(2_000, DefectRates(), np.random.default_rng(0))
+    whole = cut = 0
+    for row in rows:
+        if row.defect == "banner":
+            _, scene, _, top, height = row.job
+            for o in scene.objects:
+                inside = top <= o.y - o.radius and o.y + o.radius <= top + height
+                whole, cut = whole + inside, cut + (not inside)
+    assert cut > 2 * whole, (cut, whole)
+
+
+def test_duplicates_over_weight_a_few_scenes(manifest):
+    copies = rows_with(manifest, "exact_duplicate", "near_duplicate")
+    sources = Counter(r["duplicate_of"] for r in copies)
+    assert len(sources) == -(-len(copies) // (COPIES - 1))  # ~COPIES rows per scene
+    assert max(sources.values()) >= COPIES - 1
 
 
 def test_exact_duplicates_are_the_same_bytes_of_a_clean_row(demo_pool, manifest):
@@ -273,6 +300,15 @@ def test_the_head_shape_is_in_most_clean_images_and_the_tail_in_few(manifest):
     assert max(share[s] for s in SHAPES[-3:]) < share[SHAPES[0]] / 8
 
 
+def test_colours_follow_a_long_tail_on_objects_and_backgrounds(manifest):
+    seen = Counter()
+    for row in rows_with(manifest, None):
+        seen.update([row["background"]["colour"], *(c["colour"] for c in row["concepts"])])
+    total = sum(seen.values())
+    head = sum(seen[c] for c in HEAD_COLOURS) / total
+    assert head > 0.7 and all(seen[c] / total < 0.03 for c in TAIL_COLOURS), seen
+
+
 def colour_share(image: Image.Image, colour: str, tolerance: float = 40) -> float:
     pixels = np.asarray(image.convert("RGB"), np.float32)
     return float((np.linalg.norm(pixels - RGB[colour], axis=-1) < tolerance).mean())
@@ -295,6 +331,7 @@ def test_eval_labels_are_balanced_and_match_the_images(demo_pool, manifest):
     for attribute, names in VOCABULARY.items():
         assert {row[attribute] for row in labels} <= set(names)
     assert set(Counter(row["shape"] for row in labels).values()) == {120 // len(SHAPES)}
+    assert set(Counter(row["colour"] for row in labels).values()) == {10, 11}  # 120 / 11
     pool_images = {(demo_pool / r["path"]).read_bytes()[:4096] for r in rows_with(manifest, None)}
     for row in labels:
         image = decode(demo_pool / "eval" / row["path"])
@@ -307,6 +344,20 @@ def test_eval_labels_are_balanced_and_match_the_images(demo_pool, manifest):
             assert (np.linalg.norm(pixels - mode, axis=-1) < 12).mean() > 0.5
     eval_images = {(demo_pool / "eval" / r["path"]).read_bytes()[:4096] for r in labels}
     assert not eval_images & pool_images  # held out
+
+
+def test_eval_tasks_split_the_colour_task_into_head_and_tail_colours(demo_pool):
+    labels = pq.read_table(demo_pool / "eval" / "labels.parquet").to_pylist()
+    tasks = {t.name: t for t in read_tasks(demo_pool / "eval")}
+    assert list(tasks) == ["shape", "colour", "background", "colour_head", "colour_tail",
+                           "retrieval"]  # fmt: skip
+    colours = VOCABULARY["colour"]
+    every = Counter(colours[s.truth] for s in tasks["colour"].samples())
+    assert every == Counter(row["colour"] for row in labels)
+    for name, group in (("colour_head", HEAD_COLOURS), ("colour_tail", TAIL_COLOURS)):
+        assert tasks[name].classnames == tasks["colour"].classnames  # all 11 classes
+        seen = Counter(colours[s.truth] for s in tasks[name].samples())
+        assert seen == {c: n for c, n in every.items() if c in group}
 
 
 # --- serving ------------------------------------------------------------------------

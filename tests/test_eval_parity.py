@@ -32,7 +32,7 @@ from sklearn.metrics import balanced_accuracy_score
 from torchvision.datasets import ImageFolder
 
 from curate.demo.captions import with_article
-from curate.demo.tasks import PROMPTS
+from curate.demo.tasks import COLOUR_GROUPS, PROMPTS
 from curate.demo.vocab import VOCABULARY
 from curate.train import metrics
 from curate.train.evaluate import evaluate
@@ -220,10 +220,10 @@ def test_the_demo_tasks_read_by_clip_benchmark_score_the_same(
     fixture_model, demo_pool, reference_model
 ):
     result = evaluate(str(fixture_model), demo_pool / "eval")["tasks"]
-    assert list(result) == [*VOCABULARY, "retrieval"]
-    for attribute in VOCABULARY:
-        theirs = _wds_classification(reference_model, demo_pool / "eval" / attribute)
-        _assert_same(result[attribute], theirs)
+    assert list(result) == [*VOCABULARY, *COLOUR_GROUPS, "retrieval"]
+    for name in (*VOCABULARY, *COLOUR_GROUPS):
+        theirs = _wds_classification(reference_model, demo_pool / "eval" / name)
+        _assert_same(result[name], theirs)
 
 
 @pytest.mark.filterwarnings("ignore:y_pred contains classes not in y_true")

@@ -1,9 +1,11 @@
 """Zero-shot and retrieval evaluation on the demo pool's tasks (120 images each), on CPU.
 
 The session's fixture model (``curate-tiny``, 60 steps on the pool's clean rows)
-has learned colours and enough to retrieve captions, not yet shapes: measured
-shape 0.092 (chance 0.083), colour 0.242 (chance 0.091), background 0.267
-(chance 0.25), recall@1 0.317 image→text and 0.258 text→image (chance 0.008).
+has learned colours and patterns, a little retrieval, not yet shapes: measured
+shape 0.067 (chance 0.083), colour 0.283 (chance 0.091), background 0.375
+(chance 0.25), recall@1 0.042 both ways (chance 0.008: captions name an object's
+colour, shape and size and the background's pattern, and the model tells apart
+only colours and patterns).
 The floors below sit well under those numbers and well above chance; a
 randomly initialised model is measured at chance. ``test_eval_parity.py`` checks
 the numbers against ``clip_benchmark``'s, ``test_eval_tasks.py`` the layouts.
@@ -27,6 +29,7 @@ from safetensors.torch import load_file, save_file
 from curate.cli import main
 from curate.clip.model_configs import register_model_configs
 from curate.core.config import ConfigError
+from curate.demo.tasks import COLOUR_GROUPS
 from curate.demo.vocab import VOCABULARY
 from curate.engine.local import LocalEngine
 from curate.io.eval_tasks import read_task
@@ -54,11 +57,11 @@ def _numbers(result: dict) -> list[float]:
 
 def test_the_fixture_model_beats_chance_where_it_has_learned(result):
     tasks = result["tasks"]
-    assert list(tasks) == [*VOCABULARY, "retrieval"]
-    assert all(t["images"] == 120 for t in tasks.values())
+    assert list(tasks) == [*VOCABULARY, *COLOUR_GROUPS, "retrieval"]
+    assert all(t["images"] == 120 for name, t in tasks.items() if name not in COLOUR_GROUPS)
     assert tasks["colour"]["acc1"] >= 0.17 > 1.5 * tasks["colour"]["chance"]
-    assert tasks["retrieval"]["text_retrieval_recall@1"] >= 0.15
-    assert tasks["retrieval"]["image_retrieval_recall@1"] >= 0.15
+    assert tasks["retrieval"]["text_retrieval_recall@1"] >= 0.025
+    assert tasks["retrieval"]["image_retrieval_recall@1"] >= 0.025
     assert result["average"] == pytest.approx(np.mean([t["score"] for t in tasks.values()]))
 
 

@@ -21,10 +21,10 @@ LONG_MIN_WORDS = 21
 
 _EN_PREFIXES = ("", "a picture of ", "an illustration of ", "a drawing of ", "an image of ")
 _EN_BACKGROUND = {
-    "plain": "a plain {c} background",
-    "striped": "a striped {c} background",
-    "dotted": "a dotted {c} background",
-    "gradient": "a {c} gradient background",
+    "plain": "a plain background",
+    "striped": "a striped background",
+    "dotted": "a dotted background",
+    "gradient": "a gradient background",
 }
 _LONG_OPENERS = (
     "this simple flat illustration shows",
@@ -77,7 +77,7 @@ def english(scene: Scene, rng: np.random.Generator) -> str:
     """
     sizes = [bool(rng.random() < 0.6) for _ in scene.objects]
     prefix = _EN_PREFIXES[rng.integers(len(_EN_PREFIXES))]
-    background = " on " + _EN_BACKGROUND[scene.pattern].format(c=scene.background)
+    background = " on " + _EN_BACKGROUND[scene.pattern]
     with_background = bool(rng.random() < 0.85)
     for use_sizes, use_prefix in ((True, True), (False, True), (False, False)):
         objects = [_en_object(o, s and use_sizes) for o, s in zip(scene.objects, sizes)]
@@ -93,7 +93,7 @@ def long_caption(scene: Scene, rng: np.random.Generator) -> str:
     """An English caption of more than 20 words: positions, sizes and filler clauses."""
     objects = [f"{_en_object(o, True)} {_position(o, scene)}" for o in scene.objects]
     opener = _LONG_OPENERS[rng.integers(len(_LONG_OPENERS))]
-    background = _EN_BACKGROUND[scene.pattern].format(c=scene.background)
+    background = _EN_BACKGROUND[scene.pattern]
     text = f"{opener} {_join(objects, 'and')}, all on {background}"
     for i in rng.permutation(len(_LONG_FILLERS)):
         if _words(text) >= LONG_MIN_WORDS:
@@ -139,17 +139,15 @@ def translated(scene: Scene, language: str, rng: np.random.Generator) -> str:
     framed = bool(rng.random() < 0.4)  # "une image d'…", "Das Bild zeigt …", "un dibujo de …"
     if language == "fr":
         text = _join([_fr_object(o) for o in scene.objects], "et")
-        text += f" sur un fond {vocab.FR_COLOURS[scene.background][0]}"
-        text += f" {vocab.FR_PATTERNS[scene.pattern]}"
+        text += f" sur un fond {vocab.FR_PATTERNS[scene.pattern]}"
         return ("une image d'" if framed else "") + text
     if language == "de":
         case = "acc" if framed else "nom"
         text = _join([_de_object(o, case) for o in scene.objects], "und")
-        text += " " + vocab.DE_PATTERNS[scene.pattern].format(c=vocab.DE_COLOURS[scene.background])
+        text += " " + vocab.DE_PATTERNS[scene.pattern]
         return ("Das Bild zeigt " if framed else "") + text
     if language == "es":
         text = _join([_es_object(o) for o in scene.objects], "y")
-        text += f" sobre un fondo {vocab.ES_COLOURS[scene.background][0]}"
-        text += f" {vocab.ES_PATTERNS[scene.pattern]}"
+        text += f" sobre un fondo {vocab.ES_PATTERNS[scene.pattern]}"
         return ("un dibujo de " if framed else "") + text
     raise ValueError(f"no caption templates for language {language!r}")

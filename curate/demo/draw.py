@@ -143,6 +143,13 @@ def jpeg(image: Image.Image, quality: int) -> bytes:
     return buffer.getvalue()
 
 
+def thumbnail(image: Image.Image, short: int) -> Image.Image:
+    """``image`` scaled down (box filter, as a CMS's thumbnailer) to a shorter side of ``short``."""
+    w, h = image.size
+    scale = short / min(w, h)
+    return image.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.BOX)
+
+
 def near_duplicate(
     source: bytes, edit: str, amount: float, quality: int
 ) -> tuple[bytes, tuple[int, int]]:

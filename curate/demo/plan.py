@@ -8,7 +8,13 @@ processes without changing a byte.
 Each defect has an exact count, ``round(rate * size)``, placed at random rows;
 the rest are clean. A row has at most one defect. Duplicates copy a clean
 row's image and mismatched rows borrow a clean row's caption, so both point
-back at that row (``duplicate_of``, ``caption_of``).
+back at that row (``duplicate_of``, ``caption_of``). Duplicates copy a few
+scenes many times (``COPIES`` each on average), as reposted memes, logos and
+stock photos over-weight a few pictures on the web.
+
+A tiny image is a thumbnail of a whole scene and a banner a strip cut across a
+larger one, so both hold less of what their caption names than a clean image
+does: a thumbnail's objects are a few pixels wide, a strip cuts most of them off.
 """
 
 from __future__ import annotations
@@ -19,9 +25,11 @@ import numpy as np
 
 from curate.demo import captions
 from curate.demo.scene import Scene, clean_size, sample_scene, zipf
-from curate.demo.vocab import BOILERPLATE, HTML_PAGES, SHAPES
+from curate.demo.vocab import BOILERPLATE, COLOURS, HTML_PAGES, SHAPES
 
 LANGUAGES = ("fr", "de", "es")
+#: Rows per duplicated scene, on average (the copies and their clean source).
+COPIES = 10
 
 
 @dataclass(frozen=True)
@@ -33,8 +41,8 @@ class DefectRates:
     non_english: float = 0.04  # the caption in French, German or Spanish
     short_caption: float = 0.03  # 1–2 words
     long_caption: float = 0.03  # over 20 words, still English
-    tiny: float = 0.03  # shorter side 32–150 px
-    banner: float = 0.02  # aspect ratio 3.2–4.5, shorter side 200–260 px
+    tiny: float = 0.03  # a thumbnail of a scene: shorter side 32–96 px, JPEG quality 40–70
+    banner: float = 0.02  # a strip across a scene, aspect ratio 3.2–4.5, shorter side 200–260
     exact_duplicate: float = 0.03  # a clean row's bytes at another url
     near_duplicate: float = 0.03  # a clean row's image re-encoded, resized or cropped
     broken_url: float = 0.02  # nothing at the url: 404
@@ -77,18 +85,10 @@ class Row:
     caption_of: int | None = None  # row index
 
 
-def _odd_size(rng: np.random.Generator, short: tuple[int, int], ratio: tuple[float, float]):
-    """A (width, height) with the shorter side in ``short`` and the aspect ratio in ``ratio``."""
-    a = int(rng.integers(short[0], short[1] + 1))
-    b = round(a * float(rng.uniform(*ratio)))
-    return (b, a) if rng.random() < 0.75 else (a, b)
-
-
 def _own_scene(defect: str | None, rng: np.random.Generator) -> Scene:
-    if defect == "tiny":
-        return sample_scene(rng, *_odd_size(rng, (32, 150), (1.0, 1.6)))
-    if defect == "banner":
-        return sample_scene(rng, *_odd_size(rng, (200, 260), (3.2, 4.5)))
+    if defect == "banner":  # the scene a strip is cut from: as wide as the strip, 2-3x as tall
+        width = round(int(rng.integers(200, 261)) * float(rng.uniform(3.2, 4.5)))
+        return sample_scene(rng, width, round(width * float(rng.uniform(0.5, 0.75))))
     return sample_scene(rng, *clean_size(rng))
 
 
@@ -109,6 +109,13 @@ def _caption(defect: str | None, scene: Scene, rng: np.random.Generator) -> tupl
 def _defect_job(defect: str | None, scene: Scene, quality: int, rng: np.random.Generator):
     if defect == "broken_url":
         return None
+    if defect == "tiny":
+        return ("thumbnail", scene, int(rng.integers(40, 71)), int(rng.integers(32, 97)))
+    if defect == "banner":
+        # an aspect ratio in [3.2, 4.5] that gives a height in [200, 260] for this width
+        ratio = float(rng.uniform(max(3.2, scene.width / 260), min(4.5, scene.width / 200)))
+        height = round(scene.width / ratio)
+        return ("strip", scene, quality, int(rng.integers(scene.height - height + 1)), height)
     if defect == "html":
         return ("html", int(rng.integers(len(HTML_PAGES))))
     if defect == "corrupt":
@@ -164,9 +171,11 @@ def plan_pool(size: int, rates: DefectRates, rng: np.random.Generator) -> list[R
     clean = np.flatnonzero([d is None for d in defects])
     if len(clean) == 0 and size > 0:
         raise ValueError("the pool has no clean row to copy duplicates and captions from")
+    copies = sum(d in ("exact_duplicate", "near_duplicate") for d in defects)
+    sources = rng.choice(clean, min(len(clean), -(-copies // (COPIES - 1))), replace=False)
     for row in rows:
         if row.defect in ("exact_duplicate", "near_duplicate"):
-            source = int(rng.choice(clean))
+            source = int(rng.choice(sources))
             scene, quality = rows[source].scene, qualities[source]
             row.scene, row.duplicate_of = scene, source
             row.caption = captions.english(scene, rng)  # the same picture, its own alt-text
@@ -181,13 +190,17 @@ def plan_pool(size: int, rates: DefectRates, rng: np.random.Generator) -> list[R
 
 
 def plan_eval(size: int, rng: np.random.Generator) -> list[tuple[Scene, str]]:
-    """The evaluation set: one medium or large object per image, every shape equally often.
+    """The evaluation set: one medium or large object per image, every shape equally often
+    and every colour equally often (the pool's long tails are not the eval's).
 
     One object, so each image has one true label per attribute of ``VOCABULARY``.
     """
     shapes = [SHAPES[i % len(SHAPES)] for i in rng.permutation(size)]
+    colours = [COLOURS[i % len(COLOURS)] for i in rng.permutation(size)]
     scenes = []
-    for shape in shapes:
-        scene = sample_scene(rng, *clean_size(rng), shapes=[shape], sizes=("medium", "large"))
+    for shape, colour in zip(shapes, colours):
+        scene = sample_scene(
+            rng, *clean_size(rng), shapes=[shape], sizes=("medium", "large"), colours=[colour]
+        )
         scenes.append((scene, captions.english(scene, rng)))
     return scenes

@@ -60,6 +60,14 @@ def write_file(path: Path, job: tuple) -> Size:
     if kind == "jpeg":
         scene, quality = args
         data, size = draw.jpeg(draw.render(scene), quality), (scene.width, scene.height)
+    elif kind == "thumbnail":
+        scene, quality, short = args
+        image = draw.thumbnail(draw.render(scene), short)
+        data, size = draw.jpeg(image, quality), image.size
+    elif kind == "strip":
+        scene, quality, top, height = args
+        image = draw.render(scene).crop((0, top, scene.width, top + height))
+        data, size = draw.jpeg(image, quality), image.size
     elif kind == "near":
         scene, quality, edit, amount, new_quality = args
         source = draw.jpeg(draw.render(scene), quality)

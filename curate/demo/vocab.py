@@ -73,12 +73,12 @@ DE_ARTICLE = {
     ("nom", "m"): ("ein", "er"), ("nom", "f"): ("eine", "e"), ("nom", "n"): ("ein", "es"),
     ("acc", "m"): ("einen", "en"), ("acc", "f"): ("eine", "e"), ("acc", "n"): ("ein", "es"),
 }  # fmt: skip
-#: Background phrases; {c} is the colour stem, which takes "-en" after "einem".
+#: Background phrases (a caption names the background's pattern, never its colour).
 DE_PATTERNS = {
-    "plain": "auf einem einfarbigen {c}en Hintergrund",
-    "striped": "auf einem {c}en gestreiften Hintergrund",
-    "dotted": "auf einem {c}en gepunkteten Hintergrund",
-    "gradient": "auf einem {c}en Hintergrund mit Farbverlauf",
+    "plain": "auf einem einfarbigen Hintergrund",
+    "striped": "auf einem gestreiften Hintergrund",
+    "dotted": "auf einem gepunkteten Hintergrund",
+    "gradient": "auf einem Hintergrund mit Farbverlauf",
 }
 
 # --- Spanish: nouns with gender; colour then size after the noun.
