@@ -402,7 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     walk = sub.add_parser(
         "demo",
-        help="the whole job on the bundled pool: generate, serve, four recipes, compare (~10 min)",
+        help="the whole job on the bundled pool: generate, serve, six recipes, compare (~10 min)",
     )
     walk.add_argument(
         "--output", default="runs/demo", help="folder for everything (default runs/demo)"

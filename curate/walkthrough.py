@@ -1,10 +1,11 @@
 """``curate demo``: the whole job on the bundled pool, from nothing to a comparison table.
 
-It generates the synthetic web pool, serves it on 127.0.0.1, runs four recipes on
+It generates the synthetic web pool, serves it on 127.0.0.1, runs six recipes on
 one local Ray cluster (the unfiltered ``raw`` baseline, DataComp's basic filter,
-DFN-style bootstrapped filtering and MetaCLIP balancing), writes each run's
-report, then trains the same small CLIP with the same budget on each run's
-shards (``curate.train.compare``) and tabulates what each curation choice bought.
+DataComp's text-based filter, DFN-style bootstrapped filtering, MetaCLIP
+balancing and perceptual-hash dedup), writes each run's report, then trains the
+same small CLIP with the same budget on each run's shards
+(``curate.train.compare``) and tabulates what each curation choice bought.
 
 Everything lands under one folder::
 
@@ -51,36 +52,48 @@ class DemoSize:
 
     @property
     def balance_t(self) -> int:
-        # p = t / count depends on count / t only: t = rows / 25 cuts the head shape the
-        # same way at every size (see pipelines/metaclip_balance.yaml).
-        return max(1, self.rows // 25)
+        # About the count of the rarest colours among the rows balancing sees (the basic
+        # filter's), so the tail keeps every row and the head is capped near it. p = t /
+        # count depends on count / t only, so this cuts the same way at every size.
+        return max(1, self.rows // 64)
 
 
 #: ``small`` is the default; ``tiny`` is for tests; the README gives their run times.
 SIZES = {
-    "tiny": DemoSize(rows=300, eval_size=60, samples_seen=256, seeds=(0,)),
-    "small": DemoSize(rows=2_000, eval_size=480, samples_seen=6_000, seeds=(0,)),
-    "medium": DemoSize(rows=5_000, eval_size=480, samples_seen=20_000, seeds=(0, 1, 2)),
-    "large": DemoSize(rows=20_000, eval_size=480, samples_seen=60_000, seeds=(0, 1, 2)),
+    "tiny": DemoSize(rows=300, eval_size=66, samples_seen=256, seeds=(0,)),
+    "small": DemoSize(rows=2_000, eval_size=550, samples_seen=6_000, seeds=(0,)),
+    "medium": DemoSize(rows=5_000, eval_size=1_100, samples_seen=20_000, seeds=(0, 1, 2)),
+    "large": DemoSize(rows=20_000, eval_size=1_100, samples_seen=60_000, seeds=(0, 1, 2)),
 }
 
-#: The four runs: (run and row name, recipe in pipelines/, what it shows).
+#: The six runs: (run and row name, recipe in pipelines/, what it shows).
 RECIPES = (
     ("raw", "raw", "every row whose image downloads: the unfiltered baseline"),
     ("datacomp_basic", "download_basic", "DataComp's basic filter on the downloaded images"),
+    ("concept_match", "concept_match", "DataComp's text-based filter: English captions naming "
+     "a concept"),
     ("bootstrap", "bootstrap", "a mini CLIP trained on the basic filter's rows scores the pool"),
     ("metaclip_balance", "metaclip_balance", "basic filter, then MetaCLIP concept balancing"),
+    ("dedup_phash", "dedup_phash", "perceptual-hash dedup: one picture of each group of copies"),
+)  # fmt: skip
+
+
+#: The demo pool's defects, at web-like rates: alt-text on the web mostly does not describe
+#: its image (CLIP-score filters keep 10-30 % of it), much of it is not English, and
+#: reposts over-weight a few pictures; curation pays for itself only when that is common.
+DEMO_RATES = DefectRates(
+    mismatched=0.20,
+    non_english=0.20,
+    tiny=0.05,
+    banner=0.04,
+    exact_duplicate=0.05,
+    near_duplicate=0.05,
 )
-
-
-#: The demo pool's defects: the bundled rates, but with web-like caption noise. Alt-text on
-#: the web mostly does not describe its image (CLIP-score filters keep 10-30 % of it), and
-#: curation by image-text agreement only pays for itself when that noise is common.
-DEMO_RATES = DefectRates(mismatched=0.30)
-#: The top fraction the bootstrap run keeps: ~43 % of the downloadable rows then have
-#: captions that do not describe the image (mismatched, boilerplate, non-English, 1-2
-#: words), and keeping less than the clean share would only shrink what the model sees.
-BOOTSTRAP_KEEP = 0.5
+#: The top fraction the bootstrap run keeps: ~47 % of the pool's rows have captions that
+#: do not describe their image (mismatched, boilerplate, non-English, 1-2 words), 9 % are
+#: thumbnails or banners and 5.5 % serve no image, so ~40 % of the downloaded rows are
+#: clean, and keeping less than that would only shrink what the model sees.
+BOOTSTRAP_KEEP = 0.4
 
 
 def recipe_overrides(name: str, size: DemoSize) -> list[str]:
@@ -160,7 +173,7 @@ def _demo(
     say(f"serving the pool at {server.base_url}")
     try:
         say("starting a local Ray cluster" if engine == "ray" else "running in this process")
-        with cluster(engine):  # one cluster for the four runs (a caller's is left up)
+        with cluster(engine):  # one cluster for the six runs (a caller's is left up)
             runs: list[Path] = []
             progress = False if quiet else None  # None: on when stderr is a terminal
             for (name, _, what), recipe in zip(RECIPES, recipes):

@@ -1,8 +1,8 @@
 """`curate demo` as a new user runs it: one command, from any folder, to a comparison table.
 
 The tiny size (300 pairs, 256 samples per model) runs the same code as the default
-one: generate, serve on 127.0.0.1, four recipes on a local Ray cluster, reports,
-then four trainings and evaluations.
+one: generate, serve on 127.0.0.1, six recipes on a local Ray cluster, reports,
+then six trainings and evaluations.
 """
 
 from __future__ import annotations
@@ -55,6 +55,10 @@ def test_kept_rows_follow_the_pool_and_the_recipes(demo):
     # DataComp's top-fraction rule: index int(N × f) of the descending sort and every tie.
     assert int(images * BOOTSTRAP_KEEP) + 1 <= rows["bootstrap"]["kept"] < images
     assert rows["metaclip_balance"]["kept"] <= rows["datacomp_basic"]["kept"] < images
+    copies = sum(r["defect"] in ("exact_duplicate", "near_duplicate") for r in manifest["rows"])
+    assert rows["dedup_phash"]["kept"] <= images - copies // 2  # most copies found
+    foreign = sum(r["defect"] in ("non_english", "boilerplate") for r in manifest["rows"])
+    assert rows["concept_match"]["kept"] <= images - foreign // 2
     for name, row in rows.items():
         run = out / "runs" / name
         assert len(np.load(run / "uids.npy")) == row["kept"]
