@@ -2,7 +2,7 @@
 
     python benchmarks/bench_phash.py [--size 2000] [--distances 0 2 4 6 8]
 
-1. Generates the demo pool (``curate demo``'s rates: 3 % exact and 3 % near duplicates,
+1. Generates the demo pool (``curate demo``'s rates: 5 % exact and 5 % near duplicates,
    re-encoded, resized or cropped; seed 0), serves it on 127.0.0.1 and downloads it
    once (``pipelines/raw.yaml`` at 128 px, as ``curate demo``).
 2. For each ``max_distance``: a run ``--from`` that download with ``dedup_phash`` alone
