@@ -1,9 +1,10 @@
 """Captions written from a scene: clean English, too short, too long, French, German, Spanish.
 
 Clean captions are what a careful person writes as alt-text: 4–15 words that
-name every object ("a large red circle and a small blue star on a striped
-green background"). The defective kinds differ from them in exactly one way,
-so a filter that drops them is seen dropping that and nothing else: short
+name every object and, usually, the background's pattern, never its colour
+("a large red circle and a small blue star on a striped background"). The
+defective kinds differ from them in exactly one way, so a filter that drops
+them is seen dropping that and nothing else: short
 ones are 1–2 words, long ones are still English but over 20 words, and the
 translations say the same thing in another language.
 """

@@ -11,7 +11,7 @@ DataComp's.
 
 A class name carries its article ("an orange"), so the prompts read as the
 pool's captions do ("a picture of an orange shape", "an illustration of a large
-red circle on a striped blue background"). A colour is the object's, so its
+red circle on a striped background"). A colour is the object's, so its
 prompts name a shape, not a background.
 """
 
